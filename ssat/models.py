@@ -1,0 +1,276 @@
+"""ViT encoder + classifier head, with an optional MAE decoder for the SSAT / FGCR auxiliary task.
+
+One class, `SSATViT`; the registry entries below only set its dimensions. Parameter names are
+facebookresearch/mae's (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N`, `norm`, `head`,
+`mask_token`, `decoder_*`), so MAE checkpoints load without renaming and the encoder part loads
+strictly into timm's `VisionTransformer(global_pool='token', fc_norm=False)`.
+
+    model = create_model('mae_vit_tiny', num_classes=10, img_size=32, patch_size=4)
+    logits = model.classify(images)                  # (B, C), the inference path
+    out = model(images, mask_views=3)                # FGCR with 3 disjoint mask views
+    out['logits'], out['rec'], out['fgc'], out['mask']
+
+The model computes the loss parts; `ssat.objective` weighs them.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ssat.masking import decoder_slots, masks_from_ids, num_visible, visible_ids
+from ssat.pos_embed import sincos_2d
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+# name -> dimensions. A `decoder_*` entry makes an SSAT/FGCR model; without one it is the
+# scratch baseline (encoder + head only).
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder=(128, 2, 16)),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, decoder=(128, 2, 16)),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder=(512, 8, 16)),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder=(512, 8, 16)),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder=(512, 8, 16)),
+}
+_REGISTRY: dict[str, dict] = {}
+for _size, _dims in _SIZES.items():
+    _enc = {k: v for k, v in _dims.items() if k != "decoder"}
+    _dec = dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), _dims["decoder"]))
+    _REGISTRY[f"mae_vit_{_size}"] = {**_enc, **_dec}
+    _REGISTRY[f"vit_{_size}"] = _enc
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str, *, num_classes: int, img_size: int = 224, patch_size: int = 16, **overrides
+) -> "SSATViT":
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    kwargs = {**_REGISTRY[name], **overrides}
+    return SSATViT(num_classes=num_classes, img_size=img_size, patch_size=patch_size, **kwargs)
+
+
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
+    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    return nn.ModuleList(
+        Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate)
+        for rate in rates
+    )
+
+
+class SSATViT(nn.Module):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        decoder_embed_dim: int | None = None,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        grid = img_size // patch_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.num_patches = grid * grid
+        self.num_classes = num_classes
+
+        # Encoder. Position embeddings are fixed sin-cos (cls slot included), not trained.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None], requires_grad=False)
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
+        self.norm = LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        # MAE decoder (absent in the scratch baseline).
+        self.has_decoder = decoder_embed_dim is not None
+        if self.has_decoder:
+            self.mask_ratio = mask_ratio
+            self.num_visible = num_visible(self.num_patches, mask_ratio)
+            self.norm_pix_loss = norm_pix_loss
+            self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+            self.decoder_pos_embed = nn.Parameter(
+                sincos_2d(decoder_embed_dim, grid)[None], requires_grad=False
+            )
+            self.decoder_blocks = _blocks(
+                decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, 0.0
+            )
+            self.decoder_norm = LayerNorm(decoder_embed_dim)
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------- init
+    def init_weights(self) -> None:
+        """MAE's initialisation: xavier-uniform linears and patch projection, zero biases,
+        normal(0.02) tokens, unit LayerNorms."""
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.has_decoder:
+            nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            self._init_module(module)
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def reset_head(self, num_classes: int) -> None:
+        """A fresh classifier for another class count (fine-tuning)."""
+        dim = self.cls_token.shape[-1]
+        self.num_classes = num_classes
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_module(self.head)
+        self.head.to(self.cls_token.device)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder + head weights: what timm's VisionTransformer (and a scratch model) load."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith(("decoder_", "mask_token"))
+        }
+
+    # -------------------------------------------------------------------------- encoder
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D) patch tokens with their position embedding."""
+        return self.patch_embed(images) + self.pos_embed[:, 1:]
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, n, D) position-embedded patch tokens -> (N, 1 + n, D), cls first, normed."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes) logits from the cls token of the unmasked image."""
+        return self.head(self.encode(self.embed(images))[:, 0])
+
+    # -------------------------------------------------------------------------- decoder
+    def decode(self, latent: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1 + k, D) encoded visible tokens, (N, L) slots -> (N, L, p*p*C) pixels, (N, Dd) cls."""
+        x = self.decoder_embed(latent)  # (N, 1 + k, Dd)
+        n, _, dim = x.shape
+        # Visible tokens then one mask token; each patch position picks its slot, so every
+        # visible token lands at its own position and all others get the mask token.
+        pool = torch.cat([x[:, 1:], self.mask_token.expand(n, 1, dim)], dim=1)  # (N, k + 1, Dd)
+        patches = pool.gather(1, slots.unsqueeze(-1).expand(-1, -1, dim))  # (N, L, Dd)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x[:, 1:]), x[:, 0]
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, p*p*C), MAE's patch layout (row-major patches, (p, q, c) inside)."""
+        b, c, h, w = images.shape
+        p = self.patch_size
+        x = images.reshape(b, c, h // p, p, w // p, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*C) -> (B, C, H, W)."""
+        b, n, _ = patches.shape
+        p, c = self.patch_size, self.in_chans
+        g = int(n**0.5)
+        x = patches.reshape(b, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
+
+    def reconstruction_loss(
+        self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over views of the per-patch pixel MSE over that view's masked patches.
+
+        pred (r, B, L, P), mask (r, B, L) bool, True = masked."""
+        target = self.patchify(images).float()  # (B, L, P)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_patch = (pred.float() - target.unsqueeze(0)).pow(2).mean(dim=-1)  # (r, B, L)
+        weight = mask.to(per_patch.dtype)
+        per_view = (per_patch * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))  # (r,)
+        return per_view.mean()
+
+    # -------------------------------------------------------------------------- forward
+    def forward(
+        self, images: torch.Tensor, mask_views: int = 1, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Classification of the unmasked image plus, with a decoder, the auxiliary losses.
+
+        `noise` (B, L) fixes the patch shuffle (for tests); by default it is drawn uniformly."""
+        tokens = self.embed(images)  # (B, L, D)
+        logits = self.head(self.encode(tokens)[:, 0])
+        if not self.has_decoder:
+            return {"logits": logits}
+
+        b, n, dim = tokens.shape
+        r, k = mask_views, self.num_visible
+        if noise is None:
+            noise = torch.rand(b, n, device=tokens.device)
+        ids_vis = visible_ids(noise, r, k)  # (r, B, k)
+        # All r views go through the encoder as one batch of r*B sequences of k tokens.
+        views = tokens.unsqueeze(0).expand(r, -1, -1, -1)  # (r, B, L, D)
+        visible = views.gather(2, ids_vis.unsqueeze(-1).expand(-1, -1, -1, dim))  # (r, B, k, D)
+        latent = self.encode(visible.reshape(r * b, k, dim))  # (r*B, 1 + k, D)
+        slots = decoder_slots(ids_vis, n).reshape(r * b, n)  # (r*B, L)
+        pred, dec_cls = self.decode(latent, slots)  # (r*B, L, P), (r*B, Dd)
+
+        mask = masks_from_ids(ids_vis, n)  # (r, B, L)
+        rec = self.reconstruction_loss(images, pred.reshape(r, b, n, -1), mask)
+        if r >= 2:
+            fgc = consistency_loss(dec_cls.reshape(r, b, -1))
+        else:
+            fgc = rec.new_zeros(())
+        return {"logits": logits, "rec": rec, "fgc": fgc, "mask": mask}
+
+
+def consistency_loss(cls_out: torch.Tensor, offdiag_weight: float = 0.005) -> torch.Tensor:
+    """FGCR's feature consistency between the r decoder cls outputs (r, B, Dd).
+
+    z = stopgrad(mean over views); each c_i and z standardised over the batch (unbiased std);
+    C_i = c_i^T z / B; loss = mean_i [sum_j (C_jj - 1)^2 + w * sum_{j != k} (C_jk + 1)^2].
+    The off-diagonal term pushes towards -1, not 0 as in Barlow Twins: that is what the published
+    FGCR code computes, and we keep it so results are comparable.
+    """
+    r, b, _ = cls_out.shape
+    if b < 2:
+        raise ValueError(f"the FGCR consistency loss standardises over the batch: needs B >= 2, got {b}")
+    cls_out = cls_out.float()
+    z = cls_out.mean(dim=0).detach()  # (B, Dd)
+    z = (z - z.mean(dim=0)) / z.std(dim=0)
+    c = (cls_out - cls_out.mean(dim=1, keepdim=True)) / cls_out.std(dim=1, keepdim=True)
+    corr = torch.einsum("rbj,bk->rjk", c, z) / b  # (r, Dd, Dd)
+    diag = torch.diagonal(corr, dim1=1, dim2=2)  # (r, Dd)
+    on = (diag - 1).pow(2).sum(dim=-1)
+    off = (corr + 1).pow(2).sum(dim=(1, 2)) - (diag + 1).pow(2).sum(dim=-1)
+    return (on + offdiag_weight * off).mean()
+
