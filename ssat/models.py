@@ -57,7 +57,8 @@ def create_model(
 
 
 def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    # Stochastic depth rising linearly to `drop_path` over the blocks.
+    rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate)
         for rate in rates

@@ -1,0 +1,8 @@
+"""SSAT / FGCR: Vision Transformers trained with a masked-autoencoder auxiliary task.
+
+The method lives here: `models` (ViT + MAE decoder, FGCR masking), `objective` (how the loss parts
+are weighed), `optim` (AdamW groups and schedule) and `checkpoint` (atomic saves, safe loads).
+"""
+from ssat.models import create_model, list_models
+
+__all__ = ["create_model", "list_models"]

@@ -1,0 +1,249 @@
+"""Checkpoints: atomic saves, safe loads, and initialising from MAE / timm / our own files.
+
+A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`) plus our keys
+(`config`, `step`, `rng`, `best_metric`). It holds only tensors and plain Python values, so it loads
+with `torch.load(weights_only=True)`. Files that carry an `argparse.Namespace` (published MAE and
+FGCR checkpoints) load through an explicit allow-list, never by turning the safe mode off.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ssat.pos_embed import sincos_2d
+
+# Classes a published checkpoint may pickle besides tensors and plain values.
+SAFE_GLOBALS = [argparse.Namespace]
+_TMP_MARK = ".ssat-"
+_PREFIXES = ("module.", "_orig_mod.")
+# Keys that may be absent from a file (re-created or freshly initialised) or present in it but
+# unused by the model (a decoder loaded into a scratch model). Anything else is encoder weight.
+_OPTIONAL_MISSING = ("head.", "decoder_", "mask_token", "pos_embed")
+_OPTIONAL_UNEXPECTED = ("decoder_", "mask_token")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from, in weights_only-loadable form."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+         npy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ saving
+def plain_config(config: Any) -> dict[str, Any]:
+    """A dataclass, Namespace or mapping as a dict of plain values (paths become strings)."""
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    elif isinstance(config, argparse.Namespace):
+        config = vars(config)
+    return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in dict(config).items()}
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by a save that was killed before its rename."""
+    stale = sorted(Path(folder).glob(f".*{_TMP_MARK}*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename into place: a
+    reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    config: Any = None,
+    step: int = 0,
+    best_metric: float | None = None,
+) -> None:
+    """Write a resumable checkpoint atomically. `model` may be wrapped (DDP, compiled): the
+    plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file."""
+    remove_stale_temporaries(Path(path).parent)
+    config = plain_config(config)
+    atomic_save(
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "args": config,  # MAE's key; a plain dict here, not a Namespace
+            "config": config,
+            "step": step,
+            "rng": rng_state(),
+            "best_metric": best_metric,
+        },
+        path,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """torch.load in weights_only mode, with the Namespace allow-list; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def _state_dict_of(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict", "model_ema"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(
+            f"{path}: expected a state_dict, or a dict with a 'model' or 'state_dict' entry"
+        )
+    state = {}
+    for key, value in ckpt.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    return state
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    head_reset: bool
+    pos_embed_resampled: bool
+
+
+def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> bool:
+    """Fit a position table of another grid size to the model's. A fixed sin-cos table is
+    replaced by the model's own (exact); a learned one is resampled bicubically (timm). Returns
+    True when a learned table was resampled."""
+    if key not in state or state[key].shape == getattr(model, key).shape:
+        return False
+    table = state[key]
+    old_grid = int((table.shape[1] - 1) ** 0.5)
+    fixed = sincos_2d(table.shape[-1], old_grid)[None]
+    if fixed.shape == table.shape and torch.allclose(table.float(), fixed, atol=1e-5):
+        del state[key]
+        return False
+    new_grid = int(model.num_patches**0.5)
+    state[key] = resample_abs_pos_embed(table, new_size=[new_grid, new_grid], num_prefix_tokens=1)
+    return True
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
+    """Initialise `model` from an MAE-format, timm-format or ssat checkpoint (fine-tuning).
+
+    Strips `module.` / `_orig_mod.` prefixes, resets the head when its shape differs, fits the
+    position embedding to the model's grid, and loads the rest. Raises ValueError when an
+    encoder weight would be left out (missing from the file, unused, or of another shape)."""
+    path = Path(path)
+    target = unwrap(model)
+    state = _state_dict_of(load_checkpoint(path), path)
+    own = target.state_dict()
+
+    head_keys = [k for k in state if k.startswith("head.")]
+    head_reset = any(k not in own or state[k].shape != own[k].shape for k in head_keys)
+    if head_reset:
+        for key in head_keys:
+            del state[key]
+        target.reset_head(target.num_classes)
+        own = target.state_dict()
+    resampled = _adapt_pos_embed(state, target, "pos_embed")
+    _adapt_pos_embed(state, target, "decoder_pos_embed")
+
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    skipped_missing = [k for k in missing if not k.startswith(_OPTIONAL_MISSING)]
+    skipped_unexpected = [k for k in unexpected if not k.startswith(_OPTIONAL_UNEXPECTED)]
+    if mismatched or skipped_missing or skipped_unexpected:
+        problems = []
+        if mismatched:
+            problems.append("shape mismatch: " + "; ".join(mismatched[:8]))
+        if skipped_missing:
+            problems.append("missing from the file: " + ", ".join(skipped_missing[:8]))
+        if skipped_unexpected:
+            problems.append("not in the model: " + ", ".join(skipped_unexpected[:8]))
+        raise ValueError(
+            f"{path}: encoder weights would be silently skipped ({' | '.join(problems)}); "
+            f"is this checkpoint for another model size, patch size or pooling?"
+        )
+    target.load_state_dict(state, strict=False)
+    return LoadResult(missing, unexpected, head_reset, resampled)
