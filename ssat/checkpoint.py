@@ -190,7 +190,8 @@ def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> bool:
     """Fit a position table of another grid size to the model's. A fixed sin-cos table is
     replaced by the model's own (exact); a learned one is resampled bicubically (timm). Returns
     True when a learned table was resampled."""
-    if key not in state or state[key].shape == getattr(model, key).shape:
+    own = getattr(model, key, None)
+    if key not in state or own is None or state[key].shape == own.shape:
         return False
     table = state[key]
     old_grid = int((table.shape[1] - 1) ** 0.5)

@@ -1,0 +1,88 @@
+"""The objective's weighting, the AdamW parameter groups and the learning-rate schedule."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssat.models import create_model
+from ssat.objective import classification_loss, ssat_objective
+from ssat.optim import create_optimizer, lr_at, param_groups, scaled_lr
+
+
+def test_objective_weighs_the_parts():
+    logits = torch.randn(6, 4)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    out = {"logits": logits, "rec": torch.tensor(0.8), "fgc": torch.tensor(40.0)}
+    parts = ssat_objective(out, labels, lam=0.1, beta=0.001, smoothing=0.1)
+    cls = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(parts["cls"], cls)
+    expected = 0.1 * cls + 0.9 * 0.8 + 0.9 * 0.001 * 40.0
+    torch.testing.assert_close(parts["loss"], expected)
+    assert parts["rec"].item() == pytest.approx(0.8) and parts["fgc"].item() == pytest.approx(40.0)
+
+
+def test_label_smoothing_by_hand():
+    logits, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    eps, C = 0.1, 3
+    soft = torch.full((5, C), eps / C).scatter(1, labels[:, None], 1 - eps + eps / C)
+    manual = -(soft * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(classification_loss(logits, labels, smoothing=eps), manual)
+
+
+def test_soft_targets_for_mixup():
+    logits = torch.randn(4, 3)
+    a, b = torch.eye(3)[[0, 1, 2, 0]], torch.eye(3)[[1, 1, 0, 2]]
+    mixed = 0.7 * a + 0.3 * b
+    expected = 0.7 * F.cross_entropy(logits, a.argmax(1), reduction="none") + 0.3 * F.cross_entropy(
+        logits, b.argmax(1), reduction="none"
+    )
+    torch.testing.assert_close(classification_loss(logits, mixed), expected.mean())
+    with pytest.raises(ValueError, match="soft targets"):
+        classification_loss(logits, torch.rand(4, 5))
+
+
+def test_scratch_objective_is_the_classification_loss():
+    logits, labels = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    parts = ssat_objective({"logits": logits}, labels)
+    torch.testing.assert_close(parts["loss"], F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert parts["rec"].item() == 0.0 and parts["fgc"].item() == 0.0
+
+
+def test_param_groups():
+    model = create_model("mae_vit_tiny", num_classes=10, img_size=32, patch_size=4, depth=2)
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert not decayed & exempt
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | exempt == trainable
+    assert {"pos_embed", "decoder_pos_embed"}.isdisjoint(trainable)
+    assert all(n.endswith(".bias") or "norm" in n for n in exempt)
+    assert {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.weight"} <= exempt
+    assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= decayed
+
+
+def test_fused_adamw_steps_on_cpu():
+    model = create_model("vit_tiny", num_classes=3, img_size=32, patch_size=8, depth=1)
+    opt = create_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert all(group["fused"] for group in opt.param_groups)
+    before = model.head.weight.detach().clone()
+    model(torch.randn(2, 3, 32, 32))["logits"].sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.head.weight)
+
+
+def test_schedule():
+    kw = dict(base_lr=1e-3, min_lr=1e-6, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(5, **kw) == pytest.approx(5e-4)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert lr_at(110, **kw) == pytest.approx(1e-6)
+    after = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert lr_at(35, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert scaled_lr(1e-3, 64) == pytest.approx(2.5e-4)
