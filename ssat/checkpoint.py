@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import os
 import random
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,11 +19,11 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ssat.atomic import atomic_path
 from ssat.pos_embed import sincos_2d
 
 # Classes a published checkpoint may pickle besides tensors and plain values.
 SAFE_GLOBALS = [argparse.Namespace]
-_TMP_MARK = ".ssat-"
 _PREFIXES = ("module.", "_orig_mod.")
 # Keys that may be absent from a file (re-created or freshly initialised) or present in it but
 # unused by the model (a decoder loaded into a scratch model). Anything else is encoder weight.
@@ -85,36 +84,10 @@ def plain_config(config: Any) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in dict(config).items()}
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left by a save that was killed before its rename."""
-    stale = sorted(Path(folder).glob(f".*{_TMP_MARK}*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename into place: a
-    reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through `ssat.atomic.atomic_path`: readers see the old file or the new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(
@@ -130,7 +103,6 @@ def save_checkpoint(
 ) -> None:
     """Write a resumable checkpoint atomically. `model` may be wrapped (DDP, compiled): the
     plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file."""
-    remove_stale_temporaries(Path(path).parent)
     config = plain_config(config)
     atomic_save(
         {

@@ -1,0 +1,39 @@
+"""SVHN (cropped digits, `train_32x32.mat` / `test_32x32.mat`) to .beton.
+
+    python convert/svhn_to_ffcv.py --src /data/svhn --out_dir /data/ffcv
+
+Label 10 in the .mat files means the digit 0 and becomes label 0. Stored raw at 32x32.
+"""
+import sys
+
+import numpy as np
+import scipy.io
+
+from convert.cli import build_parser, run
+from convert.writer import ConvertError, Source, Split
+
+
+def _read(path, split: str) -> Split:
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing SVHN file")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as err:
+        raise ConvertError(f"{path}: not a MATLAB file ({err})") from None
+    if "X" not in mat or "y" not in mat:
+        raise ConvertError(f"{path}: expected fields 'X' and 'y', found {sorted(k for k in mat if not k.startswith('__'))}")
+    images, labels = mat["X"], mat["y"].reshape(-1).astype(np.int64)
+    if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
+        raise ConvertError(f"{path}: field 'X' should be (32, 32, 3, N) with N = len(y), got {images.shape}")
+    labels[labels == 10] = 0
+    return Split(split, labels, arrays=np.ascontiguousarray(images.transpose(3, 0, 1, 2)))
+
+
+def read_source(args) -> Source:
+    splits = [_read(args.src / f"{s}_32x32.mat", s) for s in ("train", "test")]
+    return Source(args.name, [str(d) for d in range(10)], splits, str(args.src), photos=False)
+
+
+if __name__ == "__main__":
+    parser = build_parser(__doc__, default_name="svhn", photos=False)
+    sys.exit(run(read_source, parser))
