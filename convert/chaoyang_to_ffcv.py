@@ -41,6 +41,10 @@ def read_source(args) -> Source:
     return Source(args.name, CLASSES, splits, str(args.src), photos=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="chaoyang", photos=True)
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,6 +67,10 @@ def read_source(args) -> Source:
     return Source(args.name, names, splits, str(root), photos=False)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="c10", photos=False)
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

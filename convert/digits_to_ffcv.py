@@ -31,6 +31,10 @@ def read_source(args) -> Source:
                   photos=False)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="digits", photos=False, src_required=False)
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,16 +46,15 @@ def read_domain(root, domain: str, name: str) -> Source:
     return Source(f"{name}_{domain}", class_names, splits, str(root), photos=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="domainnet", photos=True)
     parser.add_argument("--domain", action="append", choices=DOMAINS, default=None,
                         help="domain to convert (repeatable); default: every domain with lists in --src")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     domains = args.domain or [d for d in DOMAINS if (args.src / f"{d}_train.txt").is_file()]
     if not domains:
         print(f"error: {args.src}: no <domain>_train.txt list found", file=sys.stderr)
         return 1
-    argv = sys.argv[1:]
     for domain in domains:
         status = run(lambda a, d=domain: read_domain(a.src, d, a.name), parser, argv)
         if status:

@@ -46,7 +46,11 @@ def read_source(args) -> Source:
     return Source(args.name, [str(c) for c in range(1, 103)], splits, str(root), photos=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="flowers102", photos=True)
     parser.add_argument("--merge_val", action="store_true", help="train on train + val")
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

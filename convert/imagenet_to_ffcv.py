@@ -35,6 +35,10 @@ def read_source(args) -> Source:
     return Source(args.name, classes, splits, str(root), photos=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="imagenet", photos=True)
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,9 +61,13 @@ def read_source(args) -> Source:
     return Source(args.name, names, splits, str(path), photos=False)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="pmnist", photos=False)
     parser.add_argument("--flag", default=None, help="MedMNIST flag; default: from --name")
     parser.add_argument("--size", type=int, choices=SIZES, default=28, help="image size of the .npz")
     parser.add_argument("--merge_val", action="store_true", help="train on train + val")
-    sys.exit(run(read_source, parser))
+    return run(read_source, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -242,8 +242,6 @@ def write_split(source: Source, split: Split, opts: WriteOptions,
                 stats_from: dict | None = None) -> dict:
     """Write one split; returns its metadata (also written as JSON beside the .beton).
     `stats_from`: the train split's metadata, whose mean/std the other splits carry."""
-    split = _limit(split, opts.limit)
-    _check_labels(source, split)
     final = opts.out_dir / f"{source.name}_{split.name}.beton"
     samples = _Samples(split, opts.max_resolution, stop_on_error=opts.on_error == "fail")
     start = time.perf_counter()
@@ -308,8 +306,10 @@ def write_source(source: Source, opts: WriteOptions, only: Sequence[str] | None 
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise ConvertError(f"{source.location}: no split {', '.join(unknown)}; found {', '.join(names)}")
-    chosen = sorted((s for s in source.splits if not only or s.name in only),
+    chosen = sorted((_limit(s, opts.limit) for s in source.splits if not only or s.name in only),
                     key=lambda s: s.name != "train")
+    for split in chosen:  # every split is checked before any is written
+        _check_labels(source, split)
     stats = _existing_train_stats(opts.out_dir, source.name)
     written = []
     for split in chosen:

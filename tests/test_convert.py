@@ -1,0 +1,316 @@
+"""Every converter: fabricate its source layout, convert, read back with ffcv's Loader, compare.
+
+Raw-stored pixels must come back exactly; JPEG-stored ones within JPEG_MEAN_ERROR (mean absolute
+difference on the 0-255 scale: the cost of re-encoding small, detailed photo crops at quality
+90 with 4:2:0 chroma subsampling, measured at about 3) and JPEG_MAX_ERROR.
+"""
+import hashlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from medmnist import INFO
+from sklearn.datasets import load_digits
+
+import fabricate
+
+JPEG_MEAN_ERROR = 4.0
+JPEG_MAX_ERROR = 60
+REQUIRED_META = {"dataset", "split", "num_samples", "num_classes", "class_names", "class_counts",
+                 "mean", "std", "storage", "source", "skipped", "converter_version"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def convert(script: str, *argv) -> int:
+    module = importlib.import_module(f"convert.{script}_to_ffcv")
+    return module.main([str(a) for a in argv] + ["--num_workers", "2"])
+
+
+def read_back(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    loader = Loader(str(path), batch_size=64, order=OrderOption.SEQUENTIAL, num_workers=1, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    images, labels = [], []
+    for batch_images, batch_labels in loader:  # ffcv reuses its buffers: copy
+        images.append(np.array(batch_images))
+        labels.append(np.array(batch_labels).reshape(-1))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def check(out_dir: Path, name: str, expected: dict, *, exact: bool, num_classes: int) -> dict:
+    """Compare every written split with its source; returns the metadata by split."""
+    metas = {}
+    for split, (source_images, source_labels) in expected.items():
+        meta = json.loads((out_dir / f"{name}_{split}.json").read_text())
+        images, labels = read_back(out_dir / f"{name}_{split}.beton")
+        assert REQUIRED_META <= set(meta)
+        assert meta["dataset"] == name and meta["split"] == split
+        assert meta["num_samples"] == len(source_labels) == len(labels)
+        assert meta["num_classes"] == num_classes == len(meta["class_names"])
+        assert meta["class_counts"] == np.bincount(source_labels, minlength=num_classes).tolist()
+        assert meta["skipped"] == [] and meta["converter_version"]
+        assert np.array_equal(labels, source_labels)
+        assert images.shape == source_images.shape
+        diff = np.abs(images.astype(int) - source_images.astype(int))
+        if exact:
+            assert diff.max() == 0, f"{split}: raw pixels differ"
+        else:
+            assert diff.mean() < JPEG_MEAN_ERROR and diff.max() < JPEG_MAX_ERROR, (diff.mean(), diff.max())
+        metas[split] = meta
+    train = expected.get("train")
+    if train is not None:  # mean/std from the written train pixels, carried by every split
+        # (taken before JPEG encoding: within about a grey level of the decoded pixels)
+        pixels = read_back(out_dir / f"{name}_train.beton")[0].reshape(-1, 3).astype(np.float64)
+        tolerance = 1e-3 if exact else 1.5
+        np.testing.assert_allclose(metas["train"]["mean"], pixels.mean(0), atol=tolerance)
+        np.testing.assert_allclose(metas["train"]["std"], pixels.std(0), atol=tolerance)
+        for meta in metas.values():
+            assert meta["mean"] == metas["train"]["mean"] and meta["std"] == metas["train"]["std"]
+    return metas
+
+
+# ------------------------------------------------------------------------- every layout
+def test_imagenet_image_folder(tmp_path):
+    expected = fabricate.image_folder(tmp_path / "src", {"train": 4, "valid": 2})
+    expected["val"] = expected.pop("valid")  # valid/ is the val split
+    assert convert("imagenet", "--src", tmp_path / "src", "--out_dir", tmp_path / "out", "--name", "folders") == 0
+    metas = check(tmp_path / "out", "folders", expected, exact=False, num_classes=3)
+    assert metas["train"]["class_names"] == ["class_0", "class_1", "class_2"]
+    assert metas["train"]["storage"] == {"write_mode": "jpg", "max_resolution": 256, "jpeg_quality": 90,
+                                         "fields": {"image": "RGBImageField", "label": "IntField"}}
+
+
+def test_single_split_folder_in_raw_mode_is_exact(tmp_path):
+    expected = fabricate.image_folder(tmp_path, {"val": 3})
+    assert convert("imagenet", "--src", tmp_path / "val", "--out_dir", tmp_path / "out",
+                   "--write_mode", "raw") == 0
+    check(tmp_path / "out", "imagenet", expected, exact=True, num_classes=3)
+
+
+@pytest.mark.parametrize("name, classes", [("c10", 10), ("c100", 100)])
+def test_cifar(tmp_path, name, classes):
+    expected = fabricate.cifar(tmp_path, name)
+    assert convert("cifar", "--name", name, "--src", tmp_path, "--out_dir", tmp_path / "out") == 0
+    metas = check(tmp_path / "out", name, expected, exact=True, num_classes=classes)
+    assert metas["test"]["class_names"][3] == ("class3" if name == "c10" else "fine3")
+
+
+def test_svhn_label_10_is_digit_0(tmp_path):
+    expected = fabricate.svhn(tmp_path / "svhn")
+    assert convert("svhn", "--src", tmp_path / "svhn", "--out_dir", tmp_path / "out") == 0
+    check(tmp_path / "out", "svhn", expected, exact=True, num_classes=10)
+
+
+def test_flowers102_with_and_without_merged_val(tmp_path):
+    expected = fabricate.flowers(tmp_path / "fl")
+    assert convert("flowers102", "--src", tmp_path / "fl", "--out_dir", tmp_path / "out") == 0
+    metas = check(tmp_path / "out", "flowers102", expected, exact=False, num_classes=102)
+    assert metas["test"]["class_names"][101] == "102"
+    merged = {"train": tuple(np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"])),
+              "test": expected["test"]}
+    assert convert("flowers102", "--src", tmp_path / "fl", "--out_dir", tmp_path / "merged", "--merge_val") == 0
+    check(tmp_path / "merged", "flowers102", merged, exact=False, num_classes=102)
+    assert not (tmp_path / "merged" / "flowers102_val.beton").exists()
+
+
+def test_domainnet(tmp_path):
+    expected = fabricate.domainnet(tmp_path / "dn")
+    assert convert("domainnet", "--src", tmp_path / "dn", "--out_dir", tmp_path / "out") == 0
+    metas = check(tmp_path / "out", "domainnet_clipart", expected, exact=False, num_classes=345)
+    names = metas["train"]["class_names"]
+    assert (names[0], names[7], names[344], names[5]) == ("aircraft_carrier", "apple", "zigzag", "class_5")
+
+
+def test_chaoyang(tmp_path):
+    expected = fabricate.chaoyang(tmp_path / "cy")
+    assert convert("chaoyang", "--src", tmp_path / "cy", "--out_dir", tmp_path / "out") == 0
+    check(tmp_path / "out", "chaoyang", expected, exact=False, num_classes=4)
+
+
+@pytest.mark.parametrize("flag, name, size, rgb", [("pneumoniamnist", "pmnist", 28, False),
+                                                   ("bloodmnist", "bloodmnist", 64, True)])
+def test_medmnist(tmp_path, flag, name, size, rgb):
+    classes = len(INFO[flag]["label"])
+    expected = fabricate.medmnist(tmp_path / "npz", flag, size, rgb, classes)
+    args = ["--name", name, "--size", size, "--src", tmp_path / "npz"]
+    assert convert("medmnist", *args, "--out_dir", tmp_path / "out") == 0
+    metas = check(tmp_path / "out", name, expected, exact=True, num_classes=classes)
+    assert metas["val"]["class_names"] == [INFO[flag]["label"][str(i)] for i in range(classes)]
+    merged = {"train": tuple(np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"])),
+              "test": expected["test"]}
+    assert convert("medmnist", *args, "--merge_val", "--out_dir", tmp_path / "merged") == 0
+    check(tmp_path / "merged", name, merged, exact=True, num_classes=classes)
+
+
+def test_digits_is_real_stratified_and_fixed(tmp_path):
+    assert convert("digits", "--out_dir", tmp_path / "a") == 0
+    assert convert("digits", "--out_dir", tmp_path / "b") == 0
+    digits = load_digits()
+    train, test = (read_back(tmp_path / "a" / f"digits_{s}.beton") for s in ("train", "test"))
+    assert len(train[1]) + len(test[1]) == len(digits.target) == 1797
+    assert len(test[1]) == 450
+    # stratified: each class's share of the test split matches its share of the data
+    np.testing.assert_allclose(np.bincount(test[1]) / 450, np.bincount(digits.target) / 1797, atol=0.01)
+    # real pixels: every written image is one of the scans, scaled 0..16 -> 0..255
+    scans = {np.rint(im * 255 / 16).astype(np.uint8).tobytes(): t for im, t in zip(digits.images, digits.target)}
+    for image, label in zip(*test):
+        assert image.shape == (8, 8, 3) and scans[np.ascontiguousarray(image[..., 0]).tobytes()] == label
+    for split in ("train", "test"):  # fixed: a second run writes the same samples
+        assert np.array_equal(read_back(tmp_path / "b" / f"digits_{split}.beton")[1],
+                              (train if split == "train" else test)[1])
+
+
+def test_limit_writes_a_fixed_subset(tmp_path):
+    expected = fabricate.svhn(tmp_path / "svhn", counts=(30, 7))
+    assert convert("svhn", "--src", tmp_path / "svhn", "--out_dir", tmp_path / "out", "--limit", 5,
+                   "--split", "train") == 0
+    images, labels = read_back(tmp_path / "out" / "svhn_train.beton")
+    assert len(labels) == 5 and not (tmp_path / "out" / "svhn_test.beton").exists()
+    # each written sample is a source sample, in source order
+    index = [next(i for i, im in enumerate(expected["train"][0]) if np.array_equal(im, x)) for x in images]
+    assert index == sorted(index) and np.array_equal(expected["train"][1][index], labels)
+
+
+# ------------------------------------------------------------------------- bad input
+def _bad_image_folder(root: Path) -> dict[str, str]:
+    """An image folder with four bad files among good ones; returns {file name: reason}."""
+    fabricate.image_folder(root, {"train": 4})
+    folder = root / "train" / "class_1"
+    good = (folder / "img_000.JPEG").read_bytes()
+    (folder / "a_truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (folder / "b_empty.jpg").write_bytes(b"")
+    (folder / "c_text.jpg").write_text("not an image\n")
+    (folder / "d_garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
+    return {"a_truncated.JPEG": "truncated", "b_empty.jpg": "empty file",
+            "c_text.jpg": "cannot identify", "d_garbage.png": ""}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_files_fail_with_one_message_and_keep_the_old_file(tmp_path, capsys):
+    fabricate.image_folder(tmp_path / "good", {"train": 2})
+    out = tmp_path / "out"
+    assert convert("imagenet", "--src", tmp_path / "good", "--out_dir", out, "--name", "x") == 0
+    old = _digest(out / "x_train.beton")
+    _bad_image_folder(tmp_path / "bad")
+    capsys.readouterr()
+    assert convert("imagenet", "--src", tmp_path / "bad", "--out_dir", out, "--name", "x") == 1
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and "it/s" not in line]  # leave out tqdm's bar
+    assert len(err) == 1 and err[0].startswith("error: ")
+    path, reason = err[0][len("error: "):].split(": ", 1)
+    assert path.endswith("a_truncated.JPEG") and "truncated" in reason.lower()
+    assert _digest(out / "x_train.beton") == old  # the older good file is untouched
+    assert sorted(os.listdir(out)) == ["x_train.beton", "x_train.json"]  # no temporary left
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
+    reasons = _bad_image_folder(tmp_path / "bad")
+    out = tmp_path / "out"
+    assert convert("imagenet", "--src", tmp_path / "bad", "--out_dir", out, "--on_error", "skip") == 0
+    stdout = capsys.readouterr().out
+    assert "skipped 4 bad files" in stdout
+    meta = json.loads((out / "imagenet_train.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(skipped) == set(reasons)
+    for name, reason in reasons.items():
+        assert reason in skipped[name].lower() and skipped[name] and name in stdout
+    images, labels = read_back(out / "imagenet_train.beton")
+    assert meta["num_samples"] == 12 == len(labels)
+    assert np.array_equal(labels, np.repeat([0, 1, 2], 4))
+    assert meta["class_counts"] == [4, 4, 4]
+
+
+def _structural_cases(root: Path):
+    """(converter, argv, expected message) for errors that no --on_error mode skips."""
+    cases = []
+    # an empty class folder
+    fabricate.image_folder(root / "empty_class", {"train": 2})
+    (root / "empty_class" / "train" / "class_9").mkdir()
+    cases.append(("imagenet", ["--src", root / "empty_class"], "class_9: empty class folder"))
+    # images with no class folders
+    loose = root / "loose" / "val"
+    loose.mkdir(parents=True)
+    (root / "empty_class" / "train" / "class_0" / "img_000.JPEG").rename(loose / "a.JPEG")
+    cases.append(("imagenet", ["--src", loose], "no class folders"))
+    # an empty split, a label outside the class range, paths leading outside the root
+    for case, entries in {
+        "empty": [],
+        "label": [{"name": "train/0000-IMG000.JPG", "label": 9}],
+        "absolute": [{"name": "/etc/hostname", "label": 0}],
+        "dotdot": [{"name": "train/../../escape.jpg", "label": 0}],
+    }.items():
+        src = root / f"cy_{case}"
+        fabricate.chaoyang(src)
+        (src / "test.json").write_text(json.dumps(entries))
+        message = {"empty": "split 'test' has no samples", "label": "label 9 is outside the class range",
+                   "absolute": "leads outside the source root", "dotdot": "leads outside the source root"}[case]
+        cases.append(("chaoyang", ["--src", src], message))
+    # a list naming a missing file
+    fabricate.domainnet(root / "dn")
+    with open(root / "dn" / "clipart_test.txt", "a") as f:
+        f.write("clipart/apple/missing.jpg 7\n")
+    cases.append(("domainnet", ["--src", root / "dn"], "missing, first: " + str(root / "dn" / "clipart" / "apple" / "missing.jpg")))
+    # malformed array sources
+    fabricate.cifar(root / "cf", "c10")
+    import pickle
+    with open(root / "cf" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, f)
+    cases.append(("cifar", ["--name", "c10", "--src", root / "cf"], "data_batch_3: missing field b'labels'"))
+    return cases
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+def test_structural_errors_are_clear_in_both_modes(tmp_path, capsys, mode):
+    for script, argv, message in _structural_cases(tmp_path / "src"):
+        out = tmp_path / f"out_{script}_{len(os.listdir(tmp_path))}"
+        capsys.readouterr()
+        assert convert(script, *argv, "--out_dir", out, "--on_error", mode) == 1, message
+        err = capsys.readouterr().err
+        assert message in err, (message, err)
+        assert not out.exists() or not any(p.suffix == ".beton" for p in out.iterdir())
+
+
+_KILL = """
+import sys
+from convert.imagenet_to_ffcv import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_conversion_leaves_no_final_file_and_cleans_up_next_time(tmp_path):
+    from convert.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "src" / "train", classes=2, per_class=150, size=(300, 225))
+    out = tmp_path / "out"
+    argv = ["--src", str(tmp_path / "src"), "--out_dir", str(out), "--num_workers", "1"]
+    assert convert("imagenet", *argv[:4], "--limit", "10") == 0  # an older good file
+    old = _digest(out / "imagenet_train.beton")
+    proc = subprocess.Popen([sys.executable, "-c", _KILL, *argv], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not any(p.name.endswith(".tmp") for p in out.iterdir()):
+            assert time.time() < deadline and proc.poll() is None, "the conversion never started writing"
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the writer and its worker processes
+        proc.wait()
+    names = sorted(os.listdir(out))
+    assert [n for n in names if not n.endswith(".tmp")] == ["imagenet_train.beton", "imagenet_train.json"]
+    assert _digest(out / "imagenet_train.beton") == old
+    assert any(n.endswith(".tmp") for n in names)  # what a SIGKILL leaves behind
+    assert convert("imagenet", *argv[:4], "--limit", "20") == 0
+    assert sorted(os.listdir(out)) == ["imagenet_train.beton", "imagenet_train.json"]
+    assert json.loads((out / "imagenet_train.json").read_text())["num_samples"] == 20
