@@ -1,6 +1,44 @@
 """Loaders that turn a stored dataset (`.beton` + metadata) into batches of views on the device.
 
-Contract (DESIGN.md section 4): `create_loader(kind, path, *, train, batch_size, img_size,
-aug_views=1, device, rank=0, world_size=1, seed=0, ...)` yields dicts with `views`
-(V, B, 3, H, W), `labels` (B,) and `indices` (B,).
+    loader = create_loader("ffcv", "data/digits_train.beton", train=True, batch_size=64,
+                           img_size=32, aug_views=2, device="cuda")
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            batch["views"]    # (V, B, 3, H, W), normalised, channels-last, on the device
+            batch["labels"]   # (B,) int64
+            batch["indices"]  # (B,) sample indices in the file
+
+Engines: `ffcv` (numba CPU threads, decode once per image), `torch` (DataLoader + PIL; needs
+neither ffcv nor DALI). Every engine shares the sharding (`sampling.py`) and the device-side
+augmentation (`augment.py`). Augmentation options are `AugmentConfig`'s fields.
 """
+from __future__ import annotations
+
+from pipelines.augment import AugmentConfig
+from pipelines.dataset import DatasetError, DatasetInfo, open_dataset
+from pipelines.loader import ViewLoader
+
+ENGINES = ("ffcv", "torch")
+
+
+def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: int,
+                  aug_views: int = 1, device="cpu", rank: int = 0, world_size: int = 1,
+                  seed: int = 0, num_workers: int | None = None, dtype=None,
+                  **augmentation) -> ViewLoader:
+    """A loader of `kind` over the .beton at `path` (its metadata beside it)."""
+    if kind == "ffcv":
+        from pipelines.ffcv_engine import FFCVLoader as engine
+    elif kind == "torch":
+        from pipelines.torch_engine import TorchLoader as engine
+    else:
+        raise ValueError(f"unknown loader kind {kind!r}; choose from {', '.join(ENGINES)}")
+    import torch
+
+    return engine(path, train=train, batch_size=batch_size, img_size=img_size, aug_views=aug_views,
+                  device=device, rank=rank, world_size=world_size, seed=seed,
+                  num_workers=num_workers, dtype=dtype or torch.float32, **augmentation)
+
+
+__all__ = ["create_loader", "ENGINES", "AugmentConfig", "DatasetError", "DatasetInfo",
+           "open_dataset", "ViewLoader"]

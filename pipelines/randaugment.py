@@ -48,7 +48,7 @@ class RandAugmentConfig:
         values: dict = {}
         increasing = False
         for part in parts[1:]:
-            key, _, value = re.match(r"([a-z]+)(.*)", part).groups() + ("",)
+            key, value = re.fullmatch(r"([a-z]+)(.*)", part).groups()
             if key == "m":
                 values["magnitude"] = float(value)
             elif key == "n":

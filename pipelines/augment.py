@@ -1,0 +1,90 @@
+"""What happens to a batch once its views are on the device, shared by every engine.
+
+Train: RandAugment (per image, `pipelines/randaugment.py`), normalisation with the dataset's
+mean/std, random erasing (timm's `RandomErasing`, per image), and optionally mixup/cutmix
+(timm's `Mixup`, soft targets; all views of an image get the same mix). Eval: normalisation.
+The crops and flips happen earlier, in the engine, where each image is decoded once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+
+from pipelines.randaugment import RandAugment
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation settings, named as timm's and MAE's command-line flags."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = 0.5
+    aa: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment config; None disables it
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.0  # mixup alpha; 0 disables
+    cutmix: float = 0.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1  # label smoothing carried by mixup's soft targets
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop img_size
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "AugmentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown augmentation option(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+class DeviceAugment:
+    """uint8 views (B, V, H, W, 3) on the device -> normalised views (V, B, 3, H, W) in `dtype`,
+    channels-last, plus soft targets when mixing."""
+
+    def __init__(self, config: AugmentConfig, *, train: bool, mean, std, num_classes: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.config, self.train, self.dtype = config, train, dtype
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.randaugment = RandAugment(config.aa, fill=mean) if train and config.aa else None
+        self.erasing = (RandomErasing(config.reprob, mode=config.remode, max_count=config.recount,
+                                      device=str(device))
+                        if train and config.reprob > 0 else None)
+        self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                            prob=config.mixup_prob, switch_prob=config.mixup_switch_prob,
+                            mode=config.mixup_mode, label_smoothing=config.smoothing,
+                            num_classes=num_classes)
+                      if train and config.mixes else None)
+
+    def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, v, h, w, _ = raw.shape
+        # (V, B, H, W, 3) in memory, so the V*B images form one batch without another copy
+        images = raw.transpose(0, 1).contiguous().permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)
+        x = images.float()  # (V*B, 3, H, W), channels-last, 0-255
+        if self.randaugment is not None:
+            x = self.randaugment(x)
+        x = (x - self.mean) / self.std
+        if self.erasing is not None:
+            x = self.erasing(x)
+        targets = None
+        if self.mixup is not None:
+            # the V views of an image share its mix: mix (B, V*3, H, W) along the batch
+            stacked = x.reshape(v, b, 3, h, w).transpose(0, 1).reshape(b, v * 3, h, w)
+            stacked, targets = self.mixup(stacked, labels)
+            x = stacked.reshape(b, v, 3, h, w).transpose(0, 1).reshape(v * b, 3, h, w)
+        out = torch.empty((v, b, h, w, 3), dtype=self.dtype, device=x.device)
+        out = out.permute(0, 1, 4, 2, 3)  # (V, B, 3, H, W) with channels-last strides
+        out.copy_(x.reshape(v, b, 3, h, w))
+        return out, targets

@@ -1,0 +1,185 @@
+"""The ffcv engine: JPEG decoding and V crops per image in ffcv's numba-compiled CPU threads.
+
+ffcv 1.0.2 decodes an image again for every extra view (one `PipelineSpec` per view); the
+`MultiViewCrop` operation here decodes it once into a scratch buffer and cuts all V
+random-resized crops (with their flips) from it. Eval uses the same operation with one centre
+crop. A JPEG that does not decode stops the epoch with an error naming the file and the sample,
+where ffcv's own decoders would hand on an uninitialised buffer, and an exception in ffcv's
+loader thread (which would leave the consumer waiting forever) is passed on to the consumer.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import get_center_crop, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.pipeline_spec import PipelineSpec
+from ffcv.pipeline.state import State
+from ffcv.transforms import ToDevice, ToTensor
+
+from pipelines.dataset import JPEG, DatasetError
+from pipelines.loader import ViewLoader
+
+
+def _flip_rows(image: np.ndarray) -> None:
+    """Mirror an (H, W, 3) image left-right in place."""
+    width = image.shape[1]
+    for r in range(image.shape[0]):
+        for c in range(width // 2):
+            for k in range(3):
+                left = image[r, c, k]
+                image[r, c, k] = image[r, width - 1 - c, k]
+                image[r, width - 1 - c, k] = left
+
+
+class MultiViewCrop(Operation):
+    """RGBImageField -> (V, S, S, 3) uint8 per sample: decode once, cut V crops.
+
+    Train: random-resized crops (area `scale`, aspect `ratio`) each flipped with probability
+    `flip`. Eval (`train=False`): one centre crop of `crop_pct` of the shorter side, as resizing
+    to S / crop_pct and cropping S."""
+
+    def __init__(self, size: int, views: int, train: bool, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), flip: float = 0.5, crop_pct: float = 0.875):
+        super().__init__()
+        self.size, self.views, self.train = size, views, train
+        self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
+        self.flip, self.crop_pct = flip, crop_pct
+
+    def declare_state_and_memory(self, previous_state: State):
+        largest = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
+        shape = (self.views, self.size, self.size, 3)
+        uint8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=uint8),
+                (AllocationQuery(shape, uint8), AllocationQuery((largest,), uint8),
+                 AllocationQuery((1,), np.dtype("<i4"))))  # decoder status per sample
+
+    def generate_code(self):
+        read = self.memory_read
+        loop = Compiler.get_iterator()
+        decode_jpeg = Compiler.compile(imdecode)
+        crop_resize = Compiler.compile(resize_crop)
+        flip_rows = Compiler.compile(_flip_rows)
+        pick_crop = Compiler.compile(get_random_crop if self.train else get_center_crop)
+        views, train, flip = self.views, self.train, self.flip
+        scale, ratio = self.scale, (self.ratio if self.train else self.crop_pct)
+
+        def multi_view_crop(batch_indices, buffers, metadata, storage_state):
+            destination, scratch, status = buffers
+            for k in loop(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == JPEG:
+                    image = scratch[k][: 3 * height * width].reshape(height, width, 3)
+                    status[k, 0] = decode_jpeg(data, image, height, width, height, width, 0, 0,
+                                               1, 1, False, False)
+                else:
+                    status[k, 0] = 0
+                    image = data.reshape(height, width, 3)
+                for v in range(views):
+                    i, j, h, w = pick_crop(height, width, scale, ratio)
+                    crop_resize(image, i, i + h, j, j + w, destination[k, v])
+                    if train and np.random.rand() < flip:
+                        flip_rows(destination[k, v])
+            # raised outside the parallel loop (a raise inside it would serialise the loop)
+            if (status[: len(batch_indices)] != 0).any():
+                raise ValueError("a JPEG sample of the .beton does not decode")
+            return destination[: len(batch_indices)]
+
+        multi_view_crop.is_parallel = True
+        return multi_view_crop
+
+
+class _Epoch(EpochIterator):
+    """ffcv's epoch thread, which passes its exception on instead of dying silently."""
+
+    error: BaseException | None = None
+    failed_batch: np.ndarray | None = None
+
+    def run_pipeline(self, b_ix, batch_indices, *args):
+        try:
+            return super().run_pipeline(b_ix, batch_indices, *args)
+        except BaseException:
+            self.failed_batch = np.array(batch_indices)
+            raise
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as err:
+            self.error = err
+            self.output_queue.put(None)
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise self.error
+            raise
+
+
+class _Loader(Loader):
+    """ffcv's Loader reading the order it is handed (ffcv 1.0.2 cannot take a custom traversal
+    order class), with the safe epoch thread."""
+
+    def set_order(self, order: np.ndarray) -> None:
+        self.indices = order
+        self.first_traversal_order = order
+
+    def next_traversal_order(self):
+        return self.indices
+
+    def __iter__(self):
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()[: len(self) * self.batch_size]
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _Epoch(self, order)
+
+
+class FFCVLoader(ViewLoader):
+    engine = "ffcv"
+
+    def __init__(self, path, **kwargs):
+        super().__init__(path, **kwargs)
+        cfg = self.config
+        crop = MultiViewCrop(self.img_size, self.views, self.train, scale=cfg.scale, ratio=cfg.ratio,
+                             flip=cfg.hflip, crop_pct=cfg.crop_pct)
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        self._ffcv = _Loader(
+            str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
+            order=OrderOption.SEQUENTIAL, drop_last=self.train, os_cache=True,
+            indices=self.order(), batches_ahead=3,
+            pipelines={"image": PipelineSpec("image", decoder=crop, transforms=[ToTensor(), *to_device]),
+                       "label": [IntDecoder(), ToTensor(), *to_device]})
+
+    def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._ffcv.set_order(order)
+        epoch = iter(self._ffcv)
+        try:
+            yield from epoch
+        except Exception as err:
+            raise self._diagnose(epoch.failed_batch, err) from err
+        finally:
+            epoch.close()
+
+    def _diagnose(self, batch: np.ndarray | None, err: Exception) -> Exception:
+        """Name the sample behind an error in ffcv's thread, by decoding the failed batch."""
+        for index in batch if batch is not None else ():
+            try:
+                self.beton.decode(int(index))
+            except DatasetError as bad:
+                return bad
+        return DatasetError(f"{self.path}: ffcv failed while reading samples "
+                            f"{list(batch[:8]) if batch is not None else '?'}: {err}")

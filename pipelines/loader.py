@@ -1,0 +1,83 @@
+"""The loader contract every engine fulfils, and the part of it they share.
+
+An engine only turns an epoch's sample order into batches of uint8 views (B, V, H, W, 3) and
+labels on the device (`_raw_batches`); sharding, epochs, lengths, indices and the device-side
+augmentation live here, so the engines cannot disagree about them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.augment import AugmentConfig, DeviceAugment
+from pipelines.dataset import open_dataset
+from pipelines.sampling import epoch_order, num_batches
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class ViewLoader:
+    """Iterating yields dicts: `views` (V, B, 3, H, W) normalised, channels-last, in `dtype`, on
+    `device`; `labels` (B,) int64; `indices` (B,) int64 sample indices in the file; and, when
+    mixup/cutmix is on, `targets` (B, num_classes) soft targets."""
+
+    engine = ""
+
+    def __init__(self, path, *, train: bool, batch_size: int, img_size: int, aug_views: int = 1,
+                 device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int | None = None, dtype: torch.dtype = torch.float32, **augmentation):
+        self.beton, self.info = open_dataset(path)
+        self.path = self.info.path
+        if aug_views < 1 or (not train and aug_views != 1):
+            raise ValueError(f"aug_views must be >= 1 for training and 1 for eval, got {aug_views}")
+        if batch_size < 1 or img_size < 1:
+            raise ValueError(f"batch_size and img_size must be positive, got {batch_size}, {img_size}")
+        self.train, self.batch_size, self.img_size, self.views = train, batch_size, img_size, aug_views
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = torch.device(device)
+        self.num_workers = num_workers or default_workers()
+        self.config = AugmentConfig.from_kwargs(**augmentation)
+        self.transform = DeviceAugment(self.config, train=train, mean=self.info.mean,
+                                       std=self.info.std, num_classes=self.info.num_classes,
+                                       device=self.device, dtype=dtype)
+        self.epoch = 0
+        len(self)  # a shard too small for one batch is an error now, not at the first epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle: the train order depends on (seed, epoch). Eval order never changes."""
+        self.epoch = epoch
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        return epoch_order(self.info.num_samples, train=self.train, batch_size=self.batch_size,
+                           rank=self.rank, world_size=self.world_size, seed=self.seed,
+                           epoch=self.epoch if epoch is None else epoch)
+
+    def __len__(self) -> int:
+        if self.train:
+            return len(self.order(0)) // self.batch_size
+        return num_batches(self.info.num_samples, train=False, batch_size=self.batch_size,
+                           rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.order()
+        start = 0
+        for raw, labels in self._raw_batches(order):
+            n = raw.shape[0]
+            # copies: engines may reuse their label buffers for the next batch
+            labels = labels.reshape(-1).to(torch.int64, copy=True)
+            views, targets = self.transform(raw, labels)
+            batch = {"views": views, "labels": labels,
+                     "indices": torch.from_numpy(order[start:start + n]).to(self.device)}
+            if targets is not None:
+                batch["targets"] = targets
+            start += n
+            yield batch
+
+    def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `order`, in order: uint8 (B, V, H, W, 3) views and (B,) labels on the device."""
+        raise NotImplementedError
