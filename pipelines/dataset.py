@@ -102,7 +102,7 @@ class BetonFile:
         if meta["mode"] == RAW:
             if len(data) < height * width * 3:
                 raise DatasetError(f"{self.path}: sample {i} holds {len(data)} bytes, not {height}x{width}x3")
-            return np.asarray(data[: height * width * 3]).reshape(height, width, 3)
+            return np.array(data[: height * width * 3]).reshape(height, width, 3)
         image = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR)
         if image is None or image.shape != (height, width, 3):
             raise DatasetError(f"{self.path}: sample {i} is not a decodable {width}x{height} JPEG")

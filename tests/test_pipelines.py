@@ -1,0 +1,253 @@
+"""The loader contract, for every engine, over .beton files written by the project's converters."""
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convert.digits_to_ffcv import main as convert_digits
+from convert.imagenet_to_ffcv import main as convert_folders
+from convert.synthetic import make_image_folder
+from pipelines import ENGINES, DatasetError, create_loader
+from pipelines.augment import AugmentConfig, DeviceAugment
+from pipelines.dataset import BetonFile, open_dataset
+
+NO_AUG = dict(aa=None, reprob=0.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    make_image_folder(root / "photos" / "train", classes=3, per_class=20, size=(120, 90))
+    assert convert_folders(["--src", str(root / "photos"), "--out_dir", str(root / "out"),
+                            "--name", "photos", "--max_resolution", "96", "--num_workers", "2"]) == 0
+    assert convert_digits(["--out_dir", str(root / "out"), "--num_workers", "2"]) == 0
+    return {"photos": root / "out" / "photos_train.beton",
+            "digits": root / "out" / "digits_train.beton",
+            "digits_test": root / "out" / "digits_test.beton"}
+
+
+def _epoch(loader) -> list[dict]:
+    # copy: a batch is only guaranteed until the next one is requested
+    return [{k: v.clone() for k, v in batch.items()} for batch in loader]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contract(data, engine, dtype):
+    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, aug_views=2,
+                           device="cpu", num_workers=2, dtype=dtype)
+    beton = BetonFile(data["photos"])
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 60 // 8
+    seen = []
+    for batch in batches:
+        views, labels, indices = batch["views"], batch["labels"], batch["indices"]
+        assert views.shape == (2, 8, 3, 32, 32) and views.dtype == dtype and views.device.type == "cpu"
+        assert all(views[v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
+        assert labels.dtype == torch.int64 and indices.dtype == torch.int64
+        assert torch.isfinite(views.float()).all()
+        assert np.array_equal(labels.numpy(), beton.labels[indices.numpy()])
+        seen += indices.tolist()
+    assert len(set(seen)) == len(seen) == 56 and min(seen) >= 0 and max(seen) < 60
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_views_of_one_image_differ(data, engine):
+    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, aug_views=3,
+                           num_workers=2, **NO_AUG)
+    views = next(iter(loader))["views"]
+    for i in range(8):
+        assert not torch.equal(views[0, i], views[1, i]) and not torch.equal(views[1, i], views[2, i])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_normalised_statistics(data, engine):
+    """Over all 1,347 digit scans the eval views are close to zero mean and unit std per channel
+    (stats from the metadata; resizing 8 -> 32 px smooths a little)."""
+    loader = create_loader(engine, data["digits"], train=False, batch_size=256, img_size=32, num_workers=2)
+    views = torch.cat([b["views"][0] for b in _epoch(loader)])
+    assert views.shape == (1347, 3, 32, 32)
+    mean, std = views.mean(dim=(0, 2, 3)), views.std(dim=(0, 2, 3))
+    assert (mean.abs() < 0.15).all(), mean
+    assert ((std - 1).abs() < 0.2).all(), std
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eval_pixels_equal_the_source(data, engine):
+    """At the stored size with no crop margin, eval views are the stored pixels, normalised."""
+    loader = create_loader(engine, data["digits_test"], train=False, batch_size=100, img_size=8,
+                           crop_pct=1.0, num_workers=2)
+    beton, info = open_dataset(data["digits_test"])
+    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+    for batch in _epoch(loader):
+        for view, index in zip(batch["views"][0], batch["indices"]):
+            source = torch.from_numpy(beton.decode(int(index))).permute(2, 0, 1).float()
+            torch.testing.assert_close(view, (source - mean) / std)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_covers_every_sample_once(data, engine, world_size):
+    beton = BetonFile(data["digits_test"])
+    seen = []
+    for rank in range(world_size):
+        loader = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=8,
+                               rank=rank, world_size=world_size, num_workers=1)
+        batches = _epoch(loader)
+        assert len(batches) == len(loader)
+        for batch in batches:
+            assert np.array_equal(batch["labels"].numpy(), beton.labels[batch["indices"].numpy()])
+            seen += batch["indices"].tolist()
+    assert sorted(seen) == list(range(450))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_shards_are_disjoint_and_reshuffled(data, engine):
+    def indices(rank, epoch, seed=0):
+        loader = create_loader(engine, data["digits"], train=True, batch_size=32, img_size=8,
+                               rank=rank, world_size=2, seed=seed, num_workers=1, **NO_AUG)
+        loader.set_epoch(epoch)
+        batches = _epoch(loader)
+        assert len(batches) == len(loader) == (1347 // 2) // 32
+        return [i for b in batches for i in b["indices"].tolist()]
+
+    rank0, rank1 = indices(0, 0), indices(1, 0)
+    assert not set(rank0) & set(rank1)  # disjoint
+    assert len(set(rank0) | set(rank1)) == 2 * 21 * 32  # the epoch, less the remainder
+    assert indices(0, 1) != rank0 and set(indices(0, 1)) != set(rank0)  # a new epoch reorders
+    assert indices(0, 0) == rank0  # the same seed and epoch reproduce the order
+    assert indices(0, 0, seed=1) != rank0
+
+
+def test_engines_agree_on_order_and_labels(data):
+    orders = {}
+    for engine in ENGINES:
+        loader = create_loader(engine, data["digits"], train=True, batch_size=64, img_size=8,
+                               num_workers=1, seed=3, **NO_AUG)
+        loader.set_epoch(2)
+        orders[engine] = [(b["indices"].tolist(), b["labels"].tolist()) for b in loader]
+    assert orders["ffcv"] == orders["torch"]
+
+
+# ------------------------------------------------------------------ device augmentation
+def _augment(**kw):
+    cfg = AugmentConfig.from_kwargs(**{**NO_AUG, **kw})
+    return DeviceAugment(cfg, train=True, mean=(100.0, 110.0, 120.0), std=(50.0, 55.0, 60.0),
+                         num_classes=4, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def _raw(b=6, v=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, v, size, size, 3), dtype=torch.uint8, generator=g)
+
+
+def test_normalisation_only():
+    raw, labels = _raw(), torch.arange(6) % 4
+    views, targets = _augment()(raw, labels)
+    expected = (raw.permute(1, 0, 4, 2, 3).float() - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) \
+        / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
+    torch.testing.assert_close(views, expected)
+    assert targets is None
+
+
+def test_random_erasing_erases_a_rectangle_per_image():
+    raw, labels = _raw(b=8), torch.arange(8) % 4
+    clean, _ = _augment()(raw, labels)
+    erased, _ = _augment(reprob=1.0)(raw, labels)
+    changed = (clean != erased).any(dim=2)  # (V, B, H, W)
+    for mask in changed.reshape(-1, 16, 16):
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert len(rows) and len(cols)
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.9  # one filled rectangle
+    assert changed.any(dim=(2, 3)).all()
+
+
+def test_mixup_mixes_all_views_of_an_image_alike():
+    raw, labels = _raw(b=6, v=3), torch.tensor([0, 1, 2, 3, 0, 1])
+    clean, _ = _augment()(raw, labels)
+    mixed, targets = _augment(mixup=0.8, mixup_prob=1.0, mixup_switch_prob=0.0, smoothing=0.0)(raw, labels)
+    assert targets.shape == (6, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(6))
+    lam = targets[0, 0].item()  # sample 0 (label 0) is mixed with sample 5 (label 1)
+    expected = lam * clean + (1 - lam) * clean.flip(1)
+    torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_randaugment_changes_images_per_image():
+    raw, labels = _raw(b=16, v=1, size=24), torch.arange(16) % 4
+    torch.manual_seed(0)
+    augmented, _ = _augment(aa="rand-m9-mstd0.5-inc1")(raw, labels)
+    clean, _ = _augment()(raw, labels)
+    changed = (augmented != clean).flatten(2).any(-1)[0]
+    assert 0 < changed.sum() < 16  # p = 0.5 per op: some images keep both ops off (1 in 4)
+
+
+# ------------------------------------------------------------------------- bad input
+def _break(tmp_path: Path, source: Path, how: str) -> Path:
+    path = tmp_path / source.name
+    shutil.copy(source, path)
+    shutil.copy(source.with_suffix(".json"), path.with_suffix(".json"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "foreign":
+        path.write_bytes(b"PK\x03\x04 not a beton" * 100)
+    elif how == "no metadata":
+        path.with_suffix(".json").unlink()
+    elif how == "count":
+        meta["num_samples"] += 1
+    elif how == "classes":
+        meta["num_classes"], meta["class_names"] = 2, meta["class_names"][:2]
+    path.with_suffix(".json").write_text(json.dumps(meta)) if path.with_suffix(".json").exists() else None
+    return path
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "no such dataset file"), ("truncated", "truncated"), ("foreign", "not a .beton"),
+    ("no metadata", "metadata missing"), ("count", "holds 60 samples"), ("classes", "outside the 2 classes"),
+])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_files_are_clear_errors(tmp_path, data, engine, how, message):
+    path = _break(tmp_path, data["photos"], how)
+    with pytest.raises(DatasetError, match=message) as err:
+        create_loader(engine, path, train=False, batch_size=8, img_size=32, num_workers=1)
+    assert path.stem in str(err.value)
+
+
+def _iterate_with_deadline(loader, seconds=120):
+    """Run an epoch in a thread: an exception comes back, a hang fails the test."""
+    outcome = {}
+
+    def run():
+        try:
+            _epoch(loader)
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the loader hung on a corrupt sample"
+    return outcome.get("error")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_corrupt_jpeg_sample_names_file_and_index(tmp_path, data, engine):
+    path = _break(tmp_path, data["photos"], "none")
+    beton = BetonFile(path)
+    bad = 37
+    start = int(beton.images["data_ptr"][bad])
+    blob = bytearray(path.read_bytes())
+    blob[start + 2:start + int(beton.nbytes[bad])] = bytes(int(beton.nbytes[bad]) - 2)  # keep SOI only
+    path.write_bytes(bytes(blob))
+    loader = create_loader(engine, path, train=False, batch_size=8, img_size=32, num_workers=1)
+    error = _iterate_with_deadline(loader)
+    assert isinstance(error, DatasetError), error
+    assert path.name in str(error) and f"sample {bad}" in str(error)
