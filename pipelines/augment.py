@@ -56,8 +56,9 @@ class DeviceAugment:
     def __init__(self, config: AugmentConfig, *, train: bool, mean, std, num_classes: int,
                  device: torch.device, dtype: torch.dtype):
         self.config, self.train, self.dtype = config, train, dtype
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / std_t, -mean_t / std_t  # (x - mean) / std = x * scale + shift
         self.randaugment = RandAugment(config.aa, fill=mean) if train and config.aa else None
         self.erasing = (RandomErasing(config.reprob, mode=config.remode, max_count=config.recount,
                                       device=str(device))
@@ -70,21 +71,29 @@ class DeviceAugment:
 
     def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, v, h, w, _ = raw.shape
-        # (V, B, H, W, 3) in memory, so the V*B images form one batch without another copy
-        images = raw.transpose(0, 1).contiguous().permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)
-        x = images.float()  # (V*B, 3, H, W), channels-last, 0-255
+        # float copy with the views first, so that the V*B images form one channels-last batch
+        x = torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device)
+        x.copy_(raw.transpose(0, 1))
+        images = x.permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)  # (V*B, 3, H, W), 0-255
         if self.randaugment is not None:
-            x = self.randaugment(x)
-        x = (x - self.mean) / self.std
+            images = self.randaugment(images)
+        images = torch.addcmul(self.shift, images, self.scale, out=images)  # normalise, one pass
         if self.erasing is not None:
-            x = self.erasing(x)
+            images = self.erasing(images)
         targets = None
         if self.mixup is not None:
             # the V views of an image share its mix: mix (B, V*3, H, W) along the batch
-            stacked = x.reshape(v, b, 3, h, w).transpose(0, 1).reshape(b, v * 3, h, w)
+            stacked = images.reshape(v, b, 3, h, w).transpose(0, 1).reshape(b, v * 3, h, w)
             stacked, targets = self.mixup(stacked, labels)
-            x = stacked.reshape(b, v, 3, h, w).transpose(0, 1).reshape(v * b, 3, h, w)
-        out = torch.empty((v, b, h, w, 3), dtype=self.dtype, device=x.device)
-        out = out.permute(0, 1, 4, 2, 3)  # (V, B, 3, H, W) with channels-last strides
-        out.copy_(x.reshape(v, b, 3, h, w))
-        return out, targets
+            images = stacked.reshape(b, v, 3, h, w).transpose(0, 1)
+        return _channels_last_views(images.reshape(v, b, 3, h, w), self.dtype), targets
+
+
+def _channels_last_views(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(V, B, 3, H, W) in `dtype` with channels-last strides (each view a channels-last batch);
+    no copy when x already is."""
+    v, b, c, h, w = x.shape
+    out = torch.empty((v, b, h, w, c), dtype=dtype, device=x.device).permute(0, 1, 4, 2, 3)
+    if x.dtype == dtype and x.stride() == out.stride():
+        return x
+    return out.copy_(x)

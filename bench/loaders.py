@@ -1,0 +1,135 @@
+"""Loader throughput: images/s and views/s for V = 1, 2, 3 augmented views per image.
+
+    python bench/loaders.py [--images 1024] [--repeats 3] [--size 224] [--batch_size 64]
+
+Makes photo-like JPEGs (about 500x375, about 110 KB; convert/synthetic.py), converts them once
+(jpg q90, longer side 256), then times, in this process:
+  ffcv           create_loader('ffcv', ...): decode once per image, V crops (numba threads)
+  ffcv-engine    the same loader's engine stage alone: uint8 views before the device step
+  torch          create_loader('torch', ...): DataLoader + PIL over the same .beton
+  torchvision    the usual baseline: ImageFolder + PIL + DataLoader over the original JPEGs,
+                 decoding each JPEG once and applying the transform V times (multi-crop code)
+Same crops (RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3) and flips, normalised float output,
+the same number of worker threads/processes (all cores), batch 64. Each figure is the median of
+`--repeats` passes after a warm-up pass (which also compiles ffcv's pipeline). The last line is
+`RATIO ffcv/torchvision views/s at 3 views: X.XX`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from convert.imagenet_to_ffcv import main as convert_folder
+from convert.synthetic import make_image_folder
+from pipelines import create_loader
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class MultiCropFolder(ImageFolder):
+    """Decode each JPEG once, apply the transform V times."""
+
+    def __init__(self, root: str, transform, views: int):
+        super().__init__(root)
+        self.view_transform, self.views = transform, views
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        image = self.loader(path)
+        return torch.stack([self.view_transform(image) for _ in range(self.views)]), target
+
+
+def torchvision_loader(root: Path, size: int, views: int, batch: int, workers: int):
+    transform = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return DataLoader(MultiCropFolder(str(root), transform, views), batch_size=batch, shuffle=True,
+                      num_workers=workers, drop_last=True, persistent_workers=True)
+
+
+class EngineStage:
+    """A loader's engine alone: its uint8 views, before the device-side step (normalisation),
+    which on a CPU-only machine shares the same cores."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        return (labels for _, labels in self.loader._raw_batches(self.loader.order()))
+
+
+def timed_passes(loader, repeats: int) -> float:
+    """Median images/s over `repeats` full passes, after one warm-up pass."""
+    rates = []
+    for epoch in range(repeats + 1):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        start, images = time.perf_counter(), 0
+        for batch in loader:
+            if isinstance(batch, dict):
+                batch = batch["labels"]
+            elif isinstance(batch, (list, tuple)):
+                batch = batch[1]
+            images += batch.shape[0]
+        if epoch:  # the first pass is the warm-up
+            rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
+    args = p.parse_args()
+    workers = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "jpegs", "train")
+        make_image_folder(src, classes=8, per_class=args.images // 8)
+        assert convert_folder(["--src", str(src), "--out_dir", str(Path(tmp, "beton")), "--name", "bench",
+                               "--num_workers", str(workers)]) == 0
+        beton = Path(tmp, "beton", "bench_train.beton")
+        print(f"\n{args.images} JPEGs, {args.size} px crops, batch {args.batch_size}, {workers} workers, "
+              f"median of {args.repeats} passes", flush=True)
+        print(f"{'loader':<12} {'views':>5} {'images/s':>9} {'views/s':>9}", flush=True)
+        results = {}
+        for views in args.views:
+            for name in ("ffcv", "ffcv-engine", "torch", "torchvision"):
+                if name == "torchvision":
+                    loader = torchvision_loader(src, args.size, views, args.batch_size, workers)
+                else:
+                    loader = create_loader(name.split("-")[0], beton, train=True, batch_size=args.batch_size,
+                                           img_size=args.size, aug_views=views, num_workers=workers,
+                                           aa=None, reprob=0.0)
+                    if name.endswith("-engine"):
+                        loader = EngineStage(loader)
+                rate = timed_passes(loader, args.repeats)
+                results[name, views] = rate
+                print(f"{name:<12} {views:>5} {rate:>9.0f} {rate * views:>9.0f}", flush=True)
+                del loader
+        for name in ("ffcv", "ffcv-engine"):
+            if (name, 1) in results and (name, 3) in results:
+                print(f"{name} 3-view images/s over its 1-view images/s: "
+                      f"{results[name, 3] / results[name, 1]:.2f}")
+        if ("ffcv", 3) in results:
+            print(f"RATIO ffcv/torchvision views/s at 3 views: "
+                  f"{results['ffcv', 3] / results['torchvision', 3]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
