@@ -9,25 +9,16 @@ test). Classes are the official label numbers 1..102, stored as labels 0..101.
 import sys
 
 import numpy as np
-import scipy.io
 
 from convert.cli import build_parser, run
-from convert.sources import require_files
+from convert.sources import read_mat, require_files
 from convert.writer import ConvertError, Source, Split
 
 SETS = {"train": "trnid", "val": "valid", "test": "tstid"}
 
 
 def _mat_field(path, key):
-    if not path.is_file():
-        raise ConvertError(f"{path}: missing Flowers-102 file")
-    try:
-        mat = scipy.io.loadmat(path)
-    except Exception as err:
-        raise ConvertError(f"{path}: not a MATLAB file ({err})") from None
-    if key not in mat:
-        raise ConvertError(f"{path}: no field {key!r}")
-    return np.asarray(mat[key]).reshape(-1).astype(np.int64)
+    return np.asarray(read_mat(path, (key,), "Flowers-102")[key]).reshape(-1).astype(np.int64)
 
 
 def read_source(args) -> Source:

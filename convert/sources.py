@@ -10,6 +10,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import scipy.io
 
 from convert.writer import ConvertError, Split
 
@@ -81,3 +82,18 @@ def parse_label(value, where: str) -> int:
     if label != float(value):
         raise ConvertError(f"{where}: label {value!r} is not an integer")
     return label
+
+
+def read_mat(path: Path, fields: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """The named fields of a MATLAB file, or a clear error naming the file and the field."""
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing {what} file")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as err:
+        raise ConvertError(f"{path}: not a MATLAB file ({err})") from None
+    missing = [f for f in fields if f not in mat]
+    if missing:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ConvertError(f"{path}: no field {', '.join(map(repr, missing))}; found {found}")
+    return {f: mat[f] for f in fields}

@@ -7,21 +7,14 @@ Label 10 in the .mat files means the digit 0 and becomes label 0. Stored raw at 
 import sys
 
 import numpy as np
-import scipy.io
 
 from convert.cli import build_parser, run
+from convert.sources import read_mat
 from convert.writer import ConvertError, Source, Split
 
 
 def _read(path, split: str) -> Split:
-    if not path.is_file():
-        raise ConvertError(f"{path}: missing SVHN file")
-    try:
-        mat = scipy.io.loadmat(path)
-    except Exception as err:
-        raise ConvertError(f"{path}: not a MATLAB file ({err})") from None
-    if "X" not in mat or "y" not in mat:
-        raise ConvertError(f"{path}: expected fields 'X' and 'y', found {sorted(k for k in mat if not k.startswith('__'))}")
+    mat = read_mat(path, ("X", "y"), "SVHN")
     images, labels = mat["X"], mat["y"].reshape(-1).astype(np.int64)
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
         raise ConvertError(f"{path}: field 'X' should be (32, 32, 3, N) with N = len(y), got {images.shape}")

@@ -158,7 +158,7 @@ class FFCVLoader(ViewLoader):
                              flip=cfg.hflip, crop_pct=cfg.crop_pct)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         self._ffcv = _Loader(
-            str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
+            str(self.path), batch_size=self.batch_size, num_workers=max(1, self.num_workers),
             order=OrderOption.SEQUENTIAL, drop_last=self.train, os_cache=True,
             indices=self.order(), batches_ahead=3,
             pipelines={"image": PipelineSpec("image", decoder=crop, transforms=[ToTensor(), *to_device]),

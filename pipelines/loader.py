@@ -40,13 +40,17 @@ class ViewLoader:
         self.train, self.batch_size, self.img_size, self.views = train, batch_size, img_size, aug_views
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
-        self.num_workers = num_workers or default_workers()
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.config = AugmentConfig.from_kwargs(**augmentation)
+        if train and self.config.mixes and batch_size % 2:
+            raise ValueError(f"mixup/cutmix pair each image with another: batch_size must be even, "
+                             f"got {batch_size}")
         self.transform = DeviceAugment(self.config, train=train, mean=self.info.mean,
                                        std=self.info.std, num_classes=self.info.num_classes,
                                        device=self.device, dtype=dtype)
         self.epoch = 0
-        len(self)  # a shard too small for one batch is an error now, not at the first epoch
+        if train:  # a shard too small for one batch is an error now, not at the first epoch
+            self.order(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle: the train order depends on (seed, epoch). Eval order never changes."""
@@ -58,9 +62,7 @@ class ViewLoader:
                            epoch=self.epoch if epoch is None else epoch)
 
     def __len__(self) -> int:
-        if self.train:
-            return len(self.order(0)) // self.batch_size
-        return num_batches(self.info.num_samples, train=False, batch_size=self.batch_size,
+        return num_batches(self.info.num_samples, train=self.train, batch_size=self.batch_size,
                            rank=self.rank, world_size=self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -13,7 +13,6 @@ Random draws happen on the host (a few numbers per image), so the device never w
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
