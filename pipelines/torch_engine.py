@@ -74,7 +74,9 @@ class TorchLoader(ViewLoader):
         self._loader = DataLoader(
             _Views(self.beton, self.views, transform), batch_size=self.batch_size,
             sampler=self._sampler, drop_last=self.train, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+            # new workers every epoch: their random streams then follow the (seed, epoch) state
+            # of the main process, so a resumed run repeats the uninterrupted one
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order

@@ -1,0 +1,163 @@
+"""One typed training configuration: the command line is built from it, a run saves it as
+`config.json`, and every checkpoint carries it.
+
+Flag names follow the published MAE / SSAT / FGCR scripts where they exist (`--blr`,
+`--nb_classes`, `--lambda_weight`, `--sim_beta`, `--views`, ...). A YAML or JSON file given with
+`--config` sets values; flags on the command line override it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+METHODS = ("ssat", "fgcr", "scratch")
+PIPELINES = ("ffcv", "torch")
+AMP = ("bf16", "fp16", "none")
+
+
+def _flag(help: str, default: Any = None, **extra) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_path: str = _flag("dataset name (digits, c10, pmnist, imagenet, ...) resolved to "
+                           "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them", "digits")
+    data_dir: str = _flag("folder of converted datasets", "data")
+    nb_classes: int | None = _flag("class count; taken from the metadata (a different value is an error)")
+    pipeline: str | None = _flag("loader engine: ffcv or torch (default: ffcv when installed)",
+                                 choices=PIPELINES)
+    num_workers: int | None = _flag("loader threads/processes (default: all cores)")
+    # model and method
+    model: str = _flag("model name (ssat.models.list_models())", "mae_vit_tiny")
+    method: str | None = _flag("ssat, fgcr or scratch (default: scratch for vit_*, else ssat, or "
+                               "fgcr with --mask_views > 1)", choices=METHODS)
+    img_size: int = _flag("input resolution", 224)
+    patch_size: int = _flag("patch size", 16)
+    mask_ratio: float = _flag("fraction of patches masked in each view", 0.75)
+    mask_views: int = _flag("r: disjoint mask views per image (FGCR; 1 = SSAT)", 1, aliases=("--views",))
+    aug_views: int = _flag("V: independently augmented crops per image, decoded once", 1)
+    norm_pix_loss: bool = _flag("reconstruct per-patch normalised pixels", False)
+    lambda_weight: float = _flag("lam: weight of the classification loss", 0.1)
+    sim_beta: float = _flag("beta: weight of the FGCR consistency loss", 0.001)
+    drop_path: float = _flag("stochastic depth rate of the encoder", 0.0)
+    # optimisation
+    epochs: int = _flag("training epochs", 100)
+    batch_size: int = _flag("images per device per step", 64)
+    blr: float = _flag("base learning rate: lr = blr * global batch / 256", 1e-3)
+    lr: float | None = _flag("absolute learning rate (overrides --blr)")
+    min_lr: float = _flag("final learning rate of the cosine schedule", 1e-6)
+    warmup_epochs: float = _flag("linear warmup, in epochs (per step)", 5.0)
+    weight_decay: float = _flag("AdamW weight decay (not on biases and norms)", 0.05)
+    smoothing: float = _flag("label smoothing", 0.1)
+    mixup: float | None = _flag("mixup alpha (default: 0.8 for scratch, else 0)")
+    cutmix: float | None = _flag("cutmix alpha (default: 1.0 for scratch, else 0)")
+    min_scale: float = _flag("smallest crop area of RandomResizedCrop (fraction of the image)", 0.08)
+    aa: str = _flag("RandAugment config, or 'none'", "rand-m9-mstd0.5-inc1")
+    reprob: float = _flag("random erasing probability", 0.25)
+    amp: str | None = _flag("autocast dtype: bf16, fp16 or none (default: bf16 on CUDA, none on CPU)",
+                            choices=AMP)
+    compile: bool | None = _flag("torch.compile the model (default: on with CUDA)")
+    # run
+    output_dir: str = _flag("where config.json, log.jsonl and checkpoints go", "output")
+    resume: str = _flag("checkpoint to continue from, or 'auto' for <output_dir>/checkpoint-last.pth", "")
+    finetune: str = _flag("initialise from an MAE / timm / ssat checkpoint", "")
+    eval: bool = _flag("only evaluate (with --resume) and print the result as JSON", False)
+    seed: int = _flag("random seed", 0)
+    stop_after: int | None = _flag("end this invocation after this many epochs in all (the schedule "
+                                   "still spans --epochs; --resume auto continues)")
+    save_every: int = _flag("also keep checkpoint-<epoch>.pth every N epochs (0: never)", 0)
+    log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
+    config: str = _flag("YAML or JSON file of these settings; command-line flags override it", "")
+
+    def resolve(self, *, cuda: bool) -> "TrainConfig":
+        """Fill the defaults that depend on other settings, and check the combination."""
+        scratch_model = self.model.startswith("vit_")
+        if self.method is None:
+            self.method = "scratch" if scratch_model else ("fgcr" if self.mask_views > 1 else "ssat")
+        if self.method == "scratch" and not scratch_model:
+            raise ValueError(f"--method scratch trains an encoder alone: use --model "
+                             f"{self.model.removeprefix('mae_')}, not {self.model}")
+        if self.method != "scratch" and scratch_model:
+            raise ValueError(f"--method {self.method} needs a decoder: use --model mae_{self.model}")
+        if self.method == "ssat" and self.mask_views != 1:
+            raise ValueError(f"--method ssat uses one mask view; got --mask_views {self.mask_views} (use fgcr)")
+        if self.method == "fgcr" and self.mask_views < 2:
+            raise ValueError("--method fgcr needs --mask_views (--views) of 2 or more")
+        if self.mixup is None:
+            self.mixup = 0.8 if self.method == "scratch" else 0.0
+        if self.cutmix is None:
+            self.cutmix = 1.0 if self.method == "scratch" else 0.0
+        if self.amp is None:
+            self.amp = "bf16" if cuda else "none"
+        if self.compile is None:
+            self.compile = cuda
+        if self.pipeline is None:
+            try:
+                import ffcv  # noqa: F401
+
+                self.pipeline = "ffcv"
+            except ImportError:
+                self.pipeline = "torch"
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The run `python train.py` makes with no arguments: small, real, minutes on a laptop CPU.
+EMBEDDED_DEFAULT = dict(data_path="digits", model="mae_vit_tiny", img_size=32, patch_size=4,
+                        epochs=10, warmup_epochs=1, batch_size=64, blr=5e-3, output_dir="output/demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a ViT with the SSAT / FGCR auxiliary task, or the scratch baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        kwargs = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind in (bool, bool | None):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded default."""
+    parser = build_parser()
+    if argv is not None and len(argv) == 0:
+        parser.set_defaults(**EMBEDDED_DEFAULT)
+    first = parser.parse_args(argv)
+    if first.config:
+        parser.set_defaults(**load_file(first.config))
+    return TrainConfig(**vars(parser.parse_args(argv)))

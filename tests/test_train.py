@@ -1,0 +1,190 @@
+"""The trainer end to end on a small .beton: every method with both engines, resume, kill -9,
+eval, torchrun, compile, a non-finite loss, and the errors a user meets first."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from convert.digits_to_ffcv import main as convert_digits
+from ssat.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--img_size", "16", "--patch_size", "4", "--batch_size", "32", "--warmup_epochs", "0.5",
+         "--blr", "4e-3", "--log_interval", "2", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Digits, 320 scans per split (10 steps of 32)."""
+    out = tmp_path_factory.mktemp("train_data")
+    assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
+    return out
+
+
+def _args(data: Path, out: Path, *extra) -> list[str]:
+    return ["--data_path", "digits", "--data_dir", str(data), "--output_dir", str(out), *SMALL, *map(str, extra)]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+METHODS = {
+    "ssat": ["--model", "mae_vit_tiny"],
+    "fgcr2": ["--model", "mae_vit_tiny", "--views", "2"],
+    "fgcr3": ["--model", "mae_vit_tiny", "--views", "3", "--aug_views", "2"],
+    "scratch": ["--model", "vit_tiny"],
+}
+
+
+@pytest.mark.parametrize("pipeline", ["torch", "ffcv"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trains_and_logs(tmp_path, data, method, pipeline):
+    out = tmp_path / "run"
+    assert train.main(_args(data, out, "--epochs", 3, "--pipeline", pipeline, *METHODS[method])) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method.rstrip("23") and config["pipeline"] == pipeline
+    records = _log(out)
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for r in epochs:
+        assert {"lr", "loss", "cls", "rec", "fgc", "train_images_per_s", "data_wait", "val_acc1",
+                "val_acc5", "val_loss", "best_acc1", "epoch_seconds", "peak_memory_mb"} <= set(r)
+        assert r["val_num_samples"] == 320 and 0 <= r["data_wait"] <= 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    first, last = sum(r["loss"] for r in steps[:2]) / 2, sum(r["loss"] for r in steps[-2:]) / 2
+    assert last < first, (first, last)
+    if method.startswith("fgcr"):
+        assert all(r["fgc"] > 0 for r in steps)
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt["config"]["model"] == config["model"]
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 2
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
+    common = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 4]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(_args(data, straight, *common)) == 0
+    assert train.main(_args(data, split, "--model", "mae_vit_tiny", "--pipeline", "torch",
+                            "--epochs", 4, "--stop_after", 2)) == 0
+    assert load_checkpoint(split / "checkpoint-last.pth")["epoch"] == 1
+    assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
+    a = load_checkpoint(straight / "checkpoint-last.pth")
+    b = load_checkpoint(split / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_killed_run_finishes_when_rerun(tmp_path, data):
+    out = tmp_path / "run"
+    command = [sys.executable, "train.py", *_args(data, out, "--pipeline", "torch", "--model", "vit_tiny",
+                                                  "--epochs", 3, "--resume", "auto")]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").exists() or '"epoch": 1, "step": 14' not in (out / "log.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "the first run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through epoch 1
+    proc.wait()
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 2
+    assert [r["epoch"] for r in _log(out) if r["type"] == "epoch"] == [0, 1, 2]
+
+
+def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(data, out, "--pipeline", "ffcv", "--model", "mae_vit_tiny", "--epochs", 2)) == 0
+    logged = [r for r in _log(out) if r["type"] == "epoch"][-1]
+    capsys.readouterr()
+    assert train.main(_args(data, tmp_path / "eval", "--pipeline", "ffcv", "--model", "mae_vit_tiny", "--eval",
+                            "--resume", out / "checkpoint-last.pth")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
+    assert result["num_samples"] == 320
+    assert result["acc1"] == pytest.approx(logged["val_acc1"])
+    assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+def test_torchrun_two_processes(tmp_path, data):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train.py", *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
+    assert epoch["val_num_samples"] == 320  # every sample once across the two ranks
+    assert epoch["step"] == (320 // 2) // 32  # each rank read half of the epoch
+
+
+def test_compiled_model_trains_an_epoch(tmp_path, data):
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "vit_tiny", "--epochs", 1,
+                            "--compile")) == 0
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    ckpt = load_checkpoint(out / "checkpoint-last.pth")
+    assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 3)
+    assert train.main(args[:] + ["--stop_after", "1"]) == 0
+    good = hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest()
+    real = train.ssat_objective
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        losses = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "ssat_objective", poisoned)
+    capsys.readouterr()
+    assert train.main(args + ["--resume", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 13" in err  # 10 steps in epoch 0, then the 4th of epoch 1
+    assert hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest() == good
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nb_classes", "7"], "--nb_classes 7 disagrees with the 10 classes"),
+    (["--data_path", "nosuch"], "dataset 'nosuch' not found"),
+    (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
+    (["--model", "vit_tiny", "--method", "ssat"], "needs a decoder"),
+    (["--model", "mae_vit_tiny", "--views", "9"], "r=9, k=4, L=16"),
+])
+def test_clear_errors(tmp_path, data, capsys, extra, message):
+    argv = _args(data, tmp_path / "run", "--pipeline", "torch", "--epochs", 1) + extra
+    assert train.main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_and_flags(tmp_path, data):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: mae_vit_tiny\nmask_views: 2\nepochs: 7\nsmoothing: 0.2\n")
+    from ssat.config import parse_config
+
+    parsed = parse_config(["--config", str(cfg), "--epochs", "1", "--views", "3"])
+    assert (parsed.model, parsed.mask_views, parsed.epochs, parsed.smoothing) == ("mae_vit_tiny", 3, 1, 0.2)
+    assert parsed.resolve(cuda=False).method == "fgcr" and parsed.mixup == 0.0
+    assert parse_config(["--model", "vit_small"]).resolve(cuda=False).mixup == 0.8
+    default = parse_config([])
+    assert (default.data_path, default.img_size, default.patch_size) == ("digits", 32, 4)
+    (tmp_path / "bad.json").write_text(json.dumps({"epoch": 3}))
+    with pytest.raises(ValueError, match="unknown setting"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+    assert os.environ.get("RANK") is None  # in-process runs stay single-process
