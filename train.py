@@ -113,10 +113,12 @@ class RunLog:
     """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
     progress bar; rank 0 only."""
 
-    def __init__(self, out: Path, d: distributed.Dist):
+    def __init__(self, out: Path, d: distributed.Dist, fresh: bool):
         self.active = d.main
         self.path = out / "log.jsonl"
         self.board = None
+        if self.active and fresh:  # a new run starts a new log; a resumed one appends
+            self.path.unlink(missing_ok=True)
         if self.active:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -250,7 +252,10 @@ def build_state(cfg: TrainConfig, d: distributed.Dist, num_classes: int, steps_p
     if model.has_decoder:
         check_views(cfg.mask_views, model.num_visible, model.num_patches)
     if cfg.finetune:
-        result = load_pretrained(model, cfg.finetune)
+        try:
+            result = load_pretrained(model, cfg.finetune)
+        except RuntimeError as err:
+            raise TrainError(f"cannot initialise from {cfg.finetune}: {err}") from err
         print0(d, f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} keys, "
                   f"unused {len(result.unexpected_keys)}, head reset: {result.head_reset}")
     model = model.to(d.device, memory_format=torch.channels_last)
@@ -275,8 +280,11 @@ def resume(cfg: TrainConfig, state: dict, d: distributed.Dist) -> None:
     if cfg.resume == "auto" and not path.exists():
         print0(d, f"no checkpoint in {cfg.output_dir}: starting afresh")
         return
-    ckpt = load_checkpoint(path, map_location=d.device)
-    state["model"].load_state_dict(ckpt["model"])
+    try:
+        ckpt = load_checkpoint(path, map_location=d.device)
+        state["model"].load_state_dict(ckpt["model"])
+    except RuntimeError as err:  # unreadable file, or weights of another model
+        raise TrainError(f"cannot resume from {path}: {err}") from err
     if not cfg.eval:
         if ckpt.get("optimizer") is None:
             raise TrainError(f"{path}: no optimizer state to resume from (use --finetune to "
@@ -329,10 +337,10 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> int:
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
-        print(json.dumps({"eval": evaluate(state["model"], val_loader, cfg, d)}), flush=True) if d.main \
-            else evaluate(state["model"], val_loader, cfg, d)
+        result = evaluate(state["model"], val_loader, cfg, d)
+        print0(d, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
-    log, began, result = RunLog(out, d), time.perf_counter(), None
+    log, began, result = RunLog(out, d, fresh=state["epoch"] == 0), time.perf_counter(), None
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     for epoch in range(state["epoch"], last):
         seed_everything(cfg.seed, d.rank, epoch)
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     d = distributed.setup()
     try:
         return run(parse_config(argv), d)
-    except (TrainError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (TrainError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
