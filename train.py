@@ -21,7 +21,6 @@ Re-running the same command with `--resume auto` after a crash or a preemption c
 from __future__ import annotations
 
 import json
-import math
 import random
 import resource
 import sys

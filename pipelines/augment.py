@@ -55,7 +55,7 @@ class DeviceAugment:
 
     def __init__(self, config: AugmentConfig, *, train: bool, mean, std, num_classes: int,
                  device: torch.device, dtype: torch.dtype):
-        self.config, self.train, self.dtype = config, train, dtype
+        self.dtype = dtype
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / std_t, -mean_t / std_t  # (x - mean) / std = x * scale + shift
