@@ -9,8 +9,9 @@
             batch["labels"]   # (B,) int64
             batch["indices"]  # (B,) sample indices in the file
 
-Engines: `ffcv` (numba CPU threads, decode once per image), `torch` (DataLoader + PIL; needs
-neither ffcv nor DALI). Every engine shares the sharding (`sampling.py`) and the device-side
+Engines: `ffcv` (numba CPU threads, decode once per image), `dali` (nvJPEG on the GPU, or
+DALI's CPU threads; also reads a plain ImageFolder: pass the folder as `path`), `torch`
+(DataLoader + PIL; needs neither ffcv nor DALI). Every engine shares the sharding (`sampling.py`) and the device-side
 augmentation (`augment.py`). Augmentation options are `AugmentConfig`'s fields.
 """
 from __future__ import annotations
@@ -19,16 +20,19 @@ from pipelines.augment import AugmentConfig
 from pipelines.dataset import DatasetError, DatasetInfo, open_dataset
 from pipelines.loader import ViewLoader
 
-ENGINES = ("ffcv", "torch")
+ENGINES = ("ffcv", "dali", "torch")
 
 
 def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: int,
                   aug_views: int = 1, device="cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_workers: int | None = None, dtype=None,
                   **augmentation) -> ViewLoader:
-    """A loader of `kind` over the .beton at `path` (its metadata beside it)."""
+    """A loader of `kind` over the .beton at `path` (its metadata beside it), or, for `dali`,
+    over the ImageFolder at `path`."""
     if kind == "ffcv":
         from pipelines.ffcv_engine import FFCVLoader as engine
+    elif kind == "dali":
+        from pipelines.dali_engine import DALILoader as engine
     elif kind == "torch":
         from pipelines.torch_engine import TorchLoader as engine
     else:

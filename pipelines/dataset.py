@@ -4,6 +4,10 @@
 alone and memory-maps the file, so the PyTorch and DALI engines need no ffcv. The checks at
 open time turn a missing, truncated or foreign file, or metadata that disagrees with the file,
 into one clear error naming the path, instead of a crash or a hang inside a loader.
+
+`ImageFolder` is the other source the DALI engine reads: a folder of class folders, listed as
+the converters list it (so its sample i is sample i of the `.beton` converted from it), with
+ImageNet's channel statistics, since no metadata comes with it.
 """
 from __future__ import annotations
 
@@ -31,12 +35,20 @@ class DatasetError(Exception):
     """A stored dataset that cannot be read as written by `convert/`; the message names it."""
 
 
+# timm's IMAGENET_DEFAULT_MEAN / _STD on the 0-255 scale: the statistics of an unconverted folder.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
 class BetonFile:
     """The sample table of a .beton and its bytes, memory-mapped. Picklable: worker processes
     re-open the file instead of copying it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DatasetError(f"{self.path}: a folder, not a .beton file (only the dali engine reads "
+                               f"image folders; convert it with convert/imagenet_to_ffcv.py)")
         if not self.path.is_file():
             raise DatasetError(f"{self.path}: no such dataset file")
         size = self.path.stat().st_size
@@ -156,3 +168,42 @@ def open_dataset(path: str | Path) -> tuple[BetonFile, DatasetInfo]:
                        beton.num_samples, int(meta["num_classes"]), tuple(meta["class_names"]),
                        tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]))
     return beton, info
+
+
+class ImageFolder:
+    """`root/<class>/<image>`: files and labels in the converters' order (sorted, as torchvision)."""
+
+    def __init__(self, root: str | Path):
+        from convert.sources import image_folder
+        from convert.writer import ConvertError
+
+        self.path = Path(root)
+        try:
+            split, self.class_names = image_folder(self.path, self.path.name)
+        except ConvertError as err:
+            raise DatasetError(str(err)) from None
+        self.files = [str(f) for f in split.files]
+        self.labels = split.labels
+        self.num_samples = len(self.files)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def decode(self, i: int) -> np.ndarray:
+        """Sample i as an (H, W, 3) uint8 RGB array, or an error naming the file and the index."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as img:
+                return np.asarray(img.convert("RGB"))
+        except Exception as err:  # noqa: BLE001 - any decoder failure is the file's
+            raise DatasetError(f"{self.files[i]}: sample {i} of {self.path} does not decode "
+                               f"({err})") from None
+
+
+def open_image_folder(root: str | Path) -> tuple[ImageFolder, DatasetInfo]:
+    folder = ImageFolder(root)
+    info = DatasetInfo(folder.path, folder.path.parent.name or folder.path.name, folder.path.name,
+                       folder.num_samples, len(folder.class_names), tuple(folder.class_names),
+                       IMAGENET_MEAN, IMAGENET_STD)
+    return folder, info

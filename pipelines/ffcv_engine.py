@@ -178,7 +178,7 @@ class FFCVLoader(ViewLoader):
         """Name the sample behind an error in ffcv's thread, by decoding the failed batch."""
         for index in batch if batch is not None else ():
             try:
-                self.beton.decode(int(index))
+                self.source.decode(int(index))
             except DatasetError as bad:
                 return bad
         return DatasetError(f"{self.path}: ffcv failed while reading samples "

@@ -31,7 +31,7 @@ class ViewLoader:
     def __init__(self, path, *, train: bool, batch_size: int, img_size: int, aug_views: int = 1,
                  device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int | None = None, dtype: torch.dtype = torch.float32, **augmentation):
-        self.beton, self.info = open_dataset(path)
+        self.source, self.info = self._open(path)
         self.path = self.info.path
         if aug_views < 1 or (not train and aug_views != 1):
             raise ValueError(f"aug_views must be >= 1 for training and 1 for eval, got {aug_views}")
@@ -51,6 +51,10 @@ class ViewLoader:
         self.epoch = 0
         if train:  # a shard too small for one batch is an error now, not at the first epoch
             self.order(0)
+
+    def _open(self, path):
+        """The engine's view of the dataset at `path`, and its `DatasetInfo`."""
+        return open_dataset(path)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle: the train order depends on (seed, epoch). Eval order never changes."""

@@ -72,7 +72,7 @@ class TorchLoader(ViewLoader):
                                    T.CenterCrop(self.img_size)])
         self._sampler = _Order()
         self._loader = DataLoader(
-            _Views(self.beton, self.views, transform), batch_size=self.batch_size,
+            _Views(self.source, self.views, transform), batch_size=self.batch_size,
             sampler=self._sampler, drop_last=self.train, num_workers=self.num_workers,
             # new workers every epoch: their random streams then follow the (seed, epoch) state
             # of the main process, so a resumed run repeats the uninterrupted one

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import fabricate
 from convert.digits_to_ffcv import main as convert_digits
 from convert.imagenet_to_ffcv import main as convert_folders
 from convert.synthetic import make_image_folder
@@ -25,7 +26,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     assert convert_folders(["--src", str(root / "photos"), "--out_dir", str(root / "out"),
                             "--name", "photos", "--max_resolution", "96", "--num_workers", "2"]) == 0
     assert convert_digits(["--out_dir", str(root / "out"), "--num_workers", "2"]) == 0
-    return {"photos": root / "out" / "photos_train.beton",
+    return {"photos": root / "out" / "photos_train.beton", "photos_folder": root / "photos" / "train",
             "digits": root / "out" / "digits_train.beton",
             "digits_test": root / "out" / "digits_test.beton"}
 
@@ -130,7 +131,24 @@ def test_engines_agree_on_order_and_labels(data):
                                num_workers=1, seed=3, **NO_AUG)
         loader.set_epoch(2)
         orders[engine] = [(b["indices"].tolist(), b["labels"].tolist()) for b in loader]
-    assert orders["ffcv"] == orders["torch"]
+    assert orders["ffcv"] == orders["torch"] == orders["dali"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_epochs_after_the_first_have_every_batch(data, engine):
+    """Two epochs in a row, train and eval, each with its full batch count and a new order."""
+    train = create_loader(engine, data["digits"], train=True, batch_size=100, img_size=8,
+                          num_workers=1, **NO_AUG)
+    evaluate = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=8,
+                             num_workers=1)
+    orders, counts = [], []
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        orders.append([i for b in _epoch(train) for i in b["indices"].tolist()])
+        evaluated = [i for b in _epoch(evaluate) for i in b["indices"].tolist()]
+        counts.append((len(orders[-1]), sorted(evaluated)))
+    assert counts[0] == counts[1] == (13 * 100, list(range(450)))
+    assert orders[0] != orders[1]
 
 
 # ------------------------------------------------------------------ device augmentation
@@ -251,3 +269,121 @@ def test_corrupt_jpeg_sample_names_file_and_index(tmp_path, data, engine):
     error = _iterate_with_deadline(loader)
     assert isinstance(error, DatasetError), error
     assert path.name in str(error) and f"sample {bad}" in str(error)
+
+
+# ------------------------------------------------------------------- DALI's own sources
+def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
+    fabricate.image_folder(tmp_path / "src", {"train": 10}, classes=3)  # 40x32 photos
+    assert convert_folders(["--src", str(tmp_path / "src"), "--out_dir", str(tmp_path), "--name", "mixed",
+                            "--write_mode", "proportion", "--compress_probability", "0.5",
+                            "--num_workers", "1"]) == 0
+    path = tmp_path / "mixed_train.beton"
+    beton = BetonFile(path)
+    assert beton.storage_modes == {"jpg", "raw"}
+    views = {}
+    for engine in ("dali", "torch"):  # at the stored height: a centre crop, no resampling
+        loader = create_loader(engine, path, train=False, batch_size=16, img_size=32, crop_pct=1.0,
+                               num_workers=1)
+        views[engine] = torch.cat([b["views"][0] for b in _epoch(loader)])
+    assert views["dali"].shape == (30, 3, 32, 32)
+    error = (views["dali"] - views["torch"]).abs().mean(dim=(1, 2, 3))
+    raw = torch.from_numpy(beton.images["mode"] == 1)
+    assert (error[raw] == 0).all()  # raw pixels arrive untouched
+    assert (error[~raw] < 0.02).all()  # two JPEG decoders: a grey level here and there
+
+
+def test_dali_image_folder_contract(data):
+    folder = BetonFile(data["photos"])  # converted from the same folder, in the same order
+    loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=32,
+                           aug_views=2, num_workers=2)
+    assert loader.info.num_samples == 60 and loader.info.num_classes == 3
+    assert loader.info.class_names == ("class_00", "class_01", "class_02")
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 7
+    seen = []
+    for batch in batches:
+        assert batch["views"].shape == (2, 8, 3, 32, 32)
+        assert all(batch["views"][v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
+        assert np.array_equal(batch["labels"].numpy(), folder.labels[batch["indices"].numpy()])
+        seen += batch["indices"].tolist()
+    assert len(set(seen)) == 56
+
+
+def test_dali_image_folder_and_its_beton_give_the_same_samples(data):
+    """Sample i of the folder is sample i of the .beton converted from it: same label, same
+    picture (the .beton's copy was shrunk to 96 px and re-encoded, so compare 8x8 blocks)."""
+    pixels = {}
+    for source in ("photos_folder", "photos"):
+        loader = create_loader("dali", data[source], train=False, batch_size=16, img_size=64,
+                               num_workers=1)
+        batches = _epoch(loader)
+        mean = torch.tensor(loader.info.mean).view(1, 3, 1, 1)
+        std = torch.tensor(loader.info.std).view(1, 3, 1, 1)
+        pixels[source] = (torch.cat([b["views"][0] for b in batches]) * std + mean,
+                          torch.cat([b["labels"] for b in batches]),
+                          torch.cat([b["indices"] for b in batches]))
+    (a, labels_a, idx_a), (b, labels_b, idx_b) = pixels["photos_folder"], pixels["photos"]
+    assert torch.equal(idx_a, torch.arange(60)) and torch.equal(idx_b, torch.arange(60))
+    assert torch.equal(labels_a, labels_b)
+    blocks = torch.nn.functional.avg_pool2d((a - b), 8)
+    assert blocks.abs().mean() < 4.0  # grey levels
+    assert (a[:30] - b[30:]).abs().mean() > 30  # while different pictures are far apart
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_dali_image_folder_eval_covers_every_sample_once(data, world_size):
+    seen = []
+    for rank in range(world_size):
+        loader = create_loader("dali", data["photos_folder"], train=False, batch_size=8, img_size=32,
+                               rank=rank, world_size=world_size, num_workers=1)
+        batches = _epoch(loader)
+        assert len(batches) == len(loader)
+        seen += [i for b in batches for i in b["indices"].tolist()]
+    assert sorted(seen) == list(range(60))
+
+
+def test_dali_image_folder_shards_and_epochs(data):
+    def indices(rank, epoch):
+        loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=16,
+                               rank=rank, world_size=2, num_workers=1, **NO_AUG)
+        loader.set_epoch(epoch)
+        first = [i for b in _epoch(loader) for i in b["indices"].tolist()]
+        assert [i for b in _epoch(loader) for i in b["indices"].tolist()] == first  # same epoch
+        return first
+
+    rank0, rank1 = indices(0, 0), indices(1, 0)
+    assert len(rank0) == len(rank1) == 24 and not set(rank0) & set(rank1)
+    assert indices(0, 1) != rank0 and indices(0, 0) == rank0
+
+
+def test_dali_image_folder_corrupt_file_is_named(data, tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(data["photos_folder"], folder)
+    bad = sorted(folder.glob("*/*"))[37]
+    bad.write_bytes(bad.read_bytes()[:2] + bytes(3000))
+    loader = create_loader("dali", folder, train=False, batch_size=8, img_size=32, num_workers=1)
+    error = _iterate_with_deadline(loader)
+    assert isinstance(error, DatasetError), error
+    assert str(bad) in str(error) and "sample 37" in str(error)
+
+
+def test_folders_need_the_dali_engine(data):
+    with pytest.raises(DatasetError, match="only the dali engine reads image folders"):
+        create_loader("torch", data["photos_folder"], train=False, batch_size=8, img_size=32)
+
+
+@pytest.mark.gpu
+def test_dali_decodes_on_the_gpu(data):
+    """`mixed` decoding (nvJPEG) gives the CPU decoder's eval views, on the GPU."""
+    views = {}
+    for device in ("cpu", "cuda"):
+        loader = create_loader("dali", data["photos"], train=False, batch_size=16, img_size=64,
+                               device=device, num_workers=2)
+        batches = _epoch(loader)
+        assert batches[0]["views"].device.type == device
+        views[device] = torch.cat([b["views"][0].cpu() for b in batches])
+    assert (views["cuda"] - views["cpu"]).abs().mean() < 0.05
+    train = create_loader("dali", data["photos"], train=True, batch_size=16, img_size=32, aug_views=3,
+                          device="cuda", num_workers=2)
+    batch = next(iter(train))
+    assert batch["views"].shape == (3, 16, 3, 32, 32) and batch["views"].is_cuda
