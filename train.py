@@ -15,6 +15,9 @@ Several GPUs, one node or several (DistributedDataParallel; gloo on CPU):
     torchrun --nproc_per_node=8 train.py --pipeline ffcv --data_path imagenet --model mae_vit_base ...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
+JPEG decoding on the GPUs (DALI), from a .beton or straight from an ImageNet-style folder:
+    torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet --model mae_vit_base ...
+
 Re-running the same command with `--resume auto` after a crash or a preemption continues from
 `<output_dir>/checkpoint-last.pth`.
 """
@@ -66,9 +69,18 @@ def seed_everything(seed: int, rank: int, epoch: int) -> None:
 
 # ------------------------------------------------------------------------------ data
 def find_dataset(cfg: TrainConfig, d: distributed.Dist) -> tuple[Path, Path]:
-    """--data_path (a name in --data_dir, or a folder) -> the train and val/test .beton files.
+    """--data_path (a name in --data_dir, or a folder) -> the train and val/test .beton files,
+    or, for the dali pipeline, an image folder's train/ and val/ (or test/) class folders.
     The bundled digits are converted on first use."""
     given = Path(cfg.data_path)
+    if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
+        if cfg.pipeline != "dali":
+            raise TrainError(f"{given}: an image folder (train/ holds class folders): read it with "
+                             f"--pipeline dali, or convert it first with convert/imagenet_to_ffcv.py")
+        val = next((given / s for s in ("val", "test") if (given / s).is_dir()), None)
+        if val is None:
+            raise TrainError(f"{given}: image folder with train/ but neither val/ nor test/")
+        return given / "train", val
     if given.is_dir():
         found = sorted(given.glob("*_train.beton"))
         if len(found) != 1:
@@ -329,6 +341,9 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> int:
     seed_everything(cfg.seed, d.rank, 0)
     train_loader, val_loader = build_loaders(cfg, d, *find_dataset(cfg, d))
     classes = train_loader.info.num_classes
+    if val_loader.info.class_names != train_loader.info.class_names:
+        raise TrainError(f"{val_loader.path} and {train_loader.path} name different classes "
+                         f"({val_loader.info.num_classes} and {classes}); labels would not match")
     if cfg.nb_classes is not None and cfg.nb_classes != classes:
         raise TrainError(f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
                          f"{train_loader.path.with_suffix('.json')}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 METHODS = ("ssat", "fgcr", "scratch")
-PIPELINES = ("ffcv", "torch")
+PIPELINES = ("ffcv", "dali", "torch")
 AMP = ("bf16", "fp16", "none")
 
 
@@ -27,10 +27,12 @@ def _flag(help: str, default: Any = None, **extra) -> Any:
 class TrainConfig:
     # data
     data_path: str = _flag("dataset name (digits, c10, pmnist, imagenet, ...) resolved to "
-                           "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them", "digits")
+                           "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them (with --pipeline "
+                           "dali also an image folder with train/ and val/ class folders)", "digits")
     data_dir: str = _flag("folder of converted datasets", "data")
     nb_classes: int | None = _flag("class count; taken from the metadata (a different value is an error)")
-    pipeline: str | None = _flag("loader engine: ffcv or torch (default: ffcv when installed)",
+    pipeline: str | None = _flag("loader engine: ffcv, dali (GPU JPEG decoding) or torch "
+                                 "(default: ffcv when installed)",
                                  choices=PIPELINES)
     num_workers: int | None = _flag("loader threads/processes (default: all cores)")
     # model and method

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fabricate
 import train
 from convert.digits_to_ffcv import main as convert_digits
 from ssat.checkpoint import load_checkpoint
@@ -188,3 +189,27 @@ def test_config_file_and_flags(tmp_path, data):
     with pytest.raises(ValueError, match="unknown setting"):
         parse_config(["--config", str(tmp_path / "bad.json")])
     assert os.environ.get("RANK") is None  # in-process runs stay single-process
+
+
+@pytest.mark.parametrize("source", ["beton", "folder"])
+def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
+    """DALI's CPU decoder, from the .beton files or from an image folder with train/ and val/."""
+    if source == "folder":
+        fabricate.image_folder(tmp_path / "folder", {"train": 32, "val": 8}, classes=4)
+        args = ["--data_path", str(tmp_path / "folder"), "--output_dir", str(tmp_path / "run"), *SMALL]
+    else:
+        args = _args(data, tmp_path / "run")
+    assert train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
+    epochs = [r for r in _log(tmp_path / "run") if r["type"] == "epoch"]
+    steps = [r for r in _log(tmp_path / "run") if r["type"] == "step"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert all(r["val_num_samples"] == (32 if source == "folder" else 320) for r in epochs)
+    assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])
+    assert (tmp_path / "run" / "checkpoint-best.pth").is_file()
+
+
+def test_image_folders_need_dali(tmp_path, capsys):
+    fabricate.image_folder(tmp_path / "folder", {"train": 2, "val": 1}, classes=2)
+    assert train.main(["--data_path", str(tmp_path / "folder"), "--pipeline", "torch",
+                       "--output_dir", str(tmp_path / "run"), *SMALL]) != 0
+    assert "read it with --pipeline dali" in capsys.readouterr().err
