@@ -6,13 +6,16 @@ Makes photo-like JPEGs (about 500x375, about 110 KB; convert/synthetic.py), conv
 (jpg q90, longer side 256), then times, in this process:
   ffcv           create_loader('ffcv', ...): decode once per image, V crops (numba threads)
   ffcv-engine    the same loader's engine stage alone: uint8 views before the device step
+  dali           create_loader('dali', ...) over the same .beton (DALI's CPU decoder here,
+                 nvJPEG on a GPU): parallel external source, decode once, V crops
+  dali-folder    create_loader('dali', ...) over the original JPEG folder (fn.readers.file)
   torch          create_loader('torch', ...): DataLoader + PIL over the same .beton
   torchvision    the usual baseline: ImageFolder + PIL + DataLoader over the original JPEGs,
                  decoding each JPEG once and applying the transform V times (multi-crop code)
 Same crops (RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3) and flips, normalised float output,
 the same number of worker threads/processes (all cores), batch 64. Each figure is the median of
 `--repeats` passes after a warm-up pass (which also compiles ffcv's pipeline). The last line is
-`RATIO ffcv/torchvision views/s at 3 views: X.XX`.
+`RATIO ffcv/torchvision views/s at 3 views: X.XX`. `--loaders` picks rows.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from convert.synthetic import make_image_folder
 from pipelines import create_loader
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LOADERS = ("ffcv", "ffcv-engine", "dali", "dali-folder", "torch", "torchvision")
 
 
 class MultiCropFolder(ImageFolder):
@@ -95,6 +99,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     workers = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,12 +114,13 @@ def main() -> int:
         print(f"{'loader':<12} {'views':>5} {'images/s':>9} {'views/s':>9}", flush=True)
         results = {}
         for views in args.views:
-            for name in ("ffcv", "ffcv-engine", "torch", "torchvision"):
+            for name in args.loaders:
                 if name == "torchvision":
                     loader = torchvision_loader(src, args.size, views, args.batch_size, workers)
                 else:
-                    loader = create_loader(name.split("-")[0], beton, train=True, batch_size=args.batch_size,
-                                           img_size=args.size, aug_views=views, num_workers=workers,
+                    loader = create_loader(name.split("-")[0], src if name == "dali-folder" else beton,
+                                           train=True, batch_size=args.batch_size, img_size=args.size,
+                                           aug_views=views, num_workers=workers, device=args.device,
                                            aa=None, reprob=0.0)
                     if name.endswith("-engine"):
                         loader = EngineStage(loader)
@@ -121,11 +128,14 @@ def main() -> int:
                 results[name, views] = rate
                 print(f"{name:<12} {views:>5} {rate:>9.0f} {rate * views:>9.0f}", flush=True)
                 del loader
-        for name in ("ffcv", "ffcv-engine"):
+        for name in ("ffcv", "ffcv-engine", "dali"):
             if (name, 1) in results and (name, 3) in results:
                 print(f"{name} 3-view images/s over its 1-view images/s: "
                       f"{results[name, 3] / results[name, 1]:.2f}")
-        if ("ffcv", 3) in results:
+        if ("dali", 3) in results and ("torchvision", 3) in results:
+            print(f"dali/torchvision views/s at 3 views: "
+                  f"{results['dali', 3] / results['torchvision', 3]:.2f}")
+        if ("ffcv", 3) in results and ("torchvision", 3) in results:
             print(f"RATIO ffcv/torchvision views/s at 3 views: "
                   f"{results['ffcv', 3] / results['torchvision', 3]:.2f}")
     return 0

@@ -233,8 +233,19 @@ class SSATViT(nn.Module):
         if not self.has_decoder:
             return {"logits": logits}
 
+        pred, dec_cls, mask = self._masked_views(tokens, mask_views, noise)
+        rec = self.reconstruction_loss(images, pred, mask)
+        if mask_views >= 2:
+            fgc = consistency_loss(dec_cls)
+        else:
+            fgc = rec.new_zeros(())
+        return {"logits": logits, "rec": rec, "fgc": fgc, "mask": mask}
+
+    def _masked_views(self, tokens: torch.Tensor, r: int, noise: torch.Tensor | None):
+        """r disjoint masked views of (B, L, D) tokens through encoder and decoder:
+        (r, B, L, P) predicted patches, (r, B, Dd) decoder class tokens, (r, B, L) masks."""
         b, n, dim = tokens.shape
-        r, k = mask_views, self.num_visible
+        k = self.num_visible
         if noise is None:
             noise = torch.rand(b, n, device=tokens.device)
         ids_vis = visible_ids(noise, r, k)  # (r, B, k)
@@ -244,14 +255,23 @@ class SSATViT(nn.Module):
         latent = self.encode(visible.reshape(r * b, k, dim))  # (r*B, 1 + k, D)
         slots = decoder_slots(ids_vis, n).reshape(r * b, n)  # (r*B, L)
         pred, dec_cls = self.decode(latent, slots)  # (r*B, L, P), (r*B, Dd)
+        return pred.reshape(r, b, n, -1), dec_cls.reshape(r, b, -1), masks_from_ids(ids_vis, n)
 
-        mask = masks_from_ids(ids_vis, n)  # (r, B, L)
-        rec = self.reconstruction_loss(images, pred.reshape(r, b, n, -1), mask)
-        if r >= 2:
-            fgc = consistency_loss(dec_cls.reshape(r, b, -1))
-        else:
-            fgc = rec.new_zeros(())
-        return {"logits": logits, "rec": rec, "fgc": fgc, "mask": mask}
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, mask_views: int = 1,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's pictures: (r, B, C, H, W) reconstructions of r disjoint masked views, in
+        the input's normalisation (per-patch statistics put back for norm_pix_loss models), and
+        the (r, B, L) masks (True = hidden)."""
+        if not self.has_decoder:
+            raise ValueError("a model without a decoder (vit_*) reconstructs nothing")
+        pred, _, mask = self._masked_views(self.embed(images), mask_views, noise)
+        pred = pred.float()
+        if self.norm_pix_loss:
+            target = self.patchify(images).float()
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        r, b = mask.shape[:2]
+        return self.unpatchify(pred.reshape(r * b, *pred.shape[2:])).reshape(r, b, *images.shape[1:]), mask
 
 
 def consistency_loss(cls_out: torch.Tensor, offdiag_weight: float = 0.005) -> torch.Tensor:

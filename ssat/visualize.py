@@ -1,0 +1,166 @@
+"""Pictures of a run: what the decoder sees and rebuilds, and how training went.
+
+    python -m ssat.visualize recon --checkpoint runs/c10/checkpoint-best.pth \\
+        --data data/c10_test.beton [--mask_views 3] [--num_images 8] --out runs/c10/recon
+    python -m ssat.visualize curves runs/c10/log.jsonl [--out runs/c10/curves.png]
+
+`recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
+FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
+visible patches pasted back. `curves` draws the loss parts, the learning rate, validation
+accuracy and training images/s from a `log.jsonl` written by train.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ssat.atomic import atomic_path  # noqa: E402
+
+
+def _pixels(images: torch.Tensor, mean, std) -> np.ndarray:
+    """(..., 3, H, W) normalised -> (..., H, W, 3) uint8."""
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
+    out = (images.float().cpu() * std + mean).clamp(0, 255).round().to(torch.uint8)
+    return out.movedim(-3, -1).numpy()
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int | None = None,
+                    num_images: int = 8, seed: int = 0) -> list[Path]:
+    """One PNG per image of the first `num_images` of `data` (eval crops); returns the paths."""
+    from pipelines import create_loader
+    from ssat.checkpoint import load_checkpoint
+    from ssat.models import create_model
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.get("config") or {}
+    missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"{checkpoint}: no training config ({', '.join(missing)} missing); "
+                         f"visualise a checkpoint written by train.py")
+    loader = create_loader("torch", data, train=False, batch_size=num_images, img_size=cfg["img_size"],
+                           num_workers=0)
+    model = create_model(cfg["model"], num_classes=loader.info.num_classes, img_size=cfg["img_size"],
+                         patch_size=cfg["patch_size"], mask_ratio=cfg.get("mask_ratio", 0.75),
+                         norm_pix_loss=cfg.get("norm_pix_loss", False))
+    if not model.has_decoder:
+        raise ValueError(f"{checkpoint}: model {cfg['model']} has no decoder, so nothing to reconstruct")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    r = mask_views or cfg.get("mask_views") or 1
+    batch = next(iter(loader))
+    images, indices = batch["views"][0], batch["indices"].tolist()
+    torch.manual_seed(seed)
+    recon, mask = model.reconstruct(images, mask_views=r)  # (r, B, 3, H, W), (r, B, L)
+    p, grid = model.patch_size, cfg["img_size"] // model.patch_size
+    # (r, B, L) -> (r, B, 1, H, W): 1 where the patch was visible to the encoder
+    visible = (~mask).float().reshape(r, -1, 1, grid, 1, grid, 1)
+    visible = visible.expand(-1, -1, -1, -1, p, -1, p).reshape(r, -1, 1, grid * p, grid * p)
+    grey = torch.zeros_like(images)  # the dataset mean: black would read as content
+    masked = images * visible + grey * (1 - visible)
+    pasted = images * visible + recon * (1 - visible)
+    mean, std = loader.info.mean, loader.info.std
+    shown = {"input": _pixels(images, mean, std), "visible": _pixels(masked, mean, std),
+             "reconstruction": _pixels(recon, mean, std), "with visible": _pixels(pasted, mean, std)}
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for b, index in enumerate(indices):
+        fig, axes = plt.subplots(3, r + 1, figsize=(2.2 * (r + 1), 6.6), squeeze=False)
+        axes[0, 0].imshow(shown["input"][b])
+        axes[0, 0].set_title(f"sample {index}\nlabel {int(batch['labels'][b])}", fontsize=9)
+        for row, name in enumerate(("visible", "reconstruction", "with visible")):
+            for v in range(r):
+                axes[row, v + 1].imshow(shown[name][v, b])
+                axes[row, v + 1].set_title(f"view {v + 1}: {name}", fontsize=9)
+        for ax in axes.flat:
+            ax.axis("off")
+        fig.suptitle(f"{cfg['model']}, mask ratio {cfg.get('mask_ratio', 0.75)}, r = {r}", fontsize=10)
+        path = out / f"recon_{index:06d}.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+def curves(log: Path, out: Path) -> Path:
+    """A 2x2 figure of a log.jsonl: losses, learning rate, validation accuracy, images/s."""
+    try:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{log}: not a readable log.jsonl ({err})") from None
+    steps = [r for r in records if r.get("type") == "step"]
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    if not steps and not epochs:
+        raise ValueError(f"{log}: no step or epoch records")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    x = [r["step"] for r in steps]
+    for key in ("loss", "cls", "rec", "fgc"):
+        values = [r.get(key) for r in steps]
+        if any(v for v in values):
+            axes[0, 0].plot(x, values, label=key)
+    axes[0, 0].set(title="training loss", xlabel="step", yscale="log")
+    axes[0, 0].legend()
+    axes[0, 1].plot(x, [r["lr"] for r in steps])
+    axes[0, 1].set(title="learning rate", xlabel="step")
+    e = [r["epoch"] + 1 for r in epochs]
+    for key in ("val_acc1", "val_acc5"):
+        if any(key in r for r in epochs):
+            axes[1, 0].plot(e, [r.get(key, np.nan) for r in epochs], marker="o", label=key[4:])
+    axes[1, 0].set(title="validation accuracy (%)", xlabel="epoch")
+    axes[1, 0].legend()
+    axes[1, 1].plot(x, [r.get("images_per_s", np.nan) for r in steps], label="per log interval")
+    axes[1, 1].set(title="training images/s", xlabel="step")
+    fig.suptitle(str(log), fontsize=9)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ssat.visualize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("recon", help="inputs, mask views and reconstructions, one PNG per image")
+    rec.add_argument("--checkpoint", type=Path, required=True)
+    rec.add_argument("--data", type=Path, required=True, help="a .beton written by convert/")
+    rec.add_argument("--out", type=Path, default=Path("recon"))
+    rec.add_argument("--mask_views", type=int, default=None, help="r (default: the run's)")
+    rec.add_argument("--num_images", type=int, default=8)
+    rec.add_argument("--seed", type=int, default=0)
+    cur = sub.add_parser("curves", help="loss, lr, accuracy and images/s from a log.jsonl")
+    cur.add_argument("log", type=Path)
+    cur.add_argument("--out", type=Path, default=None, help="default: curves.png beside the log")
+    args = p.parse_args(argv)
+    from pipelines import DatasetError
+
+    try:
+        if args.command == "recon":
+            paths = reconstructions(args.checkpoint, args.data, args.out, mask_views=args.mask_views,
+                                    num_images=args.num_images, seed=args.seed)
+            print(f"wrote {len(paths)} pictures to {args.out}")
+        else:
+            path = curves(args.log, args.out or args.log.with_name("curves.png"))
+            print(f"wrote {path}")
+    except (ValueError, OSError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
