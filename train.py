@@ -167,6 +167,39 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
+class DataWait:
+    """Time the device spends waiting for the loader. On CUDA: the gaps on the device's timeline
+    between the end of one step's work and the start of the next (CUDA events, read when the host
+    syncs anyway), so a host that runs ahead of the device counts no wait. Elsewhere: host time
+    blocked in the loader."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total, self.gaps, self.step_end = 0.0, [], None
+
+    def fetched(self, blocked_seconds: float) -> None:
+        """A batch arrived, after the host was blocked for `blocked_seconds`."""
+        if not self.cuda:
+            self.total += blocked_seconds
+        elif self.step_end is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.gaps.append((self.step_end, start))
+
+    def step_queued(self) -> None:
+        if self.cuda:
+            self.step_end = torch.cuda.Event(enable_timing=True)
+            self.step_end.record()
+
+    def seconds(self) -> float:
+        """Wait so far this epoch (on CUDA this waits for the recorded work to finish)."""
+        if self.gaps:
+            self.gaps[-1][1].synchronize()
+            self.total += sum(end.elapsed_time(start) for end, start in self.gaps) / 1000
+            self.gaps.clear()
+        return self.total
+
+
 def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.Dist) -> dict:
     """One epoch; returns the epoch's mean loss parts and timings. The host waits on the device
     only at log intervals (and at the epoch's end)."""
@@ -176,14 +209,14 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
     sums = torch.zeros(len(LOSS_PARTS), device=d.device)
     window = torch.zeros_like(sums)
     first_bad = torch.full((), -1, dtype=torch.long, device=d.device)
-    waited, window_images, window_start = 0.0, 0, time.perf_counter()
+    wait, window_images, window_start = DataWait(d.device), 0, time.perf_counter()
     epoch_start = window_start
     bar = log.bar(steps, epoch)
     batches = iter(loader)
     for i in range(steps):
         fetch = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - fetch
+        wait.fetched(time.perf_counter() - fetch)
         step = state["step"]
         lr = lr_at(step, base_lr=state["lr"], min_lr=cfg.min_lr, warmup_steps=state["warmup_steps"],
                    total_steps=state["total_steps"])
@@ -201,6 +234,7 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
         scaler.step(optimizer)
         scaler.update()
         parts = torch.stack([losses[k].detach().float() for k in LOSS_PARTS])
+        wait.step_queued()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
         sums += parts
         window += parts
@@ -222,7 +256,7 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
                       "images_per_s": window_images * d.world_size / seconds}
             log.write(record)
             bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.0f}",
-                            wait=f"{waited / (time.perf_counter() - epoch_start):.0%}")
+                            wait=f"{wait.seconds() / (time.perf_counter() - epoch_start):.0%}")
             window.zero_()
             window_images, window_start = 0, time.perf_counter()
     bar.close()
@@ -230,7 +264,7 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
     means = (sums / steps).tolist()
     return {**dict(zip(LOSS_PARTS, means)),
             "train_images_per_s": steps * cfg.batch_size * d.world_size / seconds,
-            "data_wait": waited / seconds, "train_seconds": seconds}
+            "data_wait": min(1.0, wait.seconds() / seconds), "train_seconds": seconds}
 
 
 @torch.no_grad()

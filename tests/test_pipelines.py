@@ -370,20 +370,3 @@ def test_dali_image_folder_corrupt_file_is_named(data, tmp_path):
 def test_folders_need_the_dali_engine(data):
     with pytest.raises(DatasetError, match="only the dali engine reads image folders"):
         create_loader("torch", data["photos_folder"], train=False, batch_size=8, img_size=32)
-
-
-@pytest.mark.gpu
-def test_dali_decodes_on_the_gpu(data):
-    """`mixed` decoding (nvJPEG) gives the CPU decoder's eval views, on the GPU."""
-    views = {}
-    for device in ("cpu", "cuda"):
-        loader = create_loader("dali", data["photos"], train=False, batch_size=16, img_size=64,
-                               device=device, num_workers=2)
-        batches = _epoch(loader)
-        assert batches[0]["views"].device.type == device
-        views[device] = torch.cat([b["views"][0].cpu() for b in batches])
-    assert (views["cuda"] - views["cpu"]).abs().mean() < 0.05
-    train = create_loader("dali", data["photos"], train=True, batch_size=16, img_size=32, aug_views=3,
-                          device="cuda", num_workers=2)
-    batch = next(iter(train))
-    assert batch["views"].shape == (3, 16, 3, 32, 32) and batch["views"].is_cuda

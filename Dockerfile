@@ -1,0 +1,34 @@
+# GPU training image: CUDA 12 user-space libraries come with the torch and DALI wheels, so the
+# base only needs the driver interface. System packages and Python requirements are installed by
+# tools/setup.sh from pyproject.toml, exactly as `make setup` does outside the container.
+#
+#   docker build -t ssat .
+#   docker run --gpus all --ipc=host -v /data:/data ssat \
+#       torchrun --nproc_per_node=8 train.py --pipeline ffcv --data_path imagenet --data_dir /data/ffcv ...
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 1001 ssat && install -d -o ssat -g ssat /opt/ssat /data
+WORKDIR /opt/ssat
+
+# Dependencies first, so that a change to the code does not reinstall them. The editable install
+# maps the three packages to these folders; the code itself is copied in below.
+COPY pyproject.toml README.md ./
+COPY tools/setup.sh tools/setup.sh
+RUN mkdir ssat pipelines convert \
+    && touch ssat/__init__.py pipelines/__init__.py convert/__init__.py \
+    && PIP_NO_CACHE_DIR=1 tools/setup.sh \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --chown=ssat:ssat . .
+
+USER 1001
+ENV PATH=/opt/ssat/.venv/bin:$PATH \
+    NUMBA_THREADING_LAYER=omp \
+    PYTHONUNBUFFERED=1
+CMD ["python", "train.py"]
