@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,8 @@ def main() -> int:
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="keep the converted .beton (and its metadata) in this folder")
     args = p.parse_args()
     workers = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +112,10 @@ def main() -> int:
         assert convert_folder(["--src", str(src), "--out_dir", str(Path(tmp, "beton")), "--name", "bench",
                                "--num_workers", str(workers)]) == 0
         beton = Path(tmp, "beton", "bench_train.beton")
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for suffix in (".beton", ".json"):
+                shutil.copy(beton.with_suffix(suffix), args.keep / beton.with_suffix(suffix).name)
         print(f"\n{args.images} JPEGs, {args.size} px crops, batch {args.batch_size}, {workers} workers, "
               f"median of {args.repeats} passes", flush=True)
         print(f"{'loader':<12} {'views':>5} {'images/s':>9} {'views/s':>9}", flush=True)

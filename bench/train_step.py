@@ -15,6 +15,7 @@ what counts.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -85,6 +86,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pipeline", choices=["ffcv", "torch", "none"], default="ffcv")
     p.add_argument("--data", default="data/digits_train.beton", help="a converted .beton for the real-loader row")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     amp = cuda
@@ -97,7 +99,7 @@ def main() -> int:
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
     synthetic = lambda i: (images, labels)  # noqa: E731
-    compiled_steps = {}
+    compiled_steps, results = {}, []
     for name in args.models:
         for method in args.methods:
             base = name.removeprefix("mae_")
@@ -122,6 +124,8 @@ def main() -> int:
             print(f"{model_name:<14} {method:<8} {rates[False]:>11.0f} {rates[True]:>9.0f} "
                   f"{rates[True] / rates[False]:>6.2f} {flops / args.batch_size / 1e9:>9.2f} "
                   f"{achieved / 1e12:>8.3f} {mfu:>6}", flush=True)
+            results.append({"model": model_name, "method": method, "eager": rates[False],
+                            "compiled": rates[True], "gflop_per_image": flops / args.batch_size / 1e9})
             if args.pipeline != "none" and Path(args.data).exists():
                 from pipelines import create_loader
 
@@ -140,6 +144,10 @@ def main() -> int:
                 fed = images_per_s(compiled_steps[name, method], real, device, args.steps, args.repeats)
                 print(f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / synthetic, "
                       f"compiled): {fed / rates[True]:.2f}", flush=True)
+                results[-1].update(pipeline=args.pipeline, fed=fed, efficiency=fed / rates[True])
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "img_size": args.img_size,
+                                         "batch_size": args.batch_size, "rows": results}, indent=1))
     return 0
 
 
