@@ -148,6 +148,8 @@ class RunLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
+            if prefix == "epoch":
+                self.board.flush()
 
     def bar(self, total: int, epoch: int):
         return tqdm(total=total, desc=f"epoch {epoch}", disable=not self.active, leave=False,

@@ -213,3 +213,17 @@ def test_image_folders_need_dali(tmp_path, capsys):
     assert train.main(["--data_path", str(tmp_path / "folder"), "--pipeline", "torch",
                        "--output_dir", str(tmp_path / "run"), *SMALL]) != 0
     assert "read it with --pipeline dali" in capsys.readouterr().err
+
+
+def test_tensorboard_event_files(tmp_path, data):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 2)) == 0
+    board = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"step/loss", "step/rec", "step/lr", "epoch/val_acc1", "epoch/data_wait"} <= tags
+    steps = [r for r in _log(out) if r["type"] == "step"]
+    assert [e.step for e in board.Scalars("step/loss")] == [r["step"] for r in steps]
+    assert [round(e.value, 4) for e in board.Scalars("epoch/val_acc1")] == \
+        [round(r["val_acc1"], 4) for r in _log(out) if r["type"] == "epoch"]
