@@ -27,7 +27,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines.dataset import RAW, BetonFile, DatasetError, ImageFolder, open_dataset, open_image_folder
+from pipelines.dataset import RAW, BetonFile, ImageFolder, open_dataset, open_image_folder
 from pipelines.loader import ViewLoader
 from pipelines.sampling import epoch_order
 
@@ -150,7 +150,8 @@ class DALILoader(ViewLoader):
                                    f"batches") from None
             except RuntimeError as err:
                 self._pipe = None  # DALI: "the pipeline object is no longer valid"
-                self._diagnose(order, k, err)
+                # the failing sample is in this batch or in one DALI was prefetching
+                raise self._failure(order[k * batch:(k + 3) * batch], err) from err
             expected = order[k * batch:(k + 1) * batch]
             indices = np.asarray(index.as_tensor()).reshape(-1)[: len(expected)]
             if not np.array_equal(indices, expected):
@@ -170,12 +171,3 @@ class DALILoader(ViewLoader):
             if self.train:
                 self._pipe_epoch += 1
         self._pipe_whole = True
-
-    def _diagnose(self, order: np.ndarray, k: int, err: Exception):
-        """Find the sample that failed among the batch DALI was making and those it prefetched,
-        and raise an error that names it."""
-        suspects = order[k * self.batch_size:(k + 3) * self.batch_size]
-        for i in suspects:
-            self.source.decode(int(i))  # raises DatasetError naming the file and the index
-        raise DatasetError(f"{self.path}: DALI failed on batch {k} (samples {suspects[0]}.."
-                           f"{suspects[-1]}), which decode on the host: {err}") from err

@@ -26,7 +26,7 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 
-from pipelines.dataset import JPEG, DatasetError
+from pipelines.dataset import JPEG
 from pipelines.loader import ViewLoader
 
 
@@ -170,16 +170,7 @@ class FFCVLoader(ViewLoader):
         try:
             yield from epoch
         except Exception as err:
-            raise self._diagnose(epoch.failed_batch, err) from err
+            failed = epoch.failed_batch
+            raise self._failure(failed if failed is not None else [], err) from err
         finally:
             epoch.close()
-
-    def _diagnose(self, batch: np.ndarray | None, err: Exception) -> Exception:
-        """Name the sample behind an error in ffcv's thread, by decoding the failed batch."""
-        for index in batch if batch is not None else ():
-            try:
-                self.source.decode(int(index))
-            except DatasetError as bad:
-                return bad
-        return DatasetError(f"{self.path}: ffcv failed while reading samples "
-                            f"{list(batch[:8]) if batch is not None else '?'}: {err}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import AugmentConfig, DeviceAugment
-from pipelines.dataset import open_dataset
+from pipelines.dataset import DatasetError, open_dataset
 from pipelines.sampling import epoch_order, num_batches
 
 
@@ -83,6 +83,18 @@ class ViewLoader:
                 batch["targets"] = targets
             start += n
             yield batch
+
+    def _failure(self, indices, err: Exception) -> DatasetError:
+        """The error for an engine that failed on one of `indices`: the first of them that does not
+        decode on the host (its message names the file and the index), else the engine's own
+        message with the samples it was reading."""
+        for index in indices:
+            try:
+                self.source.decode(int(index))
+            except DatasetError as bad:
+                return bad
+        return DatasetError(f"{self.path}: the {self.engine} engine failed while reading samples "
+                            f"{[int(i) for i in indices[:8]]}: {err}")
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `order`, in order: uint8 (B, V, H, W, 3) views and (B,) labels on the device."""

@@ -213,9 +213,8 @@ class SSATViT(nn.Module):
         pred (r, B, L, P), mask (r, B, L) bool, True = masked."""
         target = self.patchify(images).float()  # (B, L, P)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = _patch_stats(target)
+            target = (target - mean) / std
         per_patch = (pred.float() - target.unsqueeze(0)).pow(2).mean(dim=-1)  # (r, B, L)
         weight = mask.to(per_patch.dtype)
         per_view = (per_patch * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))  # (r,)
@@ -268,10 +267,15 @@ class SSATViT(nn.Module):
         pred, _, mask = self._masked_views(self.embed(images), mask_views, noise)
         pred = pred.float()
         if self.norm_pix_loss:
-            target = self.patchify(images).float()
-            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+            mean, std = _patch_stats(self.patchify(images).float())
+            pred = pred * std + mean
         r, b = mask.shape[:2]
         return self.unpatchify(pred.reshape(r * b, *pred.shape[2:])).reshape(r, b, *images.shape[1:]), mask
+
+
+def _patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std of (..., L, P) pixels: MAE's norm_pix_loss target statistics."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
 
 
 def consistency_loss(cls_out: torch.Tensor, offdiag_weight: float = 0.005) -> torch.Tensor:

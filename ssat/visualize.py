@@ -68,12 +68,11 @@ def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int 
     images, indices = batch["views"][0], batch["indices"].tolist()
     torch.manual_seed(seed)
     recon, mask = model.reconstruct(images, mask_views=r)  # (r, B, 3, H, W), (r, B, L)
-    p, grid = model.patch_size, cfg["img_size"] // model.patch_size
-    # (r, B, L) -> (r, B, 1, H, W): 1 where the patch was visible to the encoder
-    visible = (~mask).float().reshape(r, -1, 1, grid, 1, grid, 1)
-    visible = visible.expand(-1, -1, -1, -1, p, -1, p).reshape(r, -1, 1, grid * p, grid * p)
-    grey = torch.zeros_like(images)  # the dataset mean: black would read as content
-    masked = images * visible + grey * (1 - visible)
+    # 1 where the encoder saw the patch, as (r, B, 3, H, W) pixels
+    r_b, patch_pixels = mask.shape[0] * mask.shape[1], model.patch_size ** 2 * images.shape[1]
+    visible = model.unpatchify((~mask).float().reshape(r_b, -1, 1).expand(-1, -1, patch_pixels))
+    visible = visible.reshape(recon.shape)
+    masked = images * visible  # hidden patches at 0: the dataset mean, not black
     pasted = images * visible + recon * (1 - visible)
     mean, std = loader.info.mean, loader.info.std
     shown = {"input": _pixels(images, mean, std), "visible": _pixels(masked, mean, std),
