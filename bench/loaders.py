@@ -1,6 +1,6 @@
 """Loader throughput: images/s and views/s for V = 1, 2, 3 augmented views per image.
 
-    python bench/loaders.py [--images 1024] [--repeats 3] [--size 224] [--batch_size 64]
+    python bench/loaders.py [--images 1024] [--repeats 5] [--size 224] [--batch_size 64]
 
 Makes photo-like JPEGs (about 500x375, about 110 KB; convert/synthetic.py), converts them once
 (jpg q90, longer side 256), then times, in this process:
@@ -96,7 +96,7 @@ def timed_passes(loader, repeats: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])

@@ -7,8 +7,10 @@ The crops and flips happen earlier, in the engine, where each image is decoded o
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
@@ -59,6 +61,8 @@ class DeviceAugment:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / std_t, -mean_t / std_t  # (x - mean) / std = x * scale + shift
+        self.host = HostBuffers()
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.randaugment = RandAugment(config.aa, fill=mean) if train and config.aa else None
         self.erasing = (RandomErasing(config.reprob, mode=config.remode, max_count=config.recount,
                                       device=str(device))
@@ -72,12 +76,13 @@ class DeviceAugment:
     def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, v, h, w, _ = raw.shape
         # float copy with the views first, so that the V*B images form one channels-last batch
-        x = torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device)
+        x = (self.host.empty((v, b, h, w, 3)) if raw.device.type == "cpu"
+             else torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device))
         x.copy_(raw.transpose(0, 1))
         images = x.permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)  # (V*B, 3, H, W), 0-255
         if self.randaugment is not None:
             images = self.randaugment(images)
-        images = torch.addcmul(self.shift, images, self.scale, out=images)  # normalise, one pass
+        images = self._normalise(images)
         if self.erasing is not None:
             images = self.erasing(images)
         targets = None
@@ -87,6 +92,42 @@ class DeviceAugment:
             stacked, targets = self.mixup(stacked, labels)
             images = stacked.reshape(b, v, 3, h, w).transpose(0, 1)
         return _channels_last_views(images.reshape(v, b, 3, h, w), self.dtype), targets
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std in place, one pass. A channels-last batch is one (N*H, W*3) matrix of
+        pixel rows, normalised by a (W*3,) row of scales and shifts: a broadcast along the rows
+        that vectorises, where a per-channel (1, 3, 1, 1) broadcast over channels-last memory
+        does not."""
+        n, c, h, w = images.shape
+        if not images.is_contiguous(memory_format=torch.channels_last):
+            return torch.addcmul(self.shift, images, self.scale, out=images)
+        if w not in self._rows:
+            self._rows[w] = (self.shift.reshape(c).repeat(w), self.scale.reshape(c).repeat(w))
+        shift, scale = self._rows[w]
+        rows = images.permute(0, 2, 3, 1).view(n * h, w * c)
+        torch.addcmul(shift, rows, scale, out=rows)
+        return images
+
+
+class HostBuffers:
+    """Float32 host tensors for the CPU device, reused once their last user lets go.
+
+    CUDA's caching allocator hands a freed batch's memory to the next batch; on the host every
+    fresh 100 MB batch would cost the kernel ~25,000 page faults (several times the work of
+    filling it). A tensor made by `torch.from_numpy` keeps its array alive until every tensor and
+    view sharing its memory is gone, so an array nobody but this pool refers to is free to reuse.
+    """
+
+    def __init__(self, keep: int = 3):
+        self.keep, self.arrays = keep, []
+
+    def empty(self, shape) -> torch.Tensor:
+        for array in self.arrays:
+            if array.shape == shape and sys.getrefcount(array) == 3:  # the list, `array`, the call
+                return torch.from_numpy(array)
+        array = np.empty(shape, np.float32)
+        self.arrays = [array, *self.arrays[: self.keep - 1]]
+        return torch.from_numpy(array)
 
 
 def _channels_last_views(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -34,11 +34,12 @@ def _flip_rows(image: np.ndarray) -> None:
     """Mirror an (H, W, 3) image left-right in place."""
     width = image.shape[1]
     for r in range(image.shape[0]):
+        row = image[r]
         for c in range(width // 2):
-            for k in range(3):
-                left = image[r, c, k]
-                image[r, c, k] = image[r, width - 1 - c, k]
-                image[r, width - 1 - c, k] = left
+            m = width - 1 - c
+            red, green, blue = row[c, 0], row[c, 1], row[c, 2]
+            row[c, 0], row[c, 1], row[c, 2] = row[m, 0], row[m, 1], row[m, 2]
+            row[m, 0], row[m, 1], row[m, 2] = red, green, blue
 
 
 class MultiViewCrop(Operation):

@@ -13,7 +13,7 @@ from convert.digits_to_ffcv import main as convert_digits
 from convert.imagenet_to_ffcv import main as convert_folders
 from convert.synthetic import make_image_folder
 from pipelines import ENGINES, DatasetError, create_loader
-from pipelines.augment import AugmentConfig, DeviceAugment
+from pipelines.augment import AugmentConfig, DeviceAugment, HostBuffers
 from pipelines.dataset import BetonFile, open_dataset
 
 NO_AUG = dict(aa=None, reprob=0.0)
@@ -88,6 +88,19 @@ def test_eval_pixels_equal_the_source(data, engine):
         for view, index in zip(batch["views"][0], batch["indices"]):
             source = torch.from_numpy(beton.decode(int(index))).permute(2, 0, 1).float()
             torch.testing.assert_close(view, (source - mean) / std)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_held_batches_are_never_overwritten(data, engine):
+    """Batches kept, uncopied, for a whole pass still hold their own pixels afterwards: the host
+    memory the loader reuses for later batches is only ever memory nobody holds."""
+    loader = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=16,
+                           num_workers=1)
+    held = list(loader)
+    assert len(held) == len(loader) > 3  # more batches than the reused buffers
+    for kept, fresh in zip(held, _epoch(loader), strict=True):
+        assert torch.equal(kept["indices"], fresh["indices"])
+        assert torch.equal(kept["views"], fresh["views"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -170,6 +183,42 @@ def test_normalisation_only():
         / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
     torch.testing.assert_close(views, expected)
     assert targets is None
+
+
+@pytest.mark.parametrize("width", [1, 6, 7])
+def test_ffcv_flip_mirrors_rows(width):
+    from pipelines.ffcv_engine import _flip_rows
+    image = np.random.default_rng(width).integers(0, 256, (5, width, 3), dtype=np.uint8)
+    flipped = image.copy()
+    _flip_rows(flipped)
+    assert np.array_equal(flipped, image[:, ::-1])
+
+
+def test_normalisation_of_any_memory_layout():
+    """The fast path (channels-last rows) and the general one give the same values."""
+    augment = _augment()
+    images = torch.rand(4, 3, 7, 5) * 255
+    expected = (images - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) \
+        / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = images.clone(memory_format=layout)
+        out = augment._normalise(x)
+        assert out.data_ptr() == x.data_ptr()  # in place
+        torch.testing.assert_close(out, expected)
+
+
+def test_host_buffers_are_reused_only_once_released():
+    buffers = HostBuffers(keep=3)
+    first = buffers.empty((2, 3))
+    address = first.data_ptr()
+    row = first[1]
+    del first
+    second = buffers.empty((2, 3))
+    assert second.data_ptr() != address  # a view still holds the first buffer
+    del row
+    assert buffers.empty((2, 3)).data_ptr() == address  # released: reused
+    assert buffers.empty((3, 2)).data_ptr() not in (address, second.data_ptr())  # another shape
+    assert len(buffers.arrays) == 3
 
 
 def test_random_erasing_erases_a_rectangle_per_image():
