@@ -120,13 +120,15 @@ class HostBuffers:
 
     def __init__(self, keep: int = 3):
         self.keep, self.arrays = keep, []
+        self.free_refs = -1  # sys.getrefcount of an array only this pool holds, as read below
 
     def empty(self, shape) -> torch.Tensor:
         for array in self.arrays:
-            if array.shape == shape and sys.getrefcount(array) == 3:  # the list, `array`, the call
+            if array.shape == shape and sys.getrefcount(array) == self.free_refs:
                 return torch.from_numpy(array)
         array = np.empty(shape, np.float32)
         self.arrays = [array, *self.arrays[: self.keep - 1]]
+        self.free_refs = sys.getrefcount(array)  # read as in the loop: the list, `array`, the call
         return torch.from_numpy(array)
 
 
