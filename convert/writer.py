@@ -26,6 +26,7 @@ from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
 from convert.images import array_to_rgb, load_rgb
 from ssat.atomic import atomic_path
+from ssat.forking import forking
 
 CONVERTER_VERSION = "ssat-convert 1.0"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -180,7 +181,8 @@ def _write(path: Path, samples: _Samples, opts: WriteOptions, indices: np.ndarra
     writer = DatasetWriter(str(path), fields, page_size=_page_size(samples.split, opts),
                            num_workers=workers)
     chunk = int(np.clip(len(indices) // (workers * 8), 1, 100))
-    writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
+    with forking():  # ffcv forks its workers
+        writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
 
 
 def _field(reader: Reader, i: int, name: str) -> np.void:

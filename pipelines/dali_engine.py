@@ -18,6 +18,7 @@ the host to name its file and index.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from pipelines.dataset import RAW, BetonFile, ImageFolder, open_dataset, open_image_folder
 from pipelines.loader import ViewLoader
 from pipelines.sampling import epoch_order
+from ssat.forking import forking
 
 
 def padded(order: np.ndarray, length: int) -> np.ndarray:
@@ -131,7 +133,9 @@ class DALILoader(ViewLoader):
                                     interp_type=types.INTERP_CUBIC)
                 views = [fn.crop(resized, crop=(size, size))]
             pipe.set_outputs(fn.stack(*views), index)
-        pipe.build()
+        forks = not (self.cuda or self.folder)  # the external source's workers, forked on the CPU
+        with forking() if forks else nullcontext():
+            pipe.build()
         self._pipe, self._pipe_epoch = pipe, epoch
         return pipe
 

@@ -7,6 +7,7 @@ is decoded once and cropped V times, as multi-crop code does.
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ from torchvision import transforms as T
 
 from pipelines.dataset import RAW, BetonFile, DatasetError
 from pipelines.loader import ViewLoader
+from ssat.forking import forking
 
 
 class _Views(Dataset):
@@ -80,6 +82,8 @@ class TorchLoader(ViewLoader):
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order
-        for views, labels in self._loader:
+        with forking() if self.num_workers else nullcontext():  # workers are forked here
+            batches = iter(self._loader)
+        for views, labels in batches:
             yield (views.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))

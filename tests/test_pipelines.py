@@ -1,5 +1,7 @@
 """The loader contract, for every engine, over .beton files written by the project's converters."""
+import gc
 import json
+import multiprocessing as mp
 import shutil
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from convert.synthetic import make_image_folder
 from pipelines import ENGINES, DatasetError, create_loader
 from pipelines.augment import AugmentConfig, DeviceAugment, HostBuffers
 from pipelines.dataset import BetonFile, open_dataset
+from ssat.forking import forking
 
 NO_AUG = dict(aa=None, reprob=0.0)
 
@@ -419,3 +422,22 @@ def test_dali_image_folder_corrupt_file_is_named(data, tmp_path):
 def test_folders_need_the_dali_engine(data):
     with pytest.raises(DatasetError, match="only the dali engine reads image folders"):
         create_loader("torch", data["photos_folder"], train=False, batch_size=8, img_size=32)
+
+
+def test_forked_children_leave_the_parents_dali_pipelines_alone(data):
+    """A DALI pipeline held by a reference cycle waits for the garbage collector; a forked child
+    that collected it would wait forever for threads it does not have. Behind `forking()` (which
+    the converters, the torch engine and the DALI engine fork behind) the parent collects it."""
+    loader = create_loader("dali", data["photos"], train=False, batch_size=8, img_size=32, num_workers=1)
+    next(iter(loader))
+    loader.itself = loader  # a reference cycle, as an exception's traceback makes
+    del loader
+    with forking():
+        child = mp.get_context("fork").Process(target=gc.collect)
+        child.start()
+    child.join(60)
+    try:
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
