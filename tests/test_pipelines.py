@@ -427,7 +427,7 @@ def test_folders_need_the_dali_engine(data):
 def test_forked_children_leave_the_parents_dali_pipelines_alone(data):
     """A DALI pipeline held by a reference cycle waits for the garbage collector; a forked child
     that collected it would wait forever for threads it does not have. Behind `forking()` (which
-    the converters, the torch engine and the DALI engine fork behind) the parent collects it."""
+    the converters, the torch engine and the DALI engine fork behind) the child leaves it alone."""
     loader = create_loader("dali", data["photos"], train=False, batch_size=8, img_size=32, num_workers=1)
     next(iter(loader))
     loader.itself = loader  # a reference cycle, as an exception's traceback makes
