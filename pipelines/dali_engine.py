@@ -18,7 +18,6 @@ the host to name its file and index.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -133,8 +132,7 @@ class DALILoader(ViewLoader):
                                     interp_type=types.INTERP_CUBIC)
                 views = [fn.crop(resized, crop=(size, size))]
             pipe.set_outputs(fn.stack(*views), index)
-        forks = not (self.cuda or self.folder)  # the external source's workers, forked on the CPU
-        with forking() if forks else nullcontext():
+        with forking():  # the external source's workers start here (forked on the CPU)
             pipe.build()
         self._pipe, self._pipe_epoch = pipe, epoch
         return pipe

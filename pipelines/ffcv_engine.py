@@ -105,7 +105,7 @@ class _Epoch(EpochIterator):
     """ffcv's epoch thread, which passes its exception on instead of dying silently."""
 
     error: BaseException | None = None
-    failed_batch: np.ndarray | None = None
+    failed_batch: np.ndarray = np.zeros(0, dtype=np.int64)  # the batch being read when it failed
 
     def run_pipeline(self, b_ix, batch_indices, *args):
         try:
@@ -171,7 +171,6 @@ class FFCVLoader(ViewLoader):
         try:
             yield from epoch
         except Exception as err:
-            failed = epoch.failed_batch
-            raise self._failure(failed if failed is not None else [], err) from err
+            raise self._failure(epoch.failed_batch, err) from err
         finally:
             epoch.close()

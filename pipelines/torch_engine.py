@@ -7,7 +7,6 @@ is decoded once and cropped V times, as multi-crop code does.
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -82,7 +81,7 @@ class TorchLoader(ViewLoader):
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order
-        with forking() if self.num_workers else nullcontext():  # workers are forked here
+        with forking():  # the DataLoader forks its workers here
             batches = iter(self._loader)
         for views, labels in batches:
             yield (views.to(self.device, non_blocking=True),
