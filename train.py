@@ -111,7 +111,7 @@ def build_loaders(cfg: TrainConfig, d: distributed.Dist, train_path: Path, val_p
     common = dict(img_size=cfg.img_size, device=d.device, rank=d.rank, world_size=d.world_size,
                   seed=cfg.seed, num_workers=cfg.num_workers)
     train = create_loader(cfg.pipeline, train_path, train=True, batch_size=cfg.batch_size,
-                          aug_views=cfg.aug_views, aa=None if cfg.aa == "none" else cfg.aa,
+                          crops=cfg.crops, aa=None if cfg.aa == "none" else cfg.aa,
                           scale=(cfg.min_scale, 1.0),
                           reprob=cfg.reprob, mixup=cfg.mixup, cutmix=cfg.cutmix,
                           smoothing=cfg.smoothing, **common)
@@ -223,10 +223,10 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
         lr = lr_at(step, base_lr=state["lr"], min_lr=cfg.min_lr, warmup_steps=state["warmup_steps"],
                    total_steps=state["total_steps"])
         set_lr(optimizer, lr)
-        views = batch["views"]  # (V, B, 3, H, W)
-        images = views.reshape(-1, *views.shape[2:])  # (V*B, 3, H, W), views first
+        crops = batch["crops"]  # (V, B, 3, H, W)
+        images = crops.reshape(-1, *crops.shape[2:])  # (V*B, 3, H, W), crops first
         targets = batch.get("targets", batch["labels"])
-        targets = targets.repeat(views.shape[0], *([1] * (targets.ndim - 1)))
+        targets = targets.repeat(crops.shape[0], *([1] * (targets.ndim - 1)))
         with autocast(cfg, d.device):
             out = model(images, mask_views=cfg.mask_views) if cfg.method != "scratch" else model(images)
             losses = ssat_objective(out, targets, lam=cfg.lambda_weight, beta=cfg.sim_beta,
@@ -240,7 +240,7 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
         sums += parts
         window += parts
-        window_images += images.shape[0] // views.shape[0]
+        window_images += images.shape[0] // crops.shape[0]
         state["step"] = step + 1
         bar.update()
         if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
@@ -275,7 +275,7 @@ def evaluate(model, loader, cfg: TrainConfig, d: distributed.Dist) -> dict:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top-1, top-5, samples
     for batch in loader:
-        images, labels = batch["views"][0], batch["labels"]
+        images, labels = batch["crops"][0], batch["labels"]
         with autocast(cfg, d.device):
             logits = model.classify(images)
         logits = logits.float()

@@ -40,7 +40,7 @@ LOADERS=()
 [ "$HAVE_DALI" = yes ] && LOADERS+=(dali)
 DATA=""
 if [ "$HAVE_FFCV" = yes ]; then
-  timeout 150 "$PYTHON" bench/loaders.py --images 2048 --repeats 2 --batch_size 256 --views 1 3 \
+  timeout 150 "$PYTHON" bench/loaders.py --images 2048 --repeats 2 --batch_size 256 --crops 1 3 \
     --loaders "${LOADERS[@]}" torch --keep "$OUT/data" 2>&1 | grep -v "it/s" | tee "$OUT/loaders.log"
   DATA=$OUT/data/bench_train.beton
 else
@@ -77,7 +77,7 @@ loaders = (out / "loaders.log").read_text() if (out / "loaders.log").exists() el
 for line in loaders.splitlines():
     m = re.match(r"(\S+)\s+(\d)\s+(\d+)\s+(\d+)$", line.strip())
     if m:
-        rows.append((f"loader {m[1]}, {m[2]} view(s): images/s", m[3], ""))
+        rows.append((f"loader {m[1]}, {m[2]} crop(s): images/s", m[3], ""))
     elif "skipped" in line:
         rows.append(("loader benchmark", line.split(": ", 1)[-1], ""))
 width = max(len(r[0]) for r in rows)

@@ -1,11 +1,11 @@
-"""Loader throughput: images/s and views/s for V = 1, 2, 3 augmented views per image.
+"""Loader throughput: images/s and crops/s for V = 1, 2, 3 augmented crops per image.
 
     python bench/loaders.py [--images 1024] [--repeats 5] [--size 224] [--batch_size 64]
 
 Makes photo-like JPEGs (about 500x375, about 110 KB; convert/synthetic.py), converts them once
 (jpg q90, longer side 256), then times, in this process:
   ffcv           create_loader('ffcv', ...): decode once per image, V crops (numba threads)
-  ffcv-engine    the same loader's engine stage alone: uint8 views before the device step
+  ffcv-engine    the same loader's engine stage alone: uint8 crops before the device step
   dali           create_loader('dali', ...) over the same .beton (DALI's CPU decoder here,
                  nvJPEG on a GPU): parallel external source, decode once, V crops
   dali-folder    create_loader('dali', ...) over the original JPEG folder (fn.readers.file)
@@ -15,7 +15,7 @@ Makes photo-like JPEGs (about 500x375, about 110 KB; convert/synthetic.py), conv
 Same crops (RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3) and flips, normalised float output,
 the same number of worker threads/processes (all cores), batch 64. Each figure is the median of
 `--repeats` passes after a warm-up pass (which also compiles ffcv's pipeline). The last line is
-`RATIO ffcv/torchvision views/s at 3 views: X.XX`. `--loaders` picks rows.
+`RATIO ffcv/torchvision crops/s at 3 crops: X.XX`. `--loaders` picks rows.
 """
 from __future__ import annotations
 
@@ -44,25 +44,25 @@ LOADERS = ("ffcv", "ffcv-engine", "dali", "dali-folder", "torch", "torchvision")
 class MultiCropFolder(ImageFolder):
     """Decode each JPEG once, apply the transform V times."""
 
-    def __init__(self, root: str, transform, views: int):
+    def __init__(self, root: str, transform, crops: int):
         super().__init__(root)
-        self.view_transform, self.views = transform, views
+        self.crop_transform, self.crops = transform, crops
 
     def __getitem__(self, index):
         path, target = self.samples[index]
         image = self.loader(path)
-        return torch.stack([self.view_transform(image) for _ in range(self.views)]), target
+        return torch.stack([self.crop_transform(image) for _ in range(self.crops)]), target
 
 
-def torchvision_loader(root: Path, size: int, views: int, batch: int, workers: int):
+def torchvision_loader(root: Path, size: int, crops: int, batch: int, workers: int):
     transform = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
                            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return DataLoader(MultiCropFolder(str(root), transform, views), batch_size=batch, shuffle=True,
+    return DataLoader(MultiCropFolder(str(root), transform, crops), batch_size=batch, shuffle=True,
                       num_workers=workers, drop_last=True, persistent_workers=True)
 
 
 class EngineStage:
-    """A loader's engine alone: its uint8 views, before the device-side step (normalisation),
+    """A loader's engine alone: its uint8 crops, before the device-side step (normalisation),
     which on a CPU-only machine shares the same cores."""
 
     def __init__(self, loader):
@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--crops", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--keep", type=Path, default=None,
@@ -118,32 +118,32 @@ def main() -> int:
                 shutil.copy(beton.with_suffix(suffix), args.keep / beton.with_suffix(suffix).name)
         print(f"\n{args.images} JPEGs, {args.size} px crops, batch {args.batch_size}, {workers} workers, "
               f"median of {args.repeats} passes", flush=True)
-        print(f"{'loader':<12} {'views':>5} {'images/s':>9} {'views/s':>9}", flush=True)
+        print(f"{'loader':<12} {'crops':>5} {'images/s':>9} {'crops/s':>9}", flush=True)
         results = {}
-        for views in args.views:
+        for crops in args.crops:
             for name in args.loaders:
                 if name == "torchvision":
-                    loader = torchvision_loader(src, args.size, views, args.batch_size, workers)
+                    loader = torchvision_loader(src, args.size, crops, args.batch_size, workers)
                 else:
                     loader = create_loader(name.split("-")[0], src if name == "dali-folder" else beton,
                                            train=True, batch_size=args.batch_size, img_size=args.size,
-                                           aug_views=views, num_workers=workers, device=args.device,
+                                           crops=crops, num_workers=workers, device=args.device,
                                            aa=None, reprob=0.0)
                     if name.endswith("-engine"):
                         loader = EngineStage(loader)
                 rate = timed_passes(loader, args.repeats)
-                results[name, views] = rate
-                print(f"{name:<12} {views:>5} {rate:>9.0f} {rate * views:>9.0f}", flush=True)
+                results[name, crops] = rate
+                print(f"{name:<12} {crops:>5} {rate:>9.0f} {rate * crops:>9.0f}", flush=True)
                 del loader
         for name in ("ffcv", "ffcv-engine", "dali"):
             if (name, 1) in results and (name, 3) in results:
-                print(f"{name} 3-view images/s over its 1-view images/s: "
+                print(f"{name} 3-crop images/s over its 1-crop images/s: "
                       f"{results[name, 3] / results[name, 1]:.2f}")
         if ("dali", 3) in results and ("torchvision", 3) in results:
-            print(f"dali/torchvision views/s at 3 views: "
+            print(f"dali/torchvision crops/s at 3 crops: "
                   f"{results['dali', 3] / results['torchvision', 3]:.2f}")
         if ("ffcv", 3) in results and ("torchvision", 3) in results:
-            print(f"RATIO ffcv/torchvision views/s at 3 views: "
+            print(f"RATIO ffcv/torchvision crops/s at 3 crops: "
                   f"{results['ffcv', 3] / results['torchvision', 3]:.2f}")
     return 0
 

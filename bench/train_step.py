@@ -104,7 +104,7 @@ def main() -> int:
         for method in args.methods:
             base = name.removeprefix("mae_")
             model_name = base if method == "scratch" else f"mae_{base}"
-            views = 2 if method == "fgcr" else 1
+            mask_views = 2 if method == "fgcr" else 1
             rates = {}
             for compiled in (False, True):
                 torch._dynamo.reset()
@@ -113,10 +113,10 @@ def main() -> int:
                                      patch_size=args.patch_size).to(device, memory_format=torch.channels_last)
                 optimizer = create_optimizer(model, lr=1e-4)
                 runner = torch.compile(model) if compiled else model
-                step = make_step(runner, optimizer, method, views, amp, device)
+                step = make_step(runner, optimizer, method, mask_views, amp, device)
                 rates[compiled] = images_per_s(step, synthetic, device, args.steps, args.repeats)
                 if not compiled:
-                    flops = step_flops(make_step(model, optimizer, method, views, amp, device), images, labels)
+                    flops = step_flops(make_step(model, optimizer, method, mask_views, amp, device), images, labels)
                 else:
                     compiled_steps[name, method] = step
             achieved = flops * rates[True] / args.batch_size
@@ -139,7 +139,7 @@ def main() -> int:
                     if batch is None:
                         batches = iter(loader)
                         batch = next(batches)
-                    return batch["views"][0], batch["labels"]
+                    return batch["crops"][0], batch["labels"]
 
                 fed = images_per_s(compiled_steps[name, method], real, device, args.steps, args.repeats)
                 print(f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / synthetic, "

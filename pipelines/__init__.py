@@ -1,11 +1,11 @@
-"""Loaders that turn a stored dataset (`.beton` + metadata) into batches of views on the device.
+"""Loaders that turn a stored dataset (`.beton` + metadata) into batches of augmented crops on the device.
 
     loader = create_loader("ffcv", "data/digits_train.beton", train=True, batch_size=64,
-                           img_size=32, aug_views=2, device="cuda")
+                           img_size=32, crops=2, device="cuda")
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
-            batch["views"]    # (V, B, 3, H, W), normalised, channels-last, on the device
+            batch["crops"]    # (V, B, 3, H, W): V crops of each image, normalised, channels-last, on the device
             batch["labels"]   # (B,) int64
             batch["indices"]  # (B,) sample indices in the file
 
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from pipelines.augment import AugmentConfig
 from pipelines.dataset import DatasetError, DatasetInfo, open_dataset
-from pipelines.loader import ViewLoader
+from pipelines.loader import CropLoader
 
 ENGINES = ("ffcv", "dali", "torch")
 
 
 def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: int,
-                  aug_views: int = 1, device="cpu", rank: int = 0, world_size: int = 1,
+                  crops: int = 1, device="cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_workers: int | None = None, dtype=None,
-                  **augmentation) -> ViewLoader:
+                  **augmentation) -> CropLoader:
     """A loader of `kind` over the .beton at `path` (its metadata beside it), or, for `dali`,
     over the ImageFolder at `path`."""
     if kind == "ffcv":
@@ -39,10 +39,10 @@ def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: in
         raise ValueError(f"unknown loader kind {kind!r}; choose from {', '.join(ENGINES)}")
     import torch
 
-    return engine(path, train=train, batch_size=batch_size, img_size=img_size, aug_views=aug_views,
+    return engine(path, train=train, batch_size=batch_size, img_size=img_size, crops=crops,
                   device=device, rank=rank, world_size=world_size, seed=seed,
                   num_workers=num_workers, dtype=dtype or torch.float32, **augmentation)
 
 
 __all__ = ["create_loader", "ENGINES", "AugmentConfig", "DatasetError", "DatasetInfo",
-           "open_dataset", "ViewLoader"]
+           "open_dataset", "CropLoader"]

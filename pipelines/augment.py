@@ -1,8 +1,8 @@
-"""What happens to a batch once its views are on the device, shared by every engine.
+"""What happens to a batch once its crops are on the device, shared by every engine.
 
 Train: RandAugment (per image, `pipelines/randaugment.py`), normalisation with the dataset's
 mean/std, random erasing (timm's `RandomErasing`, per image), and optionally mixup/cutmix
-(timm's `Mixup`, soft targets; all views of an image get the same mix). Eval: normalisation.
+(timm's `Mixup`, soft targets; all crops of an image get the same mix). Eval: normalisation.
 The crops and flips happen earlier, in the engine, where each image is decoded once.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class AugmentConfig:
 
 
 class DeviceAugment:
-    """uint8 views (B, V, H, W, 3) on the device -> normalised views (V, B, 3, H, W) in `dtype`,
+    """uint8 crops (B, V, H, W, 3) on the device -> normalised crops (V, B, 3, H, W) in `dtype`,
     channels-last, plus soft targets when mixing."""
 
     def __init__(self, config: AugmentConfig, *, train: bool, mean, std, num_classes: int,
@@ -75,7 +75,7 @@ class DeviceAugment:
 
     def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, v, h, w, _ = raw.shape
-        # float copy with the views first, so that the V*B images form one channels-last batch
+        # float copy with the crops first, so that the V*B images form one channels-last batch
         x = (self.host.empty((v, b, h, w, 3)) if raw.device.type == "cpu"
              else torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device))
         x.copy_(raw.transpose(0, 1))
@@ -87,11 +87,11 @@ class DeviceAugment:
             images = self.erasing(images)
         targets = None
         if self.mixup is not None:
-            # the V views of an image share its mix: mix (B, V*3, H, W) along the batch
+            # the V crops of an image share its mix: mix (B, V*3, H, W) along the batch
             stacked = images.reshape(v, b, 3, h, w).transpose(0, 1).reshape(b, v * 3, h, w)
             stacked, targets = self.mixup(stacked, labels)
             images = stacked.reshape(b, v, 3, h, w).transpose(0, 1)
-        return _channels_last_views(images.reshape(v, b, 3, h, w), self.dtype), targets
+        return _channels_last_crops(images.reshape(v, b, 3, h, w), self.dtype), targets
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std in place, one pass. A channels-last batch is one (N*H, W*3) matrix of
@@ -132,8 +132,8 @@ class HostBuffers:
         return torch.from_numpy(array)
 
 
-def _channels_last_views(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(V, B, 3, H, W) in `dtype` with channels-last strides (each view a channels-last batch);
+def _channels_last_crops(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(V, B, 3, H, W) in `dtype` with channels-last strides (each crop a channels-last batch);
     no copy when x already is."""
     v, b, c, h, w = x.shape
     out = torch.empty((v, b, h, w, c), dtype=dtype, device=x.device).permute(0, 1, 4, 2, 3)

@@ -28,7 +28,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dataset import RAW, BetonFile, ImageFolder, open_dataset, open_image_folder
-from pipelines.loader import ViewLoader
+from pipelines.loader import CropLoader
 from pipelines.sampling import epoch_order
 from ssat.forking import forking
 
@@ -71,7 +71,7 @@ class BetonSamples:
         return np.asarray(data), np.array(i, dtype=np.int64)
 
 
-class DALILoader(ViewLoader):
+class DALILoader(CropLoader):
     engine = "dali"
 
     def _open(self, path):
@@ -121,17 +121,17 @@ class DALILoader(ViewLoader):
                                        output_type=types.RGB)
             size, cfg = self.img_size, self.config
             if self.train:
-                views = [fn.flip(fn.random_resized_crop(images, size=(size, size),
+                crops = [fn.flip(fn.random_resized_crop(images, size=(size, size),
                                                         random_area=list(cfg.scale),
                                                         random_aspect_ratio=list(cfg.ratio),
                                                         interp_type=types.INTERP_CUBIC),
                                  horizontal=fn.random.coin_flip(probability=cfg.hflip))
-                         for _ in range(self.views)]
+                         for _ in range(self.crops)]
             else:
                 resized = fn.resize(images, resize_shorter=int(size / cfg.crop_pct),
                                     interp_type=types.INTERP_CUBIC)
-                views = [fn.crop(resized, crop=(size, size))]
-            pipe.set_outputs(fn.stack(*views), index)
+                crops = [fn.crop(resized, crop=(size, size))]
+            pipe.set_outputs(fn.stack(*crops), index)
         with forking():  # the external source's workers start here (forked on the CPU)
             pipe.build()
         self._pipe, self._pipe_epoch = pipe, epoch
@@ -142,11 +142,11 @@ class DALILoader(ViewLoader):
             return
         pipe = self._pipeline(order)
         self._pipe_whole = False
-        batch, shape = self.batch_size, (self.batch_size, self.views, self.img_size, self.img_size, 3)
+        batch, shape = self.batch_size, (self.batch_size, self.crops, self.img_size, self.img_size, 3)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         for k in range(len(self)):
             try:
-                views, index = pipe.run()
+                crops, index = pipe.run()
             except StopIteration:
                 raise RuntimeError(f"DALI ended the epoch of {self.path} after {k} of {len(self)} "
                                    f"batches") from None
@@ -160,7 +160,7 @@ class DALILoader(ViewLoader):
                 raise RuntimeError(f"DALI returned samples {indices[:8].tolist()}... of {self.path} "
                                    f"where {expected[:8].tolist()}... were due")
             out = torch.empty(shape, dtype=torch.uint8, device=self.device)
-            feed_ndarray(views.as_tensor(), out, cuda_stream=stream)
+            feed_ndarray(crops.as_tensor(), out, cuda_stream=stream)
             labels = torch.from_numpy(np.asarray(self.source.labels[indices], dtype=np.int64))
             yield out[: len(expected)], labels.to(self.device, non_blocking=True)
         if not self.folder:  # the external source ends its epoch; the file reader wraps around

@@ -1,7 +1,7 @@
 """The ffcv engine: JPEG decoding and V crops per image in ffcv's numba-compiled CPU threads.
 
-ffcv 1.0.2 decodes an image again for every extra view (one `PipelineSpec` per view); the
-`MultiViewCrop` operation here decodes it once into a scratch buffer and cuts all V
+ffcv 1.0.2 decodes an image again for every extra crop (one `PipelineSpec` per crop); the
+`MultiCrop` operation here decodes it once into a scratch buffer and cuts all V
 random-resized crops (with their flips) from it. Eval uses the same operation with one centre
 crop. A JPEG that does not decode stops the epoch with an error naming the file and the sample,
 where ffcv's own decoders would hand on an uninitialised buffer, and an exception in ffcv's
@@ -27,7 +27,7 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 
 from pipelines.dataset import JPEG
-from pipelines.loader import ViewLoader
+from pipelines.loader import CropLoader
 
 
 def _flip_rows(image: np.ndarray) -> None:
@@ -42,23 +42,23 @@ def _flip_rows(image: np.ndarray) -> None:
             row[m, 0], row[m, 1], row[m, 2] = red, green, blue
 
 
-class MultiViewCrop(Operation):
+class MultiCrop(Operation):
     """RGBImageField -> (V, S, S, 3) uint8 per sample: decode once, cut V crops.
 
     Train: random-resized crops (area `scale`, aspect `ratio`) each flipped with probability
     `flip`. Eval (`train=False`): one centre crop of `crop_pct` of the shorter side, as resizing
     to S / crop_pct and cropping S."""
 
-    def __init__(self, size: int, views: int, train: bool, scale=(0.08, 1.0),
+    def __init__(self, size: int, crops: int, train: bool, scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), flip: float = 0.5, crop_pct: float = 0.875):
         super().__init__()
-        self.size, self.views, self.train = size, views, train
+        self.size, self.crops, self.train = size, crops, train
         self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
         self.flip, self.crop_pct = flip, crop_pct
 
     def declare_state_and_memory(self, previous_state: State):
         largest = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
-        shape = (self.views, self.size, self.size, 3)
+        shape = (self.crops, self.size, self.size, 3)
         uint8 = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=uint8),
                 (AllocationQuery(shape, uint8), AllocationQuery((largest,), uint8),
@@ -71,10 +71,10 @@ class MultiViewCrop(Operation):
         crop_resize = Compiler.compile(resize_crop)
         flip_rows = Compiler.compile(_flip_rows)
         pick_crop = Compiler.compile(get_random_crop if self.train else get_center_crop)
-        views, train, flip = self.views, self.train, self.flip
+        crops, train, flip = self.crops, self.train, self.flip
         scale, ratio = self.scale, (self.ratio if self.train else self.crop_pct)
 
-        def multi_view_crop(batch_indices, buffers, metadata, storage_state):
+        def multi_crop(batch_indices, buffers, metadata, storage_state):
             destination, scratch, status = buffers
             for k in loop(len(batch_indices)):
                 field = metadata[batch_indices[k]]
@@ -87,7 +87,7 @@ class MultiViewCrop(Operation):
                 else:
                     status[k, 0] = 0
                     image = data.reshape(height, width, 3)
-                for v in range(views):
+                for v in range(crops):
                     i, j, h, w = pick_crop(height, width, scale, ratio)
                     crop_resize(image, i, i + h, j, j + w, destination[k, v])
                     if train and np.random.rand() < flip:
@@ -97,8 +97,8 @@ class MultiViewCrop(Operation):
                 raise ValueError("a JPEG sample of the .beton does not decode")
             return destination[: len(batch_indices)]
 
-        multi_view_crop.is_parallel = True
-        return multi_view_crop
+        multi_crop.is_parallel = True
+        return multi_crop
 
 
 class _Epoch(EpochIterator):
@@ -149,13 +149,13 @@ class _Loader(Loader):
         return _Epoch(self, order)
 
 
-class FFCVLoader(ViewLoader):
+class FFCVLoader(CropLoader):
     engine = "ffcv"
 
     def __init__(self, path, **kwargs):
         super().__init__(path, **kwargs)
         cfg = self.config
-        crop = MultiViewCrop(self.img_size, self.views, self.train, scale=cfg.scale, ratio=cfg.ratio,
+        crop = MultiCrop(self.img_size, self.crops, self.train, scale=cfg.scale, ratio=cfg.ratio,
                              flip=cfg.hflip, crop_pct=cfg.crop_pct)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         self._ffcv = _Loader(

@@ -1,6 +1,6 @@
 """The loader contract every engine fulfils, and the part of it they share.
 
-An engine only turns an epoch's sample order into batches of uint8 views (B, V, H, W, 3) and
+An engine only turns an epoch's sample order into batches of uint8 crops (B, V, H, W, 3) and
 labels on the device (`_raw_batches`); sharding, epochs, lengths, indices and the device-side
 augmentation live here, so the engines cannot disagree about them.
 """
@@ -21,23 +21,23 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-class ViewLoader:
-    """Iterating yields dicts: `views` (V, B, 3, H, W) normalised, channels-last, in `dtype`, on
+class CropLoader:
+    """Iterating yields dicts: `crops` (V, B, 3, H, W), V augmented crops of each image, normalised, channels-last, in `dtype`, on
     `device`; `labels` (B,) int64; `indices` (B,) int64 sample indices in the file; and, when
     mixup/cutmix is on, `targets` (B, num_classes) soft targets."""
 
     engine = ""
 
-    def __init__(self, path, *, train: bool, batch_size: int, img_size: int, aug_views: int = 1,
+    def __init__(self, path, *, train: bool, batch_size: int, img_size: int, crops: int = 1,
                  device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int | None = None, dtype: torch.dtype = torch.float32, **augmentation):
         self.source, self.info = self._open(path)
         self.path = self.info.path
-        if aug_views < 1 or (not train and aug_views != 1):
-            raise ValueError(f"aug_views must be >= 1 for training and 1 for eval, got {aug_views}")
+        if crops < 1 or (not train and crops != 1):
+            raise ValueError(f"crops must be >= 1 for training and 1 for eval, got {crops}")
         if batch_size < 1 or img_size < 1:
             raise ValueError(f"batch_size and img_size must be positive, got {batch_size}, {img_size}")
-        self.train, self.batch_size, self.img_size, self.views = train, batch_size, img_size, aug_views
+        self.train, self.batch_size, self.img_size, self.crops = train, batch_size, img_size, crops
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
         self.num_workers = default_workers() if num_workers is None else num_workers
@@ -76,8 +76,8 @@ class ViewLoader:
             n = raw.shape[0]
             # copies: engines may reuse their label buffers for the next batch
             labels = labels.reshape(-1).to(torch.int64, copy=True)
-            views, targets = self.transform(raw, labels)
-            batch = {"views": views, "labels": labels,
+            crops, targets = self.transform(raw, labels)
+            batch = {"crops": crops, "labels": labels,
                      "indices": torch.from_numpy(order[start:start + n]).to(self.device)}
             if targets is not None:
                 batch["targets"] = targets
@@ -97,5 +97,5 @@ class ViewLoader:
                             f"{[int(i) for i in indices[:8]]}: {err}")
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `order`, in order: uint8 (B, V, H, W, 3) views and (B,) labels on the device."""
+        """Batches of `order`, in order: uint8 (B, V, H, W, 3) crops and (B,) labels on the device."""
         raise NotImplementedError

@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipelines.dataset import RAW, BetonFile, DatasetError
-from pipelines.loader import ViewLoader
+from pipelines.loader import CropLoader
 from ssat.forking import forking
 
 
-class _Views(Dataset):
-    def __init__(self, beton: BetonFile, views: int, transform):
-        self.beton, self.views, self.transform = beton, views, transform
+class _Crops(Dataset):
+    def __init__(self, beton: BetonFile, crops: int, transform):
+        self.beton, self.crops, self.transform = beton, crops, transform
 
     def __len__(self) -> int:
         return len(self.beton)
@@ -40,8 +40,8 @@ class _Views(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.image(i)
-        views = np.stack([np.asarray(self.transform(img)) for _ in range(self.views)])
-        return torch.from_numpy(views), int(self.beton.labels[i])  # (V, H, W, 3) uint8
+        crops = np.stack([np.asarray(self.transform(img)) for _ in range(self.crops)])
+        return torch.from_numpy(crops), int(self.beton.labels[i])  # (V, H, W, 3) uint8
 
 
 class _Order(torch.utils.data.Sampler):
@@ -57,7 +57,7 @@ class _Order(torch.utils.data.Sampler):
         return len(self.order)
 
 
-class TorchLoader(ViewLoader):
+class TorchLoader(CropLoader):
     engine = "torch"
 
     def __init__(self, path, **kwargs):
@@ -73,7 +73,7 @@ class TorchLoader(ViewLoader):
                                    T.CenterCrop(self.img_size)])
         self._sampler = _Order()
         self._loader = DataLoader(
-            _Views(self.source, self.views, transform), batch_size=self.batch_size,
+            _Crops(self.source, self.crops, transform), batch_size=self.batch_size,
             sampler=self._sampler, drop_last=self.train, num_workers=self.num_workers,
             # new workers every epoch: their random streams then follow the (seed, epoch) state
             # of the main process, so a resumed run repeats the uninterrupted one
@@ -83,6 +83,6 @@ class TorchLoader(ViewLoader):
         self._sampler.order = order
         with forking():  # the DataLoader forks its workers here
             batches = iter(self._loader)
-        for views, labels in batches:
-            yield (views.to(self.device, non_blocking=True),
+        for crops, labels in batches:
+            yield (crops.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))

@@ -43,7 +43,7 @@ class TrainConfig:
     patch_size: int = _flag("patch size", 16)
     mask_ratio: float = _flag("fraction of patches masked in each view", 0.75)
     mask_views: int = _flag("r: disjoint mask views per image (FGCR; 1 = SSAT)", 1, aliases=("--views",))
-    aug_views: int = _flag("V: independently augmented crops per image, decoded once", 1)
+    crops: int = _flag("V: independently augmented crops of each image, decoded once (not mask views)", 1)
     norm_pix_loss: bool = _flag("reconstruct per-patch normalised pixels", False)
     lambda_weight: float = _flag("lam: weight of the classification loss", 0.1)
     sim_beta: float = _flag("beta: weight of the FGCR consistency loss", 0.001)

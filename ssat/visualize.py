@@ -65,7 +65,7 @@ def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int 
     model.eval()
     r = mask_views or cfg.get("mask_views") or 1
     batch = next(iter(loader))
-    images, indices = batch["views"][0], batch["indices"].tolist()
+    images, indices = batch["crops"][0], batch["indices"].tolist()
     torch.manual_seed(seed)
     recon, mask = model.reconstruct(images, mask_views=r)  # (r, B, 3, H, W), (r, B, L)
     # 1 where the encoder saw the patch, as (r, B, 3, H, W) pixels

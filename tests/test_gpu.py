@@ -35,38 +35,38 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"photos": root / "photos_train.beton", "digits": root}
 
 
-def _eval_views(engine: str, path: Path, device: str) -> torch.Tensor:
+def _eval_crops(engine: str, path: Path, device: str) -> torch.Tensor:
     from pipelines import create_loader
 
     loader = create_loader(engine, path, train=False, batch_size=16, img_size=64, device=device,
                            num_workers=2)
-    views = []
+    crops = []
     for batch in loader:
-        assert batch["views"].device.type == device
-        assert batch["views"][0].is_contiguous(memory_format=torch.channels_last)
-        views.append(batch["views"][0].float().cpu())
-    return torch.cat(views)
+        assert batch["crops"].device.type == device
+        assert batch["crops"][0].is_contiguous(memory_format=torch.channels_last)
+        crops.append(batch["crops"][0].float().cpu())
+    return torch.cat(crops)
 
 
 @needs_ffcv
 def test_ffcv_to_device(data):
     """The ffcv engine's batches arrive on the GPU equal to its CPU batches (eval is deterministic)."""
-    torch.testing.assert_close(_eval_views("ffcv", data["photos"], "cuda"),
-                               _eval_views("ffcv", data["photos"], "cpu"), atol=1e-4, rtol=0)
+    torch.testing.assert_close(_eval_crops("ffcv", data["photos"], "cuda"),
+                               _eval_crops("ffcv", data["photos"], "cpu"), atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed")
 def test_dali_decodes_on_the_gpu(data):
-    """`mixed` decoding (nvJPEG) gives the CPU decoder's eval views, on the GPU."""
+    """`mixed` decoding (nvJPEG) gives the CPU decoder's eval crops, on the GPU."""
     from pipelines import create_loader
 
-    gpu, cpu = _eval_views("dali", data["photos"], "cuda"), _eval_views("dali", data["photos"], "cpu")
+    gpu, cpu = _eval_crops("dali", data["photos"], "cuda"), _eval_crops("dali", data["photos"], "cpu")
     assert (gpu - cpu).abs().mean() < 0.05
-    train = create_loader("dali", data["photos"], train=True, batch_size=16, img_size=32, aug_views=3,
+    train = create_loader("dali", data["photos"], train=True, batch_size=16, img_size=32, crops=3,
                           device="cuda", num_workers=2)
     for epoch in range(2):
         train.set_epoch(epoch)
-        batches = [b["views"].shape for b in train]
+        batches = [b["crops"].shape for b in train]
         assert batches == [(3, 16, 3, 32, 32)] * 3
 
 

@@ -42,55 +42,55 @@ def _epoch(loader) -> list[dict]:
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_contract(data, engine, dtype):
-    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, aug_views=2,
+    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, crops=2,
                            device="cpu", num_workers=2, dtype=dtype)
     beton = BetonFile(data["photos"])
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 60 // 8
     seen = []
     for batch in batches:
-        views, labels, indices = batch["views"], batch["labels"], batch["indices"]
-        assert views.shape == (2, 8, 3, 32, 32) and views.dtype == dtype and views.device.type == "cpu"
-        assert all(views[v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
+        crops, labels, indices = batch["crops"], batch["labels"], batch["indices"]
+        assert crops.shape == (2, 8, 3, 32, 32) and crops.dtype == dtype and crops.device.type == "cpu"
+        assert all(crops[v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
         assert labels.dtype == torch.int64 and indices.dtype == torch.int64
-        assert torch.isfinite(views.float()).all()
+        assert torch.isfinite(crops.float()).all()
         assert np.array_equal(labels.numpy(), beton.labels[indices.numpy()])
         seen += indices.tolist()
     assert len(set(seen)) == len(seen) == 56 and min(seen) >= 0 and max(seen) < 60
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_views_of_one_image_differ(data, engine):
-    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, aug_views=3,
+def test_crops_of_one_image_differ(data, engine):
+    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, crops=3,
                            num_workers=2, **NO_AUG)
-    views = next(iter(loader))["views"]
+    crops = next(iter(loader))["crops"]
     for i in range(8):
-        assert not torch.equal(views[0, i], views[1, i]) and not torch.equal(views[1, i], views[2, i])
+        assert not torch.equal(crops[0, i], crops[1, i]) and not torch.equal(crops[1, i], crops[2, i])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_normalised_statistics(data, engine):
-    """Over all 1,347 digit scans the eval views are close to zero mean and unit std per channel
+    """Over all 1,347 digit scans the eval crops are close to zero mean and unit std per channel
     (stats from the metadata; resizing 8 -> 32 px smooths a little)."""
     loader = create_loader(engine, data["digits"], train=False, batch_size=256, img_size=32, num_workers=2)
-    views = torch.cat([b["views"][0] for b in _epoch(loader)])
-    assert views.shape == (1347, 3, 32, 32)
-    mean, std = views.mean(dim=(0, 2, 3)), views.std(dim=(0, 2, 3))
+    crops = torch.cat([b["crops"][0] for b in _epoch(loader)])
+    assert crops.shape == (1347, 3, 32, 32)
+    mean, std = crops.mean(dim=(0, 2, 3)), crops.std(dim=(0, 2, 3))
     assert (mean.abs() < 0.15).all(), mean
     assert ((std - 1).abs() < 0.2).all(), std
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_eval_pixels_equal_the_source(data, engine):
-    """At the stored size with no crop margin, eval views are the stored pixels, normalised."""
+    """At the stored size with no crop margin, eval crops are the stored pixels, normalised."""
     loader = create_loader(engine, data["digits_test"], train=False, batch_size=100, img_size=8,
                            crop_pct=1.0, num_workers=2)
     beton, info = open_dataset(data["digits_test"])
     mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
     for batch in _epoch(loader):
-        for view, index in zip(batch["views"][0], batch["indices"]):
+        for crop, index in zip(batch["crops"][0], batch["indices"]):
             source = torch.from_numpy(beton.decode(int(index))).permute(2, 0, 1).float()
-            torch.testing.assert_close(view, (source - mean) / std)
+            torch.testing.assert_close(crop, (source - mean) / std)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -103,7 +103,7 @@ def test_held_batches_are_never_overwritten(data, engine):
     assert len(held) == len(loader) > 3  # more batches than the reused buffers
     for kept, fresh in zip(held, _epoch(loader), strict=True):
         assert torch.equal(kept["indices"], fresh["indices"])
-        assert torch.equal(kept["views"], fresh["views"])
+        assert torch.equal(kept["crops"], fresh["crops"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -181,10 +181,10 @@ def _raw(b=6, v=2, size=16, seed=0):
 
 def test_normalisation_only():
     raw, labels = _raw(), torch.arange(6) % 4
-    views, targets = _augment()(raw, labels)
+    crops, targets = _augment()(raw, labels)
     expected = (raw.permute(1, 0, 4, 2, 3).float() - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) \
         / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
-    torch.testing.assert_close(views, expected)
+    torch.testing.assert_close(crops, expected)
     assert targets is None
 
 
@@ -237,7 +237,7 @@ def test_random_erasing_erases_a_rectangle_per_image():
     assert changed.any(dim=(2, 3)).all()
 
 
-def test_mixup_mixes_all_views_of_an_image_alike():
+def test_mixup_mixes_all_crops_of_an_image_alike():
     raw, labels = _raw(b=6, v=3), torch.tensor([0, 1, 2, 3, 0, 1])
     clean, _ = _augment()(raw, labels)
     mixed, targets = _augment(mixup=0.8, mixup_prob=1.0, mixup_switch_prob=0.0, smoothing=0.0)(raw, labels)
@@ -332,13 +332,13 @@ def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
     path = tmp_path / "mixed_train.beton"
     beton = BetonFile(path)
     assert beton.storage_modes == {"jpg", "raw"}
-    views = {}
+    crops = {}
     for engine in ("dali", "torch"):  # at the stored height: a centre crop, no resampling
         loader = create_loader(engine, path, train=False, batch_size=16, img_size=32, crop_pct=1.0,
                                num_workers=1)
-        views[engine] = torch.cat([b["views"][0] for b in _epoch(loader)])
-    assert views["dali"].shape == (30, 3, 32, 32)
-    error = (views["dali"] - views["torch"]).abs().mean(dim=(1, 2, 3))
+        crops[engine] = torch.cat([b["crops"][0] for b in _epoch(loader)])
+    assert crops["dali"].shape == (30, 3, 32, 32)
+    error = (crops["dali"] - crops["torch"]).abs().mean(dim=(1, 2, 3))
     raw = torch.from_numpy(beton.images["mode"] == 1)
     assert (error[raw] == 0).all()  # raw pixels arrive untouched
     assert (error[~raw] < 0.02).all()  # two JPEG decoders: a grey level here and there
@@ -347,15 +347,15 @@ def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
 def test_dali_image_folder_contract(data):
     folder = BetonFile(data["photos"])  # converted from the same folder, in the same order
     loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=32,
-                           aug_views=2, num_workers=2)
+                           crops=2, num_workers=2)
     assert loader.info.num_samples == 60 and loader.info.num_classes == 3
     assert loader.info.class_names == ("class_00", "class_01", "class_02")
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 7
     seen = []
     for batch in batches:
-        assert batch["views"].shape == (2, 8, 3, 32, 32)
-        assert all(batch["views"][v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
+        assert batch["crops"].shape == (2, 8, 3, 32, 32)
+        assert all(batch["crops"][v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
         assert np.array_equal(batch["labels"].numpy(), folder.labels[batch["indices"].numpy()])
         seen += batch["indices"].tolist()
     assert len(set(seen)) == 56
@@ -371,7 +371,7 @@ def test_dali_image_folder_and_its_beton_give_the_same_samples(data):
         batches = _epoch(loader)
         mean = torch.tensor(loader.info.mean).view(1, 3, 1, 1)
         std = torch.tensor(loader.info.std).view(1, 3, 1, 1)
-        pixels[source] = (torch.cat([b["views"][0] for b in batches]) * std + mean,
+        pixels[source] = (torch.cat([b["crops"][0] for b in batches]) * std + mean,
                           torch.cat([b["labels"] for b in batches]),
                           torch.cat([b["indices"] for b in batches]))
     (a, labels_a, idx_a), (b, labels_b, idx_b) = pixels["photos_folder"], pixels["photos"]

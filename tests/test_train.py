@@ -41,7 +41,7 @@ def _log(out: Path) -> list[dict]:
 METHODS = {
     "ssat": ["--model", "mae_vit_tiny"],
     "fgcr2": ["--model", "mae_vit_tiny", "--views", "2"],
-    "fgcr3": ["--model", "mae_vit_tiny", "--views", "3", "--aug_views", "2"],
+    "fgcr3": ["--model", "mae_vit_tiny", "--views", "3", "--crops", "2"],
     "scratch": ["--model", "vit_tiny"],
 }
 
