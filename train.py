@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import accuracy
 from tqdm import tqdm
 
 from pipelines import DatasetError, create_loader
@@ -269,6 +270,13 @@ def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.
             "data_wait": min(1.0, wait.seconds() / seconds), "train_seconds": seconds}
 
 
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Top-1 and top-5 hits in a batch (top-5 is top-C with fewer classes), as float64 counts.
+    timm's `accuracy` gives a percentage of the batch; rounding turns it back into a count."""
+    n = len(labels)
+    return [(acc.double() * n / 100).round() for acc in accuracy(logits, labels, topk=(1, 5))]
+
+
 @torch.no_grad()
 def evaluate(model, loader, cfg: TrainConfig, d: distributed.Dist) -> dict:
     """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across ranks."""
@@ -279,10 +287,8 @@ def evaluate(model, loader, cfg: TrainConfig, d: distributed.Dist) -> dict:
         with autocast(cfg, d.device):
             logits = model.classify(images)
         logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               (top[:, 0] == labels).sum().double(),
-                               (top == labels[:, None]).any(1).sum().double(),
+                               *correct_counts(logits, labels),
                                torch.tensor(float(len(labels)), device=d.device, dtype=torch.float64)])
     loss, top1, top5, n = distributed.all_sum(totals, d).tolist()
     return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}

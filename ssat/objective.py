@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+_soft_target_ce = SoftTargetCrossEntropy()
 
 
 def classification_loss(
@@ -21,7 +24,7 @@ def classification_loss(
         raise ValueError(
             f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
-    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return _soft_target_ce(logits, targets)
 
 
 def ssat_objective(

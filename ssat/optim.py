@@ -4,27 +4,11 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 # Device types whose AdamW has a fused (single-kernel) implementation in PyTorch.
 _FUSED_DEVICES = {"cuda", "cpu", "mps", "xpu"}
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weight decay on matrices, none on biases and 1-D parameters (norms).
-    Parameters that do not train (the fixed sin-cos position embeddings) are left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def create_optimizer(
@@ -34,10 +18,12 @@ def create_optimizer(
     weight_decay: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused when the parameters' device supports it."""
+    """AdamW over timm's two parameter groups (weight decay on matrices; none on biases and 1-D
+    parameters such as norms; frozen parameters such as the fixed sin-cos tables left out), fused
+    when the parameters' device supports it."""
     device = next(p.device for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, weight_decay),
+        param_groups_weight_decay(model, weight_decay),
         lr=lr,
         betas=betas,
         fused=device.type in _FUSED_DEVICES,

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from ssat.models import create_model
 from ssat.objective import classification_loss, ssat_objective
-from ssat.optim import create_optimizer, lr_at, param_groups, scaled_lr
+from ssat.optim import create_optimizer, lr_at, scaled_lr
 
 
 def test_objective_weighs_the_parts():
@@ -50,19 +51,31 @@ def test_scratch_objective_is_the_classification_loss():
 
 
 def test_param_groups():
+    """timm's groups are the rule: weight decay on matrices, none on biases and 1-D parameters,
+    frozen parameters (the fixed sin-cos tables) left out."""
     model = create_model("mae_vit_tiny", num_classes=10, img_size=32, patch_size=4, depth=2)
-    decay, no_decay = param_groups(model, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert not decayed & exempt
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert decayed | exempt == trainable
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rule = {n for n, p in trainable.items() if p.ndim > 1 and not n.endswith(".bias")}
+    optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.05)
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {0.0, 0.05}
+    assert groups[0.05] == rule and groups[0.0] == set(trainable) - rule
     assert {"pos_embed", "decoder_pos_embed"}.isdisjoint(trainable)
-    assert all(n.endswith(".bias") or "norm" in n for n in exempt)
-    assert {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.weight"} <= exempt
-    assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= decayed
+    assert all(n.endswith(".bias") or "norm" in n for n in groups[0.0])
+    assert {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.weight"} <= groups[0.0]
+    assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= groups[0.05]
+
+
+def test_accuracy_counts_by_hand():
+    """The evaluation's hit counts (through timm's `accuracy`) equal counting by hand, also with
+    fewer than 5 classes."""
+    for classes in (3, 10):
+        logits, labels = torch.randn(37, classes), torch.randint(0, classes, (37,))
+        ranked = logits.argsort(dim=1, descending=True)
+        top1 = (ranked[:, 0] == labels).sum().item()
+        top5 = (ranked[:, :5] == labels[:, None]).any(1).sum().item()
+        assert [c.item() for c in train.correct_counts(logits, labels)] == [top1, top5]
 
 
 def test_fused_adamw_steps_on_cpu():
