@@ -301,7 +301,8 @@ def build_state(cfg: TrainConfig, d: distributed.Dist, num_classes: int, steps_p
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size,
                          patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-                         norm_pix_loss=cfg.norm_pix_loss, drop_path_rate=cfg.drop_path)
+                         norm_pix_loss=cfg.norm_pix_loss, drop_path_rate=cfg.drop_path,
+                         global_pool=cfg.global_pool, pos_embed=cfg.pos_embed)
     if model.has_decoder:
         check_views(cfg.mask_views, model.num_visible, model.num_patches)
     if cfg.finetune:

@@ -159,19 +159,20 @@ class LoadResult(NamedTuple):
 
 
 def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> bool:
-    """Fit a position table of another grid size to the model's. A fixed sin-cos table is
-    replaced by the model's own (exact); a learned one is resampled bicubically (timm). Returns
-    True when a learned table was resampled."""
+    """Fit a position table of another grid size to the model's. A sin-cos table becomes the
+    sin-cos table of the model's grid (exact, whether the model keeps it fixed or learns from it);
+    a learned one is resampled bicubically (timm). Returns True when a learned table was
+    resampled."""
     own = getattr(model, key, None)
     if key not in state or own is None or state[key].shape == own.shape:
         return False
     table = state[key]
     old_grid = int((table.shape[1] - 1) ** 0.5)
+    new_grid = int(model.num_patches**0.5)
     fixed = sincos_2d(table.shape[-1], old_grid)[None]
     if fixed.shape == table.shape and torch.allclose(table.float(), fixed, atol=1e-5):
-        del state[key]
+        state[key] = sincos_2d(table.shape[-1], new_grid)[None].to(table.dtype)
         return False
-    new_grid = int(model.num_patches**0.5)
     state[key] = resample_abs_pos_embed(table, new_size=[new_grid, new_grid], num_prefix_tokens=1)
     return True
 

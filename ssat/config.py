@@ -45,6 +45,11 @@ class TrainConfig:
     mask_views: int = _flag("r: disjoint mask views per image (FGCR; 1 = SSAT)", 1, aliases=("--views",))
     crops: int = _flag("V: independently augmented crops of each image, decoded once (not mask views)", 1)
     norm_pix_loss: bool = _flag("reconstruct per-patch normalised pixels", False)
+    global_pool: bool = _flag("classify the mean patch token through fc_norm (MAE's fine-tuning "
+                              "head) instead of the cls token", False)
+    pos_embed: str | None = _flag("position embedding: sincos (fixed) or learned (default: learned "
+                                  "for the scratch baseline vit_*, as timm's ViT; sincos for mae_vit_*)",
+                                  choices=("sincos", "learned"))
     lambda_weight: float = _flag("lam: weight of the classification loss", 0.1)
     sim_beta: float = _flag("beta: weight of the FGCR consistency loss", 0.001)
     drop_path: float = _flag("stochastic depth rate of the encoder", 0.0)

@@ -3,7 +3,12 @@
 One class, `SSATViT`; the registry entries below only set its dimensions. Parameter names are
 facebookresearch/mae's (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N`, `norm`, `head`,
 `mask_token`, `decoder_*`), so MAE checkpoints load without renaming and the encoder part loads
-strictly into timm's `VisionTransformer(global_pool='token', fc_norm=False)`.
+strictly into timm's `VisionTransformer(global_pool='token', fc_norm=False)` (or, with
+`global_pool=True`, `VisionTransformer(global_pool='avg', fc_norm=True)`, MAE's fine-tuning head).
+
+Position embeddings: the SSAT/FGCR models (`mae_vit_*`) use MAE's fixed 2-D sin-cos tables; the
+scratch baseline (`vit_*`) learns its table by default, as timm's VisionTransformer (the published
+baseline) does. `pos_embed='sincos'` or `'learned'` overrides either.
 
     model = create_model('mae_vit_tiny', num_classes=10, img_size=32, patch_size=4)
     logits = model.classify(images)                  # (B, C), the inference path
@@ -53,6 +58,8 @@ def create_model(
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     kwargs = {**_REGISTRY[name], **overrides}
+    if kwargs.get("pos_embed") is None:  # the baseline learns its table, as timm's ViT does
+        kwargs["pos_embed"] = "sincos" if "decoder_embed_dim" in kwargs else "learned"
     return SSATViT(num_classes=num_classes, img_size=img_size, patch_size=patch_size, **kwargs)
 
 
@@ -83,6 +90,8 @@ class SSATViT(nn.Module):
         decoder_num_heads: int = 16,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
+        global_pool: bool = False,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
         if img_size % patch_size:
@@ -92,17 +101,26 @@ class SSATViT(nn.Module):
         self.in_chans = in_chans
         self.num_patches = grid * grid
         self.num_classes = num_classes
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
+        self.learned_pos_embed = pos_embed == "learned"
+        self.global_pool = global_pool
+        self.has_decoder = decoder_embed_dim is not None
 
-        # Encoder. Position embeddings are fixed sin-cos (cls slot included), not trained.
+        # Encoder. The sin-cos table (cls slot included) is fixed, or the start of a learned one.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None],
+                                      requires_grad=self.learned_pos_embed)
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
-        self.norm = LayerNorm(embed_dim)
+        # Global pooling (MAE's fine-tuning head) classifies the mean patch token through
+        # `fc_norm`; the final `norm` then serves only the decoder, and a model without one has
+        # none (MAE's fine-tuned checkpoints hold `fc_norm.*` and no `norm.*`).
+        self.norm = LayerNorm(embed_dim) if self.has_decoder or not global_pool else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim) if global_pool else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         # MAE decoder (absent in the scratch baseline).
-        self.has_decoder = decoder_embed_dim is not None
         if self.has_decoder:
             self.mask_ratio = mask_ratio
             self.num_visible = num_visible(self.num_patches, mask_ratio)
@@ -127,6 +145,8 @@ class SSATViT(nn.Module):
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.learned_pos_embed:  # timm's initialisation of a learned table
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.has_decoder:
             nn.init.normal_(self.mask_token, std=0.02)
         for module in self.modules():
@@ -151,29 +171,40 @@ class SSATViT(nn.Module):
         self.head.to(self.cls_token.device)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """Encoder + head weights: what timm's VisionTransformer (and a scratch model) load."""
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not k.startswith(("decoder_", "mask_token"))
-        }
+        """Encoder + head weights: what timm's VisionTransformer (and a scratch model) load. With
+        global pooling the final `norm` belongs to the decoder path and is left out too."""
+        left_out = ("decoder_", "mask_token") + (("norm.",) if self.global_pool else ())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(left_out)}
 
     # -------------------------------------------------------------------------- encoder
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, D) patch tokens with their position embedding."""
         return self.patch_embed(images) + self.pos_embed[:, 1:]
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, n, D) position-embedded patch tokens -> (N, 1 + n, D), cls first, normed."""
+    def blocks_out(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, n, D) position-embedded patch tokens -> (N, 1 + n, D) after the blocks, cls first,
+        before the final norm."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return x
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, n, D) position-embedded patch tokens -> (N, 1 + n, D), cls first, normed."""
+        return self.norm(self.blocks_out(tokens))
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) position-embedded patch tokens of the unmasked image -> (B, num_classes):
+        the normed cls token, or with global pooling the mean patch token through `fc_norm`."""
+        x = self.blocks_out(tokens)
+        if self.global_pool:
+            return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))
+        return self.head(self.norm(x)[:, 0])
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes) logits from the cls token of the unmasked image."""
-        return self.head(self.encode(self.embed(images))[:, 0])
+        """(B, C, H, W) -> (B, num_classes) logits of the unmasked image (the inference path)."""
+        return self.head_logits(self.embed(images))
 
     # -------------------------------------------------------------------------- decoder
     def decode(self, latent: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +259,7 @@ class SSATViT(nn.Module):
 
         `noise` (B, L) fixes the patch shuffle (for tests); by default it is drawn uniformly."""
         tokens = self.embed(images)  # (B, L, D)
-        logits = self.head(self.encode(tokens)[:, 0])
+        logits = self.head_logits(tokens)
         if not self.has_decoder:
             return {"logits": logits}
 

@@ -22,6 +22,7 @@ from ssat.checkpoint import (
 )
 from ssat.models import create_model
 from ssat.optim import create_optimizer
+from ssat.pos_embed import sincos_2d
 
 
 def _tiny(name="mae_vit_tiny", classes=10, **kw):
@@ -194,14 +195,17 @@ def test_timm_learned_pos_embed_is_resampled(tmp_path):
     torch.testing.assert_close(ours.blocks[1].mlp.fc2.weight, timm_vit.blocks[1].mlp.fc2.weight)
 
 
-def test_fixed_pos_embed_of_another_grid_is_regenerated(tmp_path):
-    big = create_model("vit_tiny", num_classes=10, img_size=64, patch_size=8, depth=2)
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_sincos_pos_embed_of_another_grid_is_regenerated(tmp_path, pos_embed):
+    """An MAE-style sin-cos table of an 8x8 grid becomes the exact sin-cos table of the model's
+    4x4 grid, for a model that keeps it fixed and for one that learns from it."""
+    big = create_model("mae_vit_tiny", num_classes=10, img_size=64, patch_size=8, depth=2)
     torch.save({"model": big.state_dict()}, tmp_path / "big.pth")
-    small = _tiny("vit_tiny")
-    table = small.pos_embed.detach().clone()
+    small = _tiny("vit_tiny", pos_embed=pos_embed)
     result = load_pretrained(small, tmp_path / "big.pth")
-    assert not result.pos_embed_resampled and "pos_embed" in result.missing_keys
-    assert torch.equal(small.pos_embed, table)
+    assert not result.pos_embed_resampled and "pos_embed" not in result.missing_keys
+    assert torch.equal(small.pos_embed.detach(), sincos_2d(192, 4)[None])
+    assert small.pos_embed.requires_grad == (pos_embed == "learned")
 
 
 @pytest.mark.parametrize(

@@ -39,10 +39,16 @@ def test_encoder_dimensions_match_timm(size):
     assert ours_shapes == theirs_shapes
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_model_shapes_and_gradients(name):
+# Every model with the cls-token head; global pooling (the same code for every size) on the tiny ones.
+@pytest.mark.parametrize("name, global_pool", [(n, False) for n in list_models()]
+                         + [("vit_tiny", True), ("mae_vit_tiny", True)])
+def test_every_model_shapes_and_gradients(name, global_pool):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=CLASSES, img_size=IMG, patch_size=PATCH)
+    model = create_model(name, num_classes=CLASSES, img_size=IMG, patch_size=PATCH,
+                         global_pool=global_pool)
+    # the scratch baseline learns its position table (timm's ViT); SSAT/FGCR keep MAE's fixed one
+    assert model.pos_embed.requires_grad == name.startswith("vit_")
+    assert (model.fc_norm is not None) == global_pool
     images = torch.randn(3, 3, IMG, IMG)
     assert model.classify(images).shape == (3, CLASSES)
 
@@ -81,6 +87,24 @@ def test_timm_parity(name):
     ).eval()
     theirs.load_state_dict(ours.encoder_state_dict(), strict=True)
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.classify(images), theirs(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(images, mask_views=1)["logits"], theirs(images))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "mae_vit_small"])
+def test_timm_parity_global_pool(name):
+    """With global pooling the encoder loads strictly into timm's ViT with MAE's fine-tuning head
+    (mean of the patch tokens, then fc_norm, then head) and gives the same logits."""
+    ours = create_model(name, num_classes=7, img_size=32, patch_size=4, global_pool=True).eval()
+    dim, heads = ours.cls_token.shape[-1], ours.blocks[0].attn.num_heads
+    theirs = VisionTransformer(
+        img_size=32, patch_size=4, num_classes=7, embed_dim=dim, depth=len(ours.blocks),
+        num_heads=heads, qkv_bias=True, class_token=True, global_pool="avg", fc_norm=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()
+    theirs.load_state_dict(ours.encoder_state_dict(), strict=True)
+    images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.classify(images), theirs(images), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(images, mask_views=1)["logits"], theirs(images))

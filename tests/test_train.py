@@ -104,12 +104,18 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
     assert [r["epoch"] for r in _log(out) if r["type"] == "epoch"] == [0, 1, 2]
 
 
-def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys):
+@pytest.mark.parametrize("model", [["--model", "mae_vit_tiny"], ["--model", "vit_tiny", "--global_pool"]],
+                         ids=["ssat", "scratch-global-pool"])
+def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
+    """Also for MAE's fine-tuning format: a global-pool head (`fc_norm.*`, no final `norm.*`)."""
     out = tmp_path / "run"
-    assert train.main(_args(data, out, "--pipeline", "ffcv", "--model", "mae_vit_tiny", "--epochs", 2)) == 0
+    assert train.main(_args(data, out, "--pipeline", "ffcv", *model, "--epochs", 2)) == 0
     logged = [r for r in _log(out) if r["type"] == "epoch"][-1]
+    weights = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    if "--global_pool" in model:
+        assert "fc_norm.weight" in weights and "norm.weight" not in weights
     capsys.readouterr()
-    assert train.main(_args(data, tmp_path / "eval", "--pipeline", "ffcv", "--model", "mae_vit_tiny", "--eval",
+    assert train.main(_args(data, tmp_path / "eval", "--pipeline", "ffcv", *model, "--eval",
                             "--resume", out / "checkpoint-last.pth")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     assert result["num_samples"] == 320
