@@ -205,8 +205,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
     ]
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
-    skipped_missing = [k for k in missing if not k.startswith(_OPTIONAL_MISSING)]
-    skipped_unexpected = [k for k in unexpected if not k.startswith(_OPTIONAL_UNEXPECTED)]
+    optional_missing, optional_unexpected = _OPTIONAL_MISSING, _OPTIONAL_UNEXPECTED
+    if getattr(target, "global_pool", False):  # MAE fine-tuning: fresh fc_norm, pretrained norm unused
+        optional_missing += ("fc_norm.",)
+        optional_unexpected += () if target.has_decoder else ("norm.",)
+    skipped_missing = [k for k in missing if not k.startswith(optional_missing)]
+    skipped_unexpected = [k for k in unexpected if not k.startswith(optional_unexpected)]
     if mismatched or skipped_missing or skipped_unexpected:
         problems = []
         if mismatched:

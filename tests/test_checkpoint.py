@@ -208,6 +208,18 @@ def test_sincos_pos_embed_of_another_grid_is_regenerated(tmp_path, pos_embed):
     assert small.pos_embed.requires_grad == (pos_embed == "learned")
 
 
+def test_mae_pretraining_file_into_a_global_pool_model(tmp_path):
+    """MAE's fine-tuning start: the pretrained encoder loads, `fc_norm` and the head are fresh and
+    the pretraining's final `norm` goes unused; every encoder block weight is the file's."""
+    pretrained = _tiny("mae_vit_tiny")
+    torch.save({"model": pretrained.state_dict()}, tmp_path / "pretrain.pth")
+    model = _tiny("vit_tiny", global_pool=True)
+    result = load_pretrained(model, tmp_path / "pretrain.pth")
+    assert {"fc_norm.weight", "fc_norm.bias"} <= set(result.missing_keys)
+    assert {"norm.weight", "norm.bias"} <= set(result.unexpected_keys)
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight)
+
+
 @pytest.mark.parametrize(
     "make_file, message",
     [
