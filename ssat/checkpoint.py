@@ -206,7 +206,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     optional_missing, optional_unexpected = _OPTIONAL_MISSING, _OPTIONAL_UNEXPECTED
-    if getattr(target, "global_pool", False):  # MAE fine-tuning: fresh fc_norm, pretrained norm unused
+    if getattr(target, "global_pool", False):
+        # MAE's fine-tuning start: a fresh fc_norm; the pretraining's final norm goes unused
         optional_missing += ("fc_norm.",)
         optional_unexpected += () if target.has_decoder else ("norm.",)
     skipped_missing = [k for k in missing if not k.startswith(optional_missing)]
