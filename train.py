@@ -314,7 +314,9 @@ def build_state(cfg: TrainConfig, d: distributed.Dist, num_classes: int, steps_p
                   f"unused {len(result.unexpected_keys)}, head reset: {result.head_reset}")
     model = model.to(d.device, memory_format=torch.channels_last)
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * d.world_size)
-    state = {"model": model, "optimizer": create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay),
+    layer_decay = cfg.layer_decay if cfg.finetune and cfg.layer_decay != 1 else None
+    optimizer = create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay)
+    state = {"model": model, "optimizer": optimizer,
              "scaler": torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16"),
              "lr": lr, "step": 0, "epoch": 0, "best": None,
              "total_steps": cfg.epochs * steps_per_epoch,
@@ -408,7 +410,7 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> int:
         state["best"] = max(result["acc1"], state["best"] or 0.0)
         save(cfg, state, epoch, improved, d)
         log.write({"type": "epoch", "epoch": epoch, "step": state["step"],
-                   "lr": state["optimizer"].param_groups[0]["lr"], **train,
+                   "lr": max(g["lr"] for g in state["optimizer"].param_groups), **train,
                    **{f"val_{k}": v for k, v in result.items()}, "best_acc1": state["best"],
                    "epoch_seconds": train["train_seconds"], "peak_memory_mb": peak_memory_mb(d.device)})
         print0(d, f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 {result['acc1']:.2f}%  "

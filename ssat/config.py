@@ -61,6 +61,8 @@ class TrainConfig:
     min_lr: float = _flag("final learning rate of the cosine schedule", 1e-6)
     warmup_epochs: float = _flag("linear warmup, in epochs (per step)", 5.0)
     weight_decay: float = _flag("AdamW weight decay (not on biases and norms)", 0.05)
+    layer_decay: float = _flag("layer-wise learning-rate decay of --finetune runs (MAE's rule: "
+                               "block i at layer_decay ** (depth - i)); 1 disables", 0.75)
     smoothing: float = _flag("label smoothing", 0.1)
     mixup: float | None = _flag("mixup alpha (default: 0.8 for scratch, else 0)")
     cutmix: float | None = _flag("cutmix alpha (default: 1.0 for scratch, else 0)")

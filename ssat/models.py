@@ -170,6 +170,14 @@ class SSATViT(nn.Module):
         self._init_module(self.head)
         self.head.to(self.cls_token.device)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for layer-wise learning-rate decay, by MAE's rule (timm's parameter grouping):
+        patch embedding, cls token and position table first, block i next, everything else
+        (norms, head, decoder) last. timm's own ViT matcher would put the final norm with the
+        last block; MAE gives it the full rate."""
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)",
+                "rest": r"^norm|^fc_norm|^head|^decoder_|^mask_token"}
+
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder + head weights: what timm's VisionTransformer (and a scratch model) load. With
         global pooling the final `norm` belongs to the decoder path and is left out too."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import train
 from ssat.models import create_model
 from ssat.objective import classification_loss, ssat_objective
-from ssat.optim import create_optimizer, lr_at, scaled_lr
+from ssat.optim import create_optimizer, lr_at, scaled_lr, set_lr
 
 
 def test_objective_weighs_the_parts():
@@ -65,6 +65,39 @@ def test_param_groups():
     assert all(n.endswith(".bias") or "norm" in n for n in groups[0.0])
     assert {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight", "norm.weight"} <= groups[0.0]
     assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= groups[0.05]
+
+
+def _mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's `get_layer_id_for_vit` (util/lr_decay.py), written out for the comparison."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "mae_vit_tiny"])
+def test_layer_decay_groups_follow_maes_rule(name):
+    """Every parameter's learning-rate scale is layer_decay ** (num_layers - MAE's layer id), and
+    weight decay skips biases, norms, the cls token and the position table."""
+    depth, decay = 4, 0.75
+    model = create_model(name, num_classes=10, img_size=32, patch_size=8, depth=depth,
+                         global_pool=True)
+    optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=decay)
+    set_lr(optimizer, 2e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            n = names[id(param)]
+            seen.add(n)
+            scale = decay ** (depth + 1 - _mae_layer_id(n, depth + 1))
+            assert group["lr_scale"] == pytest.approx(scale), n
+            assert group["lr"] == pytest.approx(2e-3 * scale), n
+            exempt = param.ndim <= 1 or n in ("cls_token", "pos_embed")
+            assert group["weight_decay"] == (0.0 if exempt else 0.05), n
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"blocks.0.attn.qkv.weight", "fc_norm.weight", "head.weight", "cls_token"} <= seen
 
 
 def test_accuracy_counts_by_hand():

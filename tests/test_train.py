@@ -233,3 +233,19 @@ def test_tensorboard_event_files(tmp_path, data):
     assert [e.step for e in board.Scalars("step/loss")] == [r["step"] for r in steps]
     assert [round(e.value, 4) for e in board.Scalars("epoch/val_acc1")] == \
         [round(r["val_acc1"], 4) for r in _log(out) if r["type"] == "epoch"]
+
+
+def test_finetune_uses_layer_decay(tmp_path, data):
+    """A --finetune run trains with MAE's layer-wise rates: the embeddings at 0.75 ** 13 of the
+    schedule's rate for a 12-block ViT, the head at the full rate."""
+    pre = tmp_path / "pre"
+    assert train.main(_args(data, pre, "--pipeline", "torch", "--model", "mae_vit_tiny",
+                            "--epochs", 1)) == 0
+    out = tmp_path / "ft"
+    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "vit_tiny", "--global_pool",
+                            "--finetune", pre / "checkpoint-last.pth", "--epochs", 1)) == 0
+    groups = load_checkpoint(out / "checkpoint-last.pth")["optimizer"]["param_groups"]
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales[0] == pytest.approx(0.75**13) and scales[-1] == 1.0 and len(scales) == 14
+    lr = [r["lr"] for r in _log(out) if r["type"] == "epoch"][-1]
+    assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
