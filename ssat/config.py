@@ -46,7 +46,8 @@ class TrainConfig:
     crops: int = _flag("V: independently augmented crops of each image, decoded once (not mask views)", 1)
     norm_pix_loss: bool = _flag("reconstruct per-patch normalised pixels", False)
     global_pool: bool = _flag("classify the mean patch token through fc_norm (MAE's fine-tuning "
-                              "head) instead of the cls token", False)
+                              "head) instead of the cls token (--cls_token: the cls token)", False,
+                              negations=("--cls_token",))
     pos_embed: str | None = _flag("position embedding: sincos (fixed) or learned (default: learned "
                                   "for the scratch baseline vit_*, as timm's ViT; sincos for mae_vit_*)",
                                   choices=("sincos", "learned"))
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
         parser.add_argument(*names, **kwargs)
+        for negation in f.metadata.get("negations", ()):
+            parser.add_argument(negation, dest=f.name, action="store_false",
+                                help=f"the opposite of --{f.name}")
     return parser
 
 

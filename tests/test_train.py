@@ -189,6 +189,10 @@ def test_config_file_and_flags(tmp_path, data):
     assert (parsed.model, parsed.mask_views, parsed.epochs, parsed.smoothing) == ("mae_vit_tiny", 3, 1, 0.2)
     assert parsed.resolve(cuda=False).method == "fgcr" and parsed.mixup == 0.0
     assert parse_config(["--model", "vit_small"]).resolve(cuda=False).mixup == 0.8
+    # MAE's head flags: --global_pool, and --cls_token switching back (the later flag wins)
+    assert parse_config(["--global_pool"]).global_pool
+    assert not parse_config(["--global_pool", "--cls_token"]).global_pool
+    assert not parse_config(["--epochs", "1"]).global_pool
     default = parse_config([])
     assert (default.data_path, default.img_size, default.patch_size) == ("digits", 32, 4)
     (tmp_path / "bad.json").write_text(json.dumps({"epoch": 3}))
