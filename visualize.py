@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipelines import DatasetError, create_loader  # noqa: E402
 from ssat.checkpoint import load_checkpoint  # noqa: E402
 from ssat.models import create_model  # noqa: E402
-from ssat.atomic import atomic_path  # noqa: E402
+from storage.atomic import atomic_path  # noqa: E402
 
 
 def _pixels(images: torch.Tensor, mean, std) -> np.ndarray:
