@@ -17,11 +17,11 @@ RUN useradd --create-home --uid 1001 ssat && install -d -o ssat -g ssat /opt/ssa
 WORKDIR /opt/ssat
 
 # Dependencies first, so that a change to the code does not reinstall them. The editable install
-# maps the three packages to these folders; the code itself is copied in below.
+# maps the four packages to these folders; the code itself is copied in below.
 COPY pyproject.toml README.md ./
 COPY tools/setup.sh tools/setup.sh
-RUN mkdir ssat pipelines convert \
-    && touch ssat/__init__.py pipelines/__init__.py convert/__init__.py \
+RUN mkdir ssat pipelines convert storage \
+    && touch ssat/__init__.py pipelines/__init__.py convert/__init__.py storage/__init__.py \
     && PIP_NO_CACHE_DIR=1 tools/setup.sh \
     && rm -rf /var/lib/apt/lists/*
 

@@ -39,13 +39,13 @@ from tqdm import tqdm
 
 from pipelines import DatasetError, create_loader
 from ssat import distributed
-from ssat.atomic import atomic_path
 from ssat.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ssat.config import TrainConfig, parse_config
 from ssat.masking import check_views
 from ssat.models import create_model, list_models
 from ssat.objective import ssat_objective
 from ssat.optim import create_optimizer, lr_at, scaled_lr, set_lr
+from storage.atomic import atomic_path
 
 LOSS_PARTS = ("loss", "cls", "rec", "fgc")
 

@@ -3,8 +3,13 @@
 A converter script only says how to read its source:
 
     def read_source(args) -> Source: ...
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = build_parser(__doc__, default_name="c10", photos=False)
+        return run(read_source, parser, argv)
+
     if __name__ == "__main__":
-        sys.exit(run(read_source, "CIFAR-10/100 python pickles", default_name="c10", photos=False))
+        sys.exit(main())
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from convert.writer import WRITE_MODES, ConvertError, Source, WriteOptions, write_source
+from storage import DatasetError
 
 
 def build_parser(description: str, *, default_name: str, photos: bool,
@@ -81,7 +87,7 @@ def run(read_source: Callable[[argparse.Namespace], Source], parser: argparse.Ar
         if args.src is not None and not args.src.exists():
             raise ConvertError(f"{args.src}: source not found")
         write_source(read_source(args), opts, only=args.split)
-    except ConvertError as err:
+    except DatasetError as err:  # a ConvertError, or a source or output the shared layer refused
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

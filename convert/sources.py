@@ -1,63 +1,28 @@
 """Reading the layouts that image-file datasets come in: class folders, and lists of paths.
 
-Every check that can fail before any image is decoded happens here, with a message that names
-the folder, the list file and the entry: empty class folders, images outside any class folder,
-listed files that are missing, and listed paths that lead outside the source root.
+Every check that can fail before any image is decoded happens here (or, for class folders, in
+`storage.folders`, which the DALI engine shares), with a message that names the folder, the list
+file and the entry: empty class folders, images outside any class folder, listed files that are
+missing, and listed paths that lead outside the source root.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import scipy.io
 
 from convert.writer import ConvertError, Split
-
-# What torchvision's ImageFolder accepts.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from storage.folders import list_image_folder
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    return sorted(found)
-
-
-def class_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise ConvertError(f"{root}: not a folder")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not folders:
-        loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (f"it holds {len(loose)} images but no class folders: arrange them as "
-                f"<class>/<image> (for ImageNet's val: valprep.sh)") if loose else "no class folders"
-        raise ConvertError(f"{root}: {hint}")
-    return folders
-
-
-def image_folder(root: Path, split: str, class_names: list[str] | None = None) -> tuple[Split, list[str]]:
-    """An ImageFolder split: one folder per class, images anywhere below it (sorted, as
-    torchvision orders them). `class_names` (from the train split) fixes the label order."""
-    folders = class_folders(root)
-    names = [d.name for d in folders]
-    if class_names is None:
-        class_names = names
-    unknown = sorted(set(names) - set(class_names))
-    if unknown:
-        raise ConvertError(f"{root}: class folders not in the train split: {', '.join(unknown[:5])}")
-    index = {name: i for i, name in enumerate(class_names)}
-    files, labels = [], []
-    for folder in folders:
-        images = _images_under(folder)
-        if not images:
-            raise ConvertError(f"{folder}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
-        files += images
-        labels += [index[folder.name]] * len(images)
-    return Split(split, np.asarray(labels, dtype=np.int64), files=files), class_names
+def image_folder(root: Path, split: str,
+                 class_names: list[str] | None = None) -> tuple[Split, list[str]]:
+    """An ImageFolder split, listed as the DALI engine lists it (`storage.folders`): one folder
+    per class, images anywhere below it, sorted as torchvision orders them. `class_names` (from
+    the train split) fixes the label order."""
+    files, labels, class_names = list_image_folder(root, class_names)
+    return Split(split, labels, files=files), class_names
 
 
 def safe_join(root: Path, relative: str, listing: Path | str) -> Path:

@@ -2,10 +2,11 @@
 
 Each split is written by ffcv's `DatasetWriter` (decoding, resizing and encoding run in its worker
 processes) into a temporary file in the output folder, verified (sample count through ffcv's
-reader, first and last samples decoded), and only then renamed into place, with its metadata
-beside it. A bad source image never reaches ffcv's writer as an exception (its workers would die
-and the writer would wait forever): it is recorded in shared memory and written as a placeholder;
-`--on_error fail` then stops early and reports the file, `skip` writes the split again without it.
+reader; layout, metadata and the first and last samples through the loaders' reader in
+`storage/`), and only then renamed into place, with its metadata beside it. A bad source image
+never reaches ffcv's writer as an exception (its workers would die and the writer would wait
+forever): it is recorded in shared memory and written as a placeholder; `--on_error fail` then
+stops early and reports the file, `skip` writes the split again without it.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from ffcv.reader import Reader
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
 from convert.images import array_to_rgb, load_rgb
-from ssat.atomic import atomic_path
-from ssat.forking import forking
+from storage import DatasetError
+from storage.atomic import atomic_path
+from storage.beton import BetonFile
+from storage.forking import forking
+from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
 CONVERTER_VERSION = "ssat-convert 1.0"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -34,8 +38,10 @@ _PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
 _STATS = 7  # per sample: pixel count, 3 channel sums, 3 channel sums of squares
 
 
-class ConvertError(Exception):
-    """A problem with the source or the output; the message names the file and the field."""
+class ConvertError(DatasetError):
+    """A problem with the source or the output; the message names the file and the field.
+    A `DatasetError`, as the shared layer's own errors are (a source folder that does not list,
+    a written file that does not read back): one `except DatasetError` reports them all."""
 
 
 @dataclass
@@ -185,38 +191,20 @@ def _write(path: Path, samples: _Samples, opts: WriteOptions, indices: np.ndarra
         writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
 
 
-def _field(reader: Reader, i: int, name: str) -> np.void:
-    """Sample i's metadata for one field (ffcv stores the fields' columns unnamed, in order)."""
-    return reader.metadata[i][reader.field_names.index(name)]
-
-
-def _sample_bytes(reader: Reader, path: Path, i: int) -> tuple[np.void, np.ndarray]:
-    meta = _field(reader, i, "image")
-    table = reader.alloc_table
-    row = table[(table["sample_id"] == i) & (table["ptr"] == meta["data_ptr"])]
-    if len(row) != 1:
-        raise ConvertError(f"{path}: sample {i} has no data allocation")
-    data = np.fromfile(path, dtype=np.uint8, count=int(row["size"][0]), offset=int(meta["data_ptr"]))
-    return meta, data
-
-
-def verify(path: Path, labels: np.ndarray) -> None:
-    """Sample count through ffcv's reader; first and last samples decode to their stored size
-    and carry the expected labels."""
+def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
+    """Read back what was written: the sample count through ffcv's own reader (ffcv reads the
+    file); the layout, and `meta` about to be written beside it, through the reader the loaders
+    use, which must accept both; the first and last samples decoded to their stored size, with
+    the expected labels."""
     reader = Reader(str(path))
     if reader.num_samples != len(labels):
         raise ConvertError(f"{path}: wrote {reader.num_samples} samples, expected {len(labels)}")
+    beton = BetonFile(path)
+    check_metadata(meta, beton, path)
     for i in sorted({0, len(labels) - 1}):
-        meta, data = _sample_bytes(reader, path, i)
-        height, width = int(meta["height"]), int(meta["width"])
-        if meta["mode"] == 0:  # jpg
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-            if image is None or image.shape != (height, width, 3):
-                raise ConvertError(f"{path}: sample {i} does not decode to {height}x{width}")
-        elif len(data) < height * width * 3:
-            raise ConvertError(f"{path}: sample {i} holds {len(data)} bytes, not {height}x{width}x3")
-        if int(_field(reader, i, "label")) != int(labels[i]):
-            raise ConvertError(f"{path}: sample {i} has label {_field(reader, i, 'label')}, "
+        beton.decode(i)
+        if beton.labels[i] != labels[i]:
+            raise ConvertError(f"{path}: sample {i} has label {beton.labels[i]}, "
                                f"expected {labels[i]}")
 
 
@@ -263,39 +251,26 @@ def write_split(source: Source, split: Split, opts: WriteOptions,
             _write(tmp, samples, opts, keep)  # again, without the bad samples
             if samples.failed[keep].any():
                 raise ConvertError(f"{final}: samples failed on the second pass")
-        verify(tmp, split.labels[keep])
+        mean, std = channel_stats(samples.stats[keep])
+        stats = stats_from or {"split": split.name, "mean": mean, "std": std}
+        meta = build_metadata(
+            dataset=source.name, split=split.name, labels=split.labels[keep],
+            class_names=source.class_names, mean=stats["mean"], std=stats["std"],
+            stats_split=stats["split"],
+            storage={"write_mode": opts.write_mode, "max_resolution": opts.max_resolution,
+                     "jpeg_quality": opts.jpeg_quality},
+            source=source.location, skipped=skipped, converter_version=CONVERTER_VERSION)
+        verify(tmp, split.labels[keep], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start
 
-    labels = split.labels[keep]
-    mean, std = channel_stats(samples.stats[keep])
-    meta = {
-        "dataset": source.name,
-        "split": split.name,
-        "num_samples": int(len(keep)),
-        "num_classes": len(source.class_names),
-        "class_names": list(source.class_names),
-        "class_counts": np.bincount(labels, minlength=len(source.class_names)).tolist(),
-        "mean": stats_from["mean"] if stats_from else mean,
-        "std": stats_from["std"] if stats_from else std,
-        "stats_split": stats_from["split"] if stats_from else split.name,
-        "storage": {
-            "write_mode": opts.write_mode,
-            "max_resolution": opts.max_resolution,
-            "jpeg_quality": opts.jpeg_quality,
-            "fields": {"image": "RGBImageField", "label": "IntField"},
-        },
-        "source": source.location,
-        "skipped": skipped,
-        "converter_version": CONVERTER_VERSION,
-    }
-    with atomic_path(final.with_suffix(".json")) as tmp, open(tmp, "w") as f:
+    with atomic_path(metadata_path(final)) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
     print(f"{final}: {len(keep)} samples, {nbytes / 1e6:.1f} MB, {seconds:.1f} s, "
           f"{len(keep) / seconds:.0f} images/s")
     if skipped:
-        print(f"{final}: skipped {len(skipped)} bad files (listed in {final.with_suffix('.json')}):")
+        print(f"{final}: skipped {len(skipped)} bad files (listed in {metadata_path(final)}):")
         for item in skipped[:10]:
             print(f"  {item['path']}: {item['reason']}")
     return meta
@@ -323,10 +298,5 @@ def write_source(source: Source, opts: WriteOptions, only: Sequence[str] | None 
 
 
 def _existing_train_stats(out_dir: Path, name: str) -> dict | None:
-    path = out_dir / f"{name}_train.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path}: unreadable metadata ({err})") from err
+    path = metadata_path(out_dir / f"{name}_train.beton")
+    return read_metadata(path) if path.is_file() else None

@@ -17,8 +17,9 @@ augmentation (`augment.py`). Augmentation options are `AugmentConfig`'s fields.
 from __future__ import annotations
 
 from pipelines.augment import AugmentConfig
-from pipelines.dataset import DatasetError, DatasetInfo, open_dataset
 from pipelines.loader import CropLoader
+from storage import DatasetError
+from storage.metadata import DatasetInfo, open_dataset
 
 ENGINES = ("ffcv", "dali", "torch")
 

@@ -27,10 +27,12 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines.dataset import RAW, BetonFile, ImageFolder, open_dataset, open_image_folder
+from pipelines.dataset import ImageFolder, open_image_folder
 from pipelines.loader import CropLoader
 from pipelines.sampling import epoch_order
-from ssat.forking import forking
+from storage.beton import RAW, BetonFile
+from storage.forking import forking
+from storage.metadata import open_dataset
 
 
 def padded(order: np.ndarray, length: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 
-from pipelines.dataset import JPEG
 from pipelines.loader import CropLoader
+from storage.beton import JPEG
 
 
 def _flip_rows(image: np.ndarray) -> None:

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from pipelines.augment import AugmentConfig, DeviceAugment
-from pipelines.dataset import DatasetError, open_dataset
 from pipelines.sampling import epoch_order, num_batches
+from storage import DatasetError
+from storage.metadata import open_dataset
 
 
 def default_workers() -> int:

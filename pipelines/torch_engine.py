@@ -1,7 +1,7 @@
 """The PyTorch engine: a plain DataLoader with PIL/torchvision transforms over the same .beton.
 
 The reference the other engines are tested against, and the fallback where neither ffcv nor
-DALI is installed: it reads the file with `pipelines.dataset.BetonFile` (numpy only). Each image
+DALI is installed: it reads the file with `storage.beton.BetonFile` (numpy only). Each image
 is decoded once and cropped V times, as multi-crop code does.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from pipelines.dataset import RAW, BetonFile, DatasetError
 from pipelines.loader import CropLoader
-from ssat.forking import forking
+from storage import DatasetError
+from storage.beton import RAW, BetonFile
+from storage.forking import forking
 
 
 class _Crops(Dataset):

@@ -19,8 +19,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from ssat.atomic import atomic_path
 from ssat.pos_embed import sincos_2d
+from storage.atomic import atomic_path
 
 # Classes a published checkpoint may pickle besides tensors and plain values.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -85,7 +85,7 @@ def plain_config(config: Any) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through `ssat.atomic.atomic_path`: readers see the old file or the new one."""
+    """torch.save through `storage.atomic.atomic_path`: readers see the old file or the new one."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 

@@ -22,6 +22,9 @@ from medmnist import INFO
 from sklearn.datasets import load_digits
 
 import fabricate
+from convert.writer import ConvertError, verify
+from storage import DatasetError
+from storage.beton import BetonFile
 
 JPEG_MEAN_ERROR = 4.0
 JPEG_MAX_ERROR = 60
@@ -177,6 +180,28 @@ def test_limit_writes_a_fixed_subset(tmp_path):
     # each written sample is a source sample, in source order
     index = [next(i for i, im in enumerate(expected["train"][0]) if np.array_equal(im, x)) for x in images]
     assert index == sorted(index) and np.array_equal(expected["train"][1][index], labels)
+
+
+def test_verify_reads_the_file_back_as_the_loaders_do(tmp_path):
+    """Before a split is renamed into place, the loaders' reader must accept it and the metadata
+    about to be written beside it, decode its first and last samples and find their labels."""
+    assert convert("digits", "--out_dir", tmp_path, "--split", "train", "--limit", 20,
+                   "--write_mode", "jpg") == 0
+    path = tmp_path / "digits_train.beton"
+    meta = json.loads(path.with_suffix(".json").read_text())
+    beton = BetonFile(path)
+    verify(path, beton.labels, meta)  # what was written passes
+    with pytest.raises(ConvertError, match="sample 0 has label"):
+        verify(path, (beton.labels + 1) % 10, meta)
+    with pytest.raises(DatasetError, match="outside the 2 classes"):
+        verify(path, beton.labels, {**meta, "num_classes": 2, "class_names": ["0", "1"]})
+    data = bytearray(path.read_bytes())
+    start = int(beton.images["data_ptr"][0])
+    data[start:start + 16] = bytes(16)  # the first JPEG's header
+    broken = tmp_path / "broken.beton"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="sample 0 is not a decodable"):
+        verify(broken, beton.labels, meta)
 
 
 # ------------------------------------------------------------------------- bad input

@@ -16,8 +16,9 @@ from convert.imagenet_to_ffcv import main as convert_folders
 from convert.synthetic import make_image_folder
 from pipelines import ENGINES, DatasetError, create_loader
 from pipelines.augment import AugmentConfig, DeviceAugment, HostBuffers
-from pipelines.dataset import BetonFile, open_dataset
-from ssat.forking import forking
+from storage.beton import JPEG, RAW, BetonFile
+from storage.forking import forking
+from storage.metadata import open_dataset
 
 NO_AUG = dict(aa=None, reprob=0.0)
 
@@ -331,7 +332,7 @@ def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
                             "--num_workers", "1"]) == 0
     path = tmp_path / "mixed_train.beton"
     beton = BetonFile(path)
-    assert beton.storage_modes == {"jpg", "raw"}
+    assert set(beton.images["mode"]) == {JPEG, RAW}
     crops = {}
     for engine in ("dali", "torch"):  # at the stored height: a centre crop, no resampling
         loader = create_loader(engine, path, train=False, batch_size=16, img_size=32, crop_pct=1.0,
@@ -339,7 +340,7 @@ def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
         crops[engine] = torch.cat([b["crops"][0] for b in _epoch(loader)])
     assert crops["dali"].shape == (30, 3, 32, 32)
     error = (crops["dali"] - crops["torch"]).abs().mean(dim=(1, 2, 3))
-    raw = torch.from_numpy(beton.images["mode"] == 1)
+    raw = torch.from_numpy(beton.images["mode"] == RAW)
     assert (error[raw] == 0).all()  # raw pixels arrive untouched
     assert (error[~raw] < 0.02).all()  # two JPEG decoders: a grey level here and there
 

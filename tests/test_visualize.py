@@ -1,4 +1,4 @@
-"""`python -m ssat.visualize`: reconstruction grids from a checkpoint, curves from a log."""
+"""`python visualize.py`: reconstruction grids from a checkpoint, curves from a log."""
 from pathlib import Path
 
 import matplotlib.image
@@ -9,7 +9,7 @@ import torch
 import train
 from convert.digits_to_ffcv import main as convert_digits
 from ssat.models import create_model
-from ssat.visualize import main as visualize
+from visualize import main as visualize
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,15 @@
 """Pictures of a run: what the decoder sees and rebuilds, and how training went.
 
-    python -m ssat.visualize recon --checkpoint runs/c10/checkpoint-best.pth \\
+    python visualize.py recon --checkpoint runs/c10/checkpoint-best.pth \\
         --data data/c10_test.beton [--mask_views 3] [--num_images 8] --out runs/c10/recon
-    python -m ssat.visualize curves runs/c10/log.jsonl [--out runs/c10/curves.png]
+    python visualize.py curves runs/c10/log.jsonl [--out runs/c10/curves.png]
 
 `recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
 FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
 visible patches pasted back. `curves` draws the loss parts, the learning rate, validation
 accuracy and training images/s from a `log.jsonl` written by train.py.
+
+A command beside train.py, not part of the method package: a reconstruction needs a loader.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ssat.atomic import atomic_path  # noqa: E402
+from pipelines import DatasetError, create_loader  # noqa: E402
+from ssat.checkpoint import load_checkpoint  # noqa: E402
+from ssat.models import create_model  # noqa: E402
+from storage.atomic import atomic_path  # noqa: E402
 
 
 def _pixels(images: torch.Tensor, mean, std) -> np.ndarray:
@@ -44,10 +49,6 @@ def _save(fig, path: Path) -> None:
 def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int | None = None,
                     num_images: int = 8, seed: int = 0) -> list[Path]:
     """One PNG per image of the first `num_images` of `data` (eval crops); returns the paths."""
-    from pipelines import create_loader
-    from ssat.checkpoint import load_checkpoint
-    from ssat.models import create_model
-
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}
     missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
@@ -131,7 +132,7 @@ def curves(log: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssat.visualize", description=__doc__,
+    p = argparse.ArgumentParser(prog="python visualize.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recon", help="inputs, mask views and reconstructions, one PNG per image")
@@ -145,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("log", type=Path)
     cur.add_argument("--out", type=Path, default=None, help="default: curves.png beside the log")
     args = p.parse_args(argv)
-    from pipelines import DatasetError
-
     try:
         if args.command == "recon":
             paths = reconstructions(args.checkpoint, args.data, args.out, mask_views=args.mask_views,

@@ -1,0 +1,122 @@
+"""The `.beton` layout that `convert/` writes through ffcv, and a numpy reader for it.
+
+The file is ffcv's format, version 2: a header, one descriptor per field, a sample table (one row
+per sample: each field's per-sample metadata), the samples' bytes in pages, and an allocation
+table that says where each sample's bytes lie. Every converter writes the same two fields, so
+the layout below is all a reader needs: `BetonFile` reads the table with numpy alone and
+memory-maps the file, so the PyTorch and DALI engines need no ffcv, and the converters check
+what they wrote through the same reader the loaders use. The checks at open time turn a missing,
+truncated or foreign file into one clear error naming the path, instead of a crash or a hang.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from storage import DatasetError
+
+FORMAT_VERSION = 2
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                 align=True)
+ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+# An image's row in the sample table; `mode` is one of the storage modes below.
+IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+JPEG, RAW = 0, 1  # how an image's bytes are stored: a JPEG file, or height*width*3 RGB pixels
+
+
+class Field(NamedTuple):
+    name: str
+    type_id: int  # ffcv's id of the field class, as stored in the field descriptor
+    ffcv_class: str
+    meta: np.dtype  # the field's part of a sample's row in the sample table
+
+
+# The two fields every converter writes, in the order it writes them.
+EXPECTED_FIELDS = (Field("image", 2, "RGBImageField", IMAGE_META),
+                   Field("label", 1, "IntField", np.dtype("<i8")))
+
+
+class BetonFile:
+    """The sample table of a .beton and its bytes, memory-mapped. Picklable: worker processes
+    re-open the file instead of copying it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise DatasetError(f"{self.path}: a folder, not a .beton file (only the dali engine "
+                               f"reads image folders; convert it with convert/imagenet_to_ffcv.py)")
+        if not self.path.is_file():
+            raise DatasetError(f"{self.path}: no such dataset file")
+        size = self.path.stat().st_size
+        if size < HEADER.itemsize:
+            raise DatasetError(f"{self.path}: not a .beton file ({size} bytes)")
+        header = np.fromfile(self.path, dtype=HEADER, count=1)[0]
+        if header["version"] != FORMAT_VERSION:
+            raise DatasetError(f"{self.path}: not a .beton file of format version {FORMAT_VERSION} "
+                               f"(header says {header['version']})")
+        n, num_fields = int(header["num_samples"]), int(header["num_fields"])
+        fields = np.fromfile(self.path, dtype=FIELD, count=num_fields, offset=HEADER.itemsize)
+        found = [(bytes(f["name"]).rstrip(b"\0").decode(errors="replace"), int(f["type_id"]))
+                 for f in fields]
+        if found != [(f.name, f.type_id) for f in EXPECTED_FIELDS]:
+            expected = " and ".join(f"{f.name} ({f.ffcv_class})" for f in EXPECTED_FIELDS)
+            raise DatasetError(f"{self.path}: expected the fields {expected} that convert/ writes, "
+                               f"found {found}")
+        row = np.dtype([(f.name, f.meta) for f in EXPECTED_FIELDS], align=True)
+        start = HEADER.itemsize + fields.nbytes
+        table_ptr = int(header["alloc_table_ptr"])
+        if start + n * row.itemsize > size or not start + n * row.itemsize <= table_ptr <= size:
+            raise DatasetError(f"{self.path}: truncated (sample table beyond the end of the file)")
+        table = np.fromfile(self.path, dtype=row, count=n, offset=start)
+        alloc = np.fromfile(self.path, dtype=ALLOC, offset=table_ptr)
+        self.num_samples = n
+        self.labels = table["label"].astype(np.int64)
+        self.images = table["image"]  # mode, width, height, data_ptr per sample
+        # Bytes of each sample's image: its allocation that starts at the image's data pointer.
+        self.nbytes = np.zeros(n, dtype=np.int64)
+        ids = alloc["sample_id"].astype(np.int64)
+        if len(ids) and (ids.max() >= n or (alloc["ptr"] + alloc["size"]).max() > size):
+            raise DatasetError(f"{self.path}: truncated (sample data beyond the end of the file)")
+        match = alloc["ptr"] == self.images["data_ptr"][ids]
+        self.nbytes[ids[match]] = alloc["size"][match].astype(np.int64)
+        if (self.nbytes == 0).any():
+            first = int(np.argmax(self.nbytes == 0))
+            raise DatasetError(f"{self.path}: sample {first} has no image data")
+        self._data = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_data": None}
+
+    @property
+    def data(self) -> np.memmap:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._data
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def raw_bytes(self, i: int) -> np.ndarray:
+        ptr = int(self.images["data_ptr"][i])
+        return self.data[ptr:ptr + int(self.nbytes[i])]
+
+    def decode(self, i: int) -> np.ndarray:
+        """Sample i as an (H, W, 3) uint8 RGB array; a sample that does not decode is an error
+        naming the file and the index."""
+        meta = self.images[i]
+        height, width = int(meta["height"]), int(meta["width"])
+        data = self.raw_bytes(i)
+        if meta["mode"] == RAW:
+            if len(data) < height * width * 3:
+                raise DatasetError(f"{self.path}: sample {i} holds {len(data)} bytes, "
+                                   f"not {height}x{width}x3")
+            return np.array(data[: height * width * 3]).reshape(height, width, 3)
+        image = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR)
+        if image is None or image.shape != (height, width, 3):
+            raise DatasetError(f"{self.path}: sample {i} is not a decodable {width}x{height} JPEG")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

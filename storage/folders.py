@@ -1,0 +1,70 @@
+"""How a folder of class folders (`root/<class>/<image>`) is listed.
+
+The converter that turns such a folder into a .beton and the DALI engine that reads it as it is
+both list it here, so the two agree: sample i of the folder is sample i of the .beton converted
+from it. Files are sorted as torchvision's ImageFolder sorts them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from storage import DatasetError
+
+# What torchvision's ImageFolder accepts.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class FolderListing(NamedTuple):
+    files: list[Path]
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath, f) for f in filenames
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+
+def class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        hint = "no class folders"
+        if loose:
+            hint = (f"it holds {len(loose)} images but no class folders: arrange them as "
+                    f"<class>/<image> (for ImageNet's val: valprep.sh)")
+        raise DatasetError(f"{root}: {hint}")
+    return folders
+
+
+def list_image_folder(root: Path, class_names: list[str] | None = None) -> FolderListing:
+    """One folder per class, images anywhere below it. `class_names` (the train split's) fixes
+    the label order; by default the class folders found here, sorted."""
+    folders = class_folders(root)
+    names = [d.name for d in folders]
+    if class_names is None:
+        class_names = names
+    unknown = sorted(set(names) - set(class_names))
+    if unknown:
+        raise DatasetError(f"{root}: class folders not in the train split: "
+                           f"{', '.join(unknown[:5])}")
+    index = {name: i for i, name in enumerate(class_names)}
+    files, labels = [], []
+    for folder in folders:
+        images = _images_under(folder)
+        if not images:
+            raise DatasetError(f"{folder}: empty class folder "
+                               f"(no {'/'.join(IMAGE_EXTENSIONS)} files)")
+        files += images
+        labels += [index[folder.name]] * len(images)
+    return FolderListing(files, np.asarray(labels, dtype=np.int64), class_names)
