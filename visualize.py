@@ -59,7 +59,8 @@ def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int 
                            num_workers=0)
     model = create_model(cfg["model"], num_classes=loader.info.num_classes, img_size=cfg["img_size"],
                          patch_size=cfg["patch_size"], mask_ratio=cfg.get("mask_ratio", 0.75),
-                         norm_pix_loss=cfg.get("norm_pix_loss", False))
+                         norm_pix_loss=cfg.get("norm_pix_loss", False),
+                         global_pool=cfg.get("global_pool", False), pos_embed=cfg.get("pos_embed"))
     if not model.has_decoder:
         raise ValueError(f"{checkpoint}: model {cfg['model']} has no decoder, so nothing to reconstruct")
     model.load_state_dict(ckpt["model"])
