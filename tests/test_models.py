@@ -74,37 +74,22 @@ def test_every_model_shapes_and_gradients(name, global_pool):
         assert param.grad.abs().sum() > 0, pname
 
 
+@pytest.mark.parametrize("global_pool", [False, True], ids=["cls", "avg"])
 @pytest.mark.parametrize("name", ["vit_tiny", "mae_vit_small"])
-def test_timm_parity(name):
-    """The encoder's weights load strictly into timm's ViT (token pooling, no fc_norm, eps 1e-6)
-    and give the same logits."""
-    ours = create_model(name, num_classes=7, img_size=32, patch_size=4).eval()
+def test_timm_parity(name, global_pool):
+    """The encoder's weights load strictly into timm's ViT (eps 1e-6) and give the same logits:
+    token pooling without fc_norm, or with global pooling MAE's fine-tuning head (mean of the
+    patch tokens, then fc_norm, then head)."""
+    ours = create_model(name, num_classes=7, img_size=32, patch_size=4, global_pool=global_pool)
+    ours.eval()
     dim, heads = ours.cls_token.shape[-1], ours.blocks[0].attn.num_heads
     theirs = VisionTransformer(
         img_size=32, patch_size=4, num_classes=7, embed_dim=dim, depth=len(ours.blocks),
-        num_heads=heads, qkv_bias=True, class_token=True, global_pool="token", fc_norm=False,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=heads, qkv_bias=True, class_token=True, global_pool="avg" if global_pool else "token",
+        fc_norm=global_pool, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
     ).eval()
     theirs.load_state_dict(ours.encoder_state_dict(), strict=True)
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        torch.testing.assert_close(ours.classify(images), theirs(images), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours(images, mask_views=1)["logits"], theirs(images))
-
-
-@pytest.mark.parametrize("name", ["vit_tiny", "mae_vit_small"])
-def test_timm_parity_global_pool(name):
-    """With global pooling the encoder loads strictly into timm's ViT with MAE's fine-tuning head
-    (mean of the patch tokens, then fc_norm, then head) and gives the same logits."""
-    ours = create_model(name, num_classes=7, img_size=32, patch_size=4, global_pool=True).eval()
-    dim, heads = ours.cls_token.shape[-1], ours.blocks[0].attn.num_heads
-    theirs = VisionTransformer(
-        img_size=32, patch_size=4, num_classes=7, embed_dim=dim, depth=len(ours.blocks),
-        num_heads=heads, qkv_bias=True, class_token=True, global_pool="avg", fc_norm=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-    ).eval()
-    theirs.load_state_dict(ours.encoder_state_dict(), strict=True)
-    images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.classify(images), theirs(images), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(images, mask_views=1)["logits"], theirs(images))
