@@ -118,9 +118,7 @@ class HostRing:
     With float32 crops and no RandAugment (which copies) the crops handed out are that buffer.
     """
 
-    # the loader makes a batch only when it is requested, so one buffer keeps the rule; the
-    # second keeps the previous batch intact while the next is made, as margin
-    size = 2
+    size = 2  # no batch is made before it is requested: one buffer keeps the rule, one is margin
 
     def __init__(self):
         self.buffers = [torch.empty(0, dtype=torch.float32) for _ in range(self.size)]
