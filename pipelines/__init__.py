@@ -9,6 +9,9 @@
             batch["labels"]   # (B,) int64
             batch["indices"]  # (B,) sample indices in the file
 
+A batch is valid until the next one is requested; clone what you keep (on the CPU a later
+batch reuses its memory).
+
 Engines: `ffcv` (numba CPU threads, decode once per image), `dali` (nvJPEG on the GPU, or
 DALI's CPU threads; also reads a plain ImageFolder: pass the folder as `path`), `torch`
 (DataLoader + PIL; needs neither ffcv nor DALI). Every engine shares the sharding (`sampling.py`) and the device-side

@@ -7,10 +7,9 @@ The crops and flips happen earlier, in the engine, where each image is decoded o
 """
 from __future__ import annotations
 
-import sys
+import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
@@ -61,7 +60,7 @@ class DeviceAugment:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / std_t, -mean_t / std_t  # (x - mean) / std = x * scale + shift
-        self.host = HostBuffers()
+        self.host = HostRing()
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.randaugment = RandAugment(config.aa, fill=mean) if train and config.aa else None
         self.erasing = (RandomErasing(config.reprob, mode=config.remode, max_count=config.recount,
@@ -109,27 +108,30 @@ class DeviceAugment:
         return images
 
 
-class HostBuffers:
-    """Float32 host tensors for the CPU device, reused once their last user lets go.
+class HostRing:
+    """Float32 host tensors for the CPU device, from a fixed ring of buffers reused in turn.
 
     CUDA's caching allocator hands a freed batch's memory to the next batch; on the host every
     fresh 100 MB batch would cost the kernel ~25,000 page faults (several times the work of
-    filling it). A tensor made by `torch.from_numpy` keeps its array alive until every tensor and
-    view sharing its memory is gone, so an array nobody but this pool refers to is free to reuse.
+    filling it). A batch is valid until the next one is requested (`CropLoader`'s rule), so a
+    fixed ring serves every batch: a buffer is written again when the ring comes round to it.
+    With float32 crops and no RandAugment (which copies) the crops handed out are that buffer.
     """
 
-    def __init__(self, keep: int = 3):
-        self.keep, self.arrays = keep, []
-        self.free_refs = -1  # sys.getrefcount of an array only this pool holds, as read below
+    size = 2  # no batch is made before it is requested: one buffer keeps the rule, one is margin
+
+    def __init__(self):
+        self.buffers = [torch.empty(0, dtype=torch.float32) for _ in range(self.size)]
+        self.turn = 0
 
     def empty(self, shape) -> torch.Tensor:
-        for array in self.arrays:
-            if array.shape == shape and sys.getrefcount(array) == self.free_refs:
-                return torch.from_numpy(array)
-        array = np.empty(shape, np.float32)
-        self.arrays = [array, *self.arrays[: self.keep - 1]]
-        self.free_refs = sys.getrefcount(array)  # read as in the loop: the list, `array`, the call
-        return torch.from_numpy(array)
+        """A float32 tensor of `shape` in the ring's next buffer (grown when too small: a
+        smaller batch, as eval's last, takes the front of it)."""
+        numel = math.prod(shape)
+        k, self.turn = self.turn, (self.turn + 1) % self.size
+        if self.buffers[k].numel() < numel:
+            self.buffers[k] = torch.empty(numel, dtype=torch.float32)
+        return self.buffers[k][:numel].view(shape)
 
 
 def _channels_last_crops(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,9 +23,14 @@ def default_workers() -> int:
 
 
 class CropLoader:
-    """Iterating yields dicts: `crops` (V, B, 3, H, W), V augmented crops of each image, normalised, channels-last, in `dtype`, on
-    `device`; `labels` (B,) int64; `indices` (B,) int64 sample indices in the file; and, when
-    mixup/cutmix is on, `targets` (B, num_classes) soft targets."""
+    """Iterating yields dicts: `crops` (V, B, 3, H, W), V augmented crops of each image,
+    normalised, channels-last, in `dtype`, on `device`; `labels` (B,) int64; `indices` (B,)
+    int64 sample indices in the file; and, when mixup/cutmix is on, `targets` (B, num_classes)
+    soft targets.
+
+    A batch is valid until the next one is requested; clone what you keep (as with ffcv's own
+    loader, which reuses its output memory too). On the CPU a later batch's crops are written
+    into the same host memory (`augment.HostRing`), which spares each batch its page faults."""
 
     engine = ""
 

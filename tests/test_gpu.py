@@ -44,7 +44,7 @@ def _eval_crops(engine: str, path: Path, device: str) -> torch.Tensor:
     for batch in loader:
         assert batch["crops"].device.type == device
         assert batch["crops"][0].is_contiguous(memory_format=torch.channels_last)
-        crops.append(batch["crops"][0].float().cpu())
+        crops.append(batch["crops"][0].to("cpu", torch.float32, copy=True))  # kept: copy
     return torch.cat(crops)
 
 
