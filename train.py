@@ -18,8 +18,17 @@ Several GPUs, one node or several (DistributedDataParallel; gloo on CPU):
 JPEG decoding on the GPUs (DALI), from a .beton or straight from an ImageNet-style folder:
     torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet --model mae_vit_base ...
 
-Re-running the same command with `--resume auto` after a crash or a preemption continues from
-`<output_dir>/checkpoint-last.pth`.
+Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job) makes the run finish
+its current step (every rank the same one), write `<output_dir>/checkpoint-last.pth` with its
+place inside the epoch, print where it stopped, and exit with status 128 + the signal's number
+(143 for SIGTERM, 138 for SIGUSR1). torchrun passes SIGTERM on to its workers and kills them
+30 s later; it passes SIGUSR1 on only when told to
+(`TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`), else send it to the
+workers themselves. Re-running the same command with `--resume auto` after a preemption, a crash
+or a `kill -9` continues from `<output_dir>/checkpoint-last.pth` (or give `--resume PATH`): at the
+step where a signal stopped it, or at the start of the epoch after the last one saved. With the
+torch pipeline a stopped and resumed run ends with the uninterrupted run's weights; ffcv and DALI
+continue the same sample order but draw the rest of that epoch's crops afresh.
 """
 from __future__ import annotations
 
@@ -28,7 +37,6 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -39,29 +47,33 @@ from tqdm import tqdm
 
 from pipelines import DatasetError, create_loader
 from ssat import distributed
-from ssat.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from ssat.checkpoint import (DiskSpaceError, load_checkpoint, load_pretrained, restore_rng_state,
+                             rng_state, save_checkpoint)
 from ssat.config import TrainConfig, parse_config
-from ssat.masking import check_views
-from ssat.models import create_model, list_models
-from ssat.objective import ssat_objective
-from ssat.optim import create_optimizer, lr_at, scaled_lr, set_lr
+from ssat.distributed import DistContext
+from ssat.models import list_models
+from ssat.optim import set_lr
+from ssat.preemption import StopSignals, exit_status
+from ssat.training import (LOSS_PARTS, TrainState, TrainStep, autocast, build_model,
+                           create_state)
 from storage.atomic import atomic_path
-
-LOSS_PARTS = ("loss", "cls", "rec", "fgc")
 
 
 class TrainError(Exception):
     """A run that cannot go on; the message says why."""
 
 
-def print0(d: distributed.Dist, *args) -> None:
-    if d.main:
+def print0(dist_ctx: DistContext, *args) -> None:
+    if dist_ctx.main:
         print(*args, flush=True)
 
 
 def seed_everything(seed: int, rank: int, epoch: int) -> None:
-    """Every generator from (seed, rank, epoch): an epoch's randomness does not depend on what
-    ran before it, so a resumed run repeats the uninterrupted one."""
+    """Every generator from (seed, rank, epoch), at the start of each epoch: an epoch's
+    randomness does not depend on what ran before it, so a run resumed at an epoch's start
+    repeats the uninterrupted one. A run resumed inside an epoch then also restores the
+    generator states its checkpoint saved when it stopped (each rank its own), so the rest of
+    that epoch draws what the uninterrupted run drew."""
     state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
     random.seed(int(state[0]))
     np.random.seed(int(state[1]))
@@ -69,7 +81,7 @@ def seed_everything(seed: int, rank: int, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------ data
-def find_dataset(cfg: TrainConfig, d: distributed.Dist) -> tuple[Path, Path]:
+def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
     """--data_path (a name in --data_dir, or a folder) -> the train and val/test .beton files,
     or, for the dali pipeline, an image folder's train/ and val/ (or test/) class folders.
     The bundled digits are converted on first use."""
@@ -91,13 +103,13 @@ def find_dataset(cfg: TrainConfig, d: distributed.Dist) -> tuple[Path, Path]:
         folder, name = Path(cfg.data_dir), cfg.data_path
     train = folder / f"{name}_train.beton"
     if name == "digits" and not train.exists():
-        if d.main:
+        if dist_ctx.main:
             from convert.digits_to_ffcv import main as convert_digits
 
-            print0(d, f"converting the bundled digits to {folder} (first use)")
+            print0(dist_ctx, f"converting the bundled digits to {folder} (first use)")
             if convert_digits(["--out_dir", str(folder)]) != 0:
                 raise TrainError("converting the bundled digits failed")
-        distributed.barrier(d)
+        distributed.barrier(dist_ctx)
     evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
     if not train.exists():
         raise TrainError(f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
@@ -108,9 +120,9 @@ def find_dataset(cfg: TrainConfig, d: distributed.Dist) -> tuple[Path, Path]:
     return train, val
 
 
-def build_loaders(cfg: TrainConfig, d: distributed.Dist, train_path: Path, val_path: Path):
-    common = dict(img_size=cfg.img_size, device=d.device, rank=d.rank, world_size=d.world_size,
-                  seed=cfg.seed, num_workers=cfg.num_workers)
+def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val_path: Path):
+    common = dict(img_size=cfg.img_size, device=dist_ctx.device, rank=dist_ctx.rank,
+                  world_size=dist_ctx.world_size, seed=cfg.seed, num_workers=cfg.num_workers)
     train = create_loader(cfg.pipeline, train_path, train=True, batch_size=cfg.batch_size,
                           crops=cfg.crops, aa=None if cfg.aa == "none" else cfg.aa,
                           scale=(cfg.min_scale, 1.0),
@@ -125,8 +137,8 @@ class RunLog:
     """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
     progress bar; rank 0 only."""
 
-    def __init__(self, out: Path, d: distributed.Dist, fresh: bool):
-        self.active = d.main
+    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool):
+        self.active = dist_ctx.main
         self.path = out / "log.jsonl"
         self.board = None
         if self.active and fresh:  # a new run starts a new log; a resumed one appends
@@ -152,9 +164,13 @@ class RunLog:
             if prefix == "epoch":
                 self.board.flush()
 
-    def bar(self, total: int, epoch: int):
-        return tqdm(total=total, desc=f"epoch {epoch}", disable=not self.active, leave=False,
-                    dynamic_ncols=True)
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+    def bar(self, total: int, epoch: int, done: int = 0):
+        return tqdm(total=total, initial=done, desc=f"epoch {epoch}", disable=not self.active,
+                    leave=False, dynamic_ncols=True)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -164,12 +180,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------- training
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-
-
 class DataWait:
     """Time the device spends waiting for the loader. On CUDA: the gaps on the device's timeline
     between the end of one step's work and the start of the next (CUDA events, read when the host
@@ -203,71 +213,69 @@ class DataWait:
         return self.total
 
 
-def train_one_epoch(cfg, state, loader, epoch: int, log: RunLog, d: distributed.Dist) -> dict:
-    """One epoch; returns the epoch's mean loss parts and timings. The host waits on the device
-    only at log intervals (and at the epoch's end)."""
-    model, optimizer, scaler = state["train_model"], state["optimizer"], state["scaler"]
-    model.train()
-    steps = len(loader)
-    sums = torch.zeros(len(LOSS_PARTS), device=d.device)
+def train_one_epoch(cfg: TrainConfig, state: TrainState, step: TrainStep, loader, log: RunLog,
+                    dist_ctx: DistContext, stop: StopSignals) -> dict | None:
+    """Epoch `state.epoch` from batch `state.batch` on; returns the mean loss parts and timings of
+    the steps it ran, or None when a stop signal ended it early (`state.batch` then says where).
+    The host waits on the device only at log intervals (and at the epoch's end)."""
+    state.train_model.train()
+    device, steps, first = dist_ctx.device, len(loader), state.batch
+    sums = torch.zeros(len(LOSS_PARTS), device=device)
     window = torch.zeros_like(sums)
-    first_bad = torch.full((), -1, dtype=torch.long, device=d.device)
-    wait, window_images, window_start = DataWait(d.device), 0, time.perf_counter()
-    epoch_start = window_start
-    bar = log.bar(steps, epoch)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    wait, window_images, window_steps = DataWait(device), 0, 0
+    epoch_start = window_start = time.perf_counter()
+    bar = log.bar(steps, state.epoch, done=first)
     batches = iter(loader)
-    for i in range(steps):
+    for i in range(first, steps):
         fetch = time.perf_counter()
         batch = next(batches)
         wait.fetched(time.perf_counter() - fetch)
-        step = state["step"]
-        lr = lr_at(step, base_lr=state["lr"], min_lr=cfg.min_lr, warmup_steps=state["warmup_steps"],
-                   total_steps=state["total_steps"])
-        set_lr(optimizer, lr)
-        crops = batch["crops"]  # (V, B, 3, H, W)
-        images = crops.reshape(-1, *crops.shape[2:])  # (V*B, 3, H, W), crops first
-        targets = batch.get("targets", batch["labels"])
-        targets = targets.repeat(crops.shape[0], *([1] * (targets.ndim - 1)))
-        with autocast(cfg, d.device):
-            out = model(images, mask_views=cfg.mask_views) if cfg.method != "scratch" else model(images)
-            losses = ssat_objective(out, targets, lam=cfg.lambda_weight, beta=cfg.sim_beta,
-                                    smoothing=cfg.smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        parts = torch.stack([losses[k].detach().float() for k in LOSS_PARTS])
+        lr = state.lr()
+        set_lr(state.optimizer, lr)
+        losses = step(batch)
+        parts = torch.stack([losses[k].float() for k in LOSS_PARTS])
         wait.step_queued()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), state.step, first_bad)
         sums += parts
         window += parts
-        window_images += images.shape[0] // crops.shape[0]
-        state["step"] = step + 1
+        window_images += batch["labels"].shape[0]
+        window_steps += 1
+        state.step, state.batch = state.step + 1, i + 1
         bar.update()
         if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
             # the one host-device sync, at log intervals: loss values and the non-finite check
-            bad = int(first_bad.item())
-            if bad >= 0:
-                bar.close()
-                raise TrainError(f"non-finite loss at step {bad} (epoch {epoch}); stopping. The last "
-                                 f"good checkpoint is in {cfg.output_dir}")
+            check_finite(first_bad, state, cfg, bar)
             seconds = time.perf_counter() - window_start
-            count = (i % cfg.log_interval) + 1
-            means = (window / count).tolist()
-            record = {"type": "step", "epoch": epoch, "step": step + 1, "lr": lr,
+            means = (window / window_steps).tolist()
+            record = {"type": "step", "epoch": state.epoch, "step": state.step, "lr": lr,
                       **dict(zip(LOSS_PARTS, means)),
-                      "images_per_s": window_images * d.world_size / seconds}
+                      "images_per_s": window_images * dist_ctx.world_size / seconds}
             log.write(record)
             bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.0f}",
                             wait=f"{wait.seconds() / (time.perf_counter() - epoch_start):.0%}")
             window.zero_()
-            window_images, window_start = 0, time.perf_counter()
+            window_images, window_steps, window_start = 0, 0, time.perf_counter()
+        # every rank asks after the same steps; the epoch's last step is left to its end
+        if i + 1 < steps and stop.requested():
+            check_finite(first_bad, state, cfg, bar)  # never save weights after a bad step
+            bar.close()
+            return None
     bar.close()
-    seconds = time.perf_counter() - epoch_start
-    means = (sums / steps).tolist()
+    seconds, ran = time.perf_counter() - epoch_start, steps - first
+    means = (sums / ran).tolist()
     return {**dict(zip(LOSS_PARTS, means)),
-            "train_images_per_s": steps * cfg.batch_size * d.world_size / seconds,
+            "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
             "data_wait": min(1.0, wait.seconds() / seconds), "train_seconds": seconds}
+
+
+def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, bar) -> None:
+    """Stop at the first non-finite loss (a host-device sync: read `first_bad`)."""
+    bad = int(first_bad.item())
+    if bad >= 0:
+        bar.close()
+        raise TrainError(f"non-finite loss at step {bad} (epoch {state.epoch}); stopping. The last "
+                         f"good checkpoint is in {cfg.output_dir}")
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -278,100 +286,123 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg: TrainConfig, d: distributed.Dist) -> dict:
+def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
     """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across ranks."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top-1, top-5, samples
+    device = dist_ctx.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
     for batch in loader:
         images, labels = batch["crops"][0], batch["labels"]
-        with autocast(cfg, d.device):
+        with autocast(cfg.amp, device):
             logits = model.classify(images)
         logits = logits.float()
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                                *correct_counts(logits, labels),
-                               torch.tensor(float(len(labels)), device=d.device, dtype=torch.float64)])
-    loss, top1, top5, n = distributed.all_sum(totals, d).tolist()
+                               torch.tensor(float(len(labels)), device=device,
+                                            dtype=torch.float64)])
+    loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
     return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}
 
 
 # ----------------------------------------------------------------------------- set-up
-def build_state(cfg: TrainConfig, d: distributed.Dist, num_classes: int, steps_per_epoch: int) -> dict:
+def build_state(cfg: TrainConfig, dist_ctx: DistContext, num_classes: int,
+                steps_per_epoch: int) -> TrainState:
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size,
-                         patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-                         norm_pix_loss=cfg.norm_pix_loss, drop_path_rate=cfg.drop_path,
-                         global_pool=cfg.global_pool, pos_embed=cfg.pos_embed)
-    if model.has_decoder:
-        check_views(cfg.mask_views, model.num_visible, model.num_patches)
+    model = build_model(cfg, num_classes)
     if cfg.finetune:
         try:
             result = load_pretrained(model, cfg.finetune)
         except RuntimeError as err:
             raise TrainError(f"cannot initialise from {cfg.finetune}: {err}") from err
-        print0(d, f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} keys, "
-                  f"unused {len(result.unexpected_keys)}, head reset: {result.head_reset}")
-    model = model.to(d.device, memory_format=torch.channels_last)
-    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * d.world_size)
-    layer_decay = cfg.layer_decay if cfg.finetune and cfg.layer_decay != 1 else None
-    optimizer = create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay)
-    state = {"model": model, "optimizer": optimizer,
-             "scaler": torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16"),
-             "lr": lr, "step": 0, "epoch": 0, "best": None,
-             "total_steps": cfg.epochs * steps_per_epoch,
-             "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch))}
+        print0(dist_ctx, f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} "
+                         f"keys, unused {len(result.unexpected_keys)}, "
+                         f"head reset: {result.head_reset}")
+    state = create_state(cfg, model, dist_ctx, steps_per_epoch)
     if cfg.resume:
-        resume(cfg, state, d)
-    train_model = torch.compile(model) if cfg.compile else model
-    if d.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    state["train_model"] = train_model
+        resume(cfg, state, dist_ctx)
     return state
 
 
-def resume(cfg: TrainConfig, state: dict, d: distributed.Dist) -> None:
+def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
+    """Load a checkpoint into `state`: weights, and to train on, the optimizer, the scaler and
+    where to continue (inside an epoch: with this rank's saved generator states)."""
     path = Path(cfg.output_dir) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not path.exists():
-        print0(d, f"no checkpoint in {cfg.output_dir}: starting afresh")
+        print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
         return
     try:
-        ckpt = load_checkpoint(path, map_location=d.device)
-        state["model"].load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(path, map_location=dist_ctx.device)
+        state.model.load_state_dict(ckpt["model"])
     except RuntimeError as err:  # unreadable file, or weights of another model
         raise TrainError(f"cannot resume from {path}: {err}") from err
-    if not cfg.eval:
-        if ckpt.get("optimizer") is None:
-            raise TrainError(f"{path}: no optimizer state to resume from (use --finetune to "
-                             f"initialise from pretrained weights)")
-        state["optimizer"].load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            state["scaler"].load_state_dict(ckpt["scaler"])
-    state["epoch"] = int(ckpt["epoch"]) + 1
-    state["step"] = int(ckpt.get("step", 0))
-    state["best"] = ckpt.get("best_metric")
-    print0(d, f"resumed from {path}: epoch {ckpt['epoch']} done, step {state['step']}")
-
-
-def save(cfg: TrainConfig, state: dict, epoch: int, improved: bool, d: distributed.Dist) -> None:
-    if not d.main:
+    if cfg.eval:
         return
-    out = Path(cfg.output_dir)
+    if ckpt.get("optimizer") is None:
+        raise TrainError(f"{path}: no optimizer state to resume from (use --finetune to "
+                         f"initialise from pretrained weights)")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
+    state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
+    state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
+    if state.batch:
+        then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
+        if then != (dist_ctx.world_size, cfg.batch_size):
+            raise TrainError(f"{path} stopped inside epoch {state.epoch} with {then[0]} "
+                             f"process(es) of batch {then[1]}: continue it with the same (the "
+                             f"place in the epoch depends on both), not {dist_ctx.world_size} of "
+                             f"{cfg.batch_size}")
+        state.rng = ckpt["rng_ranks"][dist_ctx.rank]
+        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
+                         f"{state.steps_per_epoch}, step {state.step}")
+    else:
+        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
+
+
+def save(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, improved: bool = False,
+         rng_ranks: list | None = None) -> None:
+    """checkpoint-last.pth (and -best, and every --save_every epochs a numbered one) for where
+    `state` stands: at an epoch's end (`state.batch` 0) or inside an epoch."""
+    if not dist_ctx.main:
+        return
+    out, done = Path(cfg.output_dir), state.epoch - 1  # the last epoch completed
     names = ["checkpoint-last.pth"]
     if improved:
         names.append("checkpoint-best.pth")
-    if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-        names.append(f"checkpoint-{epoch}.pth")
+    if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
+        names.append(f"checkpoint-{done}.pth")
+    position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
     for name in names:
-        save_checkpoint(out / name, model=state["model"], optimizer=state["optimizer"],
-                        scaler=state["scaler"], epoch=epoch, step=state["step"],
-                        config=cfg.to_dict(), best_metric=state["best"])
+        save_checkpoint(out / name, model=state.model, optimizer=state.optimizer,
+                        scaler=state.scaler, epoch=done, step=state.step, config=cfg.to_dict(),
+                        best_metric=state.best, position=position, rng_ranks=rng_ranks)
 
 
-def start(cfg: TrainConfig, d: distributed.Dist) -> Path:
+def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistContext) -> int:
+    """A stop signal ended the run after a step: save where it stands (inside an epoch, with
+    every rank's generators; an epoch's end was saved already), say how to go on, and return the
+    exit status, 128 + the signal's number."""
+    inside = state.batch > 0
+    if inside:
+        rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
+        save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
+    else:
+        where = f"the end of epoch {state.epoch - 1}"
+    distributed.barrier(dist_ctx)  # no rank leaves (and has torchrun end the rest) mid-save
+    status = exit_status(signum)
+    print0(dist_ctx, f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
+                     f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
+                     f"same command with --resume auto (exit status {status})")
+    return status
+
+
+def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
-    if d.main:
+    if dist_ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(cfg.to_dict(), indent=1), flush=True)
         with atomic_path(out / "config.json") as tmp:
@@ -380,11 +411,11 @@ def start(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
 
 # ------------------------------------------------------------------------------- main
-def run(cfg: TrainConfig, d: distributed.Dist) -> int:
-    cfg.resolve(cuda=d.device.type == "cuda")
-    out = start(cfg, d)
-    seed_everything(cfg.seed, d.rank, 0)
-    train_loader, val_loader = build_loaders(cfg, d, *find_dataset(cfg, d))
+def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
+    cfg.resolve(cuda=dist_ctx.device.type == "cuda")
+    out = start(cfg, dist_ctx)
+    seed_everything(cfg.seed, dist_ctx.rank, 0)
+    train_loader, val_loader = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
     classes = train_loader.info.num_classes
     if val_loader.info.class_names != train_loader.info.class_names:
         raise TrainError(f"{val_loader.path} and {train_loader.path} name different classes "
@@ -392,47 +423,72 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> int:
     if cfg.nb_classes is not None and cfg.nb_classes != classes:
         raise TrainError(f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
                          f"{train_loader.path.with_suffix('.json')}")
-    state = build_state(cfg, d, classes, len(train_loader))
+    state = build_state(cfg, dist_ctx, classes, len(train_loader))
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
-        result = evaluate(state["model"], val_loader, cfg, d)
-        print0(d, json.dumps({"eval": result}))  # the last line: one JSON object
+        result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
-    log, began, result = RunLog(out, d, fresh=state["epoch"] == 0), time.perf_counter(), None
+    log = RunLog(out, dist_ctx, fresh=state.step == 0)
+    try:
+        with StopSignals(dist_ctx) as stop:
+            return fit(cfg, state, train_loader, val_loader, log, dist_ctx, stop)
+    finally:
+        log.close()
+
+
+def fit(cfg: TrainConfig, state: TrainState, train_loader, val_loader, log: RunLog,
+        dist_ctx: DistContext, stop: StopSignals) -> int:
+    """Train from where `state` stands to the last epoch of this invocation, evaluating and
+    saving after each; returns the exit status: 0, or 128 + the signal that stopped it."""
+    step, began, result = TrainStep.from_config(cfg, state), time.perf_counter(), None
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
-    for epoch in range(state["epoch"], last):
-        seed_everything(cfg.seed, d.rank, epoch)
-        train_loader.set_epoch(epoch)
-        train = train_one_epoch(cfg, state, train_loader, epoch, log, d)
-        result = evaluate(state["model"], val_loader, cfg, d)
-        improved = state["best"] is None or result["acc1"] > state["best"]
-        state["best"] = max(result["acc1"], state["best"] or 0.0)
-        save(cfg, state, epoch, improved, d)
-        log.write({"type": "epoch", "epoch": epoch, "step": state["step"],
-                   "lr": max(g["lr"] for g in state["optimizer"].param_groups), **train,
-                   **{f"val_{k}": v for k, v in result.items()}, "best_acc1": state["best"],
-                   "epoch_seconds": train["train_seconds"], "peak_memory_mb": peak_memory_mb(d.device)})
-        print0(d, f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 {result['acc1']:.2f}%  "
-                  f"acc5 {result['acc5']:.2f}%  ({train['train_images_per_s']:.0f} img/s, "
-                  f"data wait {train['data_wait']:.0%})")
+    while state.epoch < last:
+        epoch = state.epoch
+        seed_everything(cfg.seed, dist_ctx.rank, epoch)
+        train_loader.set_epoch(epoch, start_batch=state.batch)
+        if state.rng is not None:  # resumed inside this epoch: its random streams go on
+            restore_rng_state(state.rng)
+            state.rng = None
+        train = train_one_epoch(cfg, state, step, train_loader, log, dist_ctx, stop)
+        if train is None:
+            return stop_here(cfg, state, stop.requested(), dist_ctx)
+        result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        improved = state.best is None or result["acc1"] > state.best
+        state.best = max(result["acc1"], state.best or 0.0)
+        state.epoch, state.batch = epoch + 1, 0
+        save(cfg, state, dist_ctx, improved)
+        log.write({"type": "epoch", "epoch": epoch, "step": state.step,
+                   "lr": max(g["lr"] for g in state.optimizer.param_groups), **train,
+                   **{f"val_{k}": v for k, v in result.items()}, "best_acc1": state.best,
+                   "epoch_seconds": train["train_seconds"],
+                   "peak_memory_mb": peak_memory_mb(dist_ctx.device)})
+        print0(dist_ctx, f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 "
+                         f"{result['acc1']:.2f}%  acc5 {result['acc5']:.2f}%  "
+                         f"({train['train_images_per_s']:.0f} img/s, "
+                         f"data wait {train['data_wait']:.0%})")
+        signum = stop.requested() if state.epoch < last else 0  # came during eval or saving
+        if signum:
+            return stop_here(cfg, state, signum, dist_ctx)
     minutes = (time.perf_counter() - began) / 60
     if result is not None:
-        print0(d, f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} in {minutes:.1f} min; "
-                  f"final val acc1 {result['acc1']:.2f}%, best {state['best']:.2f}%")
+        print0(dist_ctx, f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} "
+                         f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
+                         f"best {state.best:.2f}%")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    d = distributed.setup()
+    dist_ctx = distributed.setup()
     try:
-        return run(parse_config(argv), d)
-    except (TrainError, DatasetError, ValueError, FileNotFoundError) as err:
+        return run(parse_config(argv), dist_ctx)
+    except (TrainError, DatasetError, DiskSpaceError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
-        distributed.teardown(d)
+        distributed.teardown(dist_ctx)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
     python bench/train_step.py --img_size 224 --patch_size 16 --batch_size 256 \\
         --models vit_tiny vit_small --pipeline ffcv  # GPU
 
-For each model and method: images/s of full training steps (forward, the SSAT/FGCR/scratch
-objective, backward, fused AdamW) on synthetic images already on the device, eager and
+For each model and method: images/s of the trainer's own step (`ssat.training.TrainStep`:
+forward, the SSAT/FGCR/scratch objective, backward through the grad scaler, fused AdamW; model,
+optimizer and scaler built by `ssat.training.create_state` as train.py builds them, with train.py's
+amp default: bf16 on CUDA, none on the CPU) on synthetic images already on the device, eager and
 compiled (median of `--repeats` timings after warm-up), the FLOPs of one step (counted with
 torch's FlopCounterMode) and the achieved FLOP rate (with the model FLOP utilisation where the
 device's peak is known). Then the pipeline efficiency: images/s of the same compiled step fed by
@@ -24,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssat.models import create_model
-from ssat.objective import ssat_objective
-from ssat.optim import create_optimizer
+from ssat.config import TrainConfig
+from ssat.distributed import DistContext
+from ssat.training import TrainStep, build_model, create_state
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 
@@ -36,15 +38,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model, optimizer, method: str, mask_views: int, amp: bool, device: torch.device):
-    def step(images, labels):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(images, mask_views=mask_views) if method != "scratch" else model(images)
-            loss = ssat_objective(out, labels)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+def _config(device: torch.device, **settings) -> TrainConfig:
+    """train.py's config with its device-dependent defaults (amp). The pipeline is named, as
+    none is used here: left to its default, resolve() would import ffcv, and importing ffcv
+    sets torch's CPU threads to 1."""
+    return TrainConfig(pipeline="torch", **settings).resolve(cuda=device.type == "cuda")
+
+
+def build_step(model_name: str, method: str, args, device: torch.device,
+              compiled: bool) -> TrainStep:
+    """The trainer's step for this model and method, from a fresh model (seed 0)."""
+    cfg = _config(device, model=model_name, method=method,
+                  mask_views=2 if method == "fgcr" else 1, img_size=args.img_size,
+                  patch_size=args.patch_size, batch_size=args.batch_size, lr=1e-4,
+                  compile=compiled)
+    torch.manual_seed(0)
+    state = create_state(cfg, build_model(cfg, num_classes=10), DistContext(device=device),
+                         steps_per_epoch=args.steps)
+    return TrainStep.from_config(cfg, state)
 
 
 def images_per_s(step, batches, device, steps: int, repeats: int) -> float:
@@ -53,17 +64,17 @@ def images_per_s(step, batches, device, steps: int, repeats: int) -> float:
         sync(device)
         start = time.perf_counter()
         for i in range(steps):
-            images, labels = batches(i)
-            step(images, labels)
+            batch = batches(i)
+            step(batch)
         sync(device)
         if r:  # the first round warms up (and compiles)
-            rates.append(steps * images.shape[0] / (time.perf_counter() - start))
+            rates.append(steps * batch["labels"].shape[0] / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
-def step_flops(step, images, labels) -> float:
+def step_flops(step, batch) -> float:
     with FlopCounterMode(display=False) as counter:
-        step(images, labels)
+        step(batch)
     return counter.get_total_flops()
 
 
@@ -89,34 +100,29 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
-    amp = cuda
+    amp = _config(device).amp
     print(f"{device} {torch.cuda.get_device_name(device) if cuda else ''} {args.img_size} px / patch "
-          f"{args.patch_size}, batch {args.batch_size}, bf16 autocast {'on' if amp else 'off'}", flush=True)
+          f"{args.patch_size}, batch {args.batch_size}, autocast {amp}", flush=True)
     print(f"{'model':<14} {'method':<8} {'eager img/s':>11} {'compiled':>9} {'ratio':>6} "
           f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6}", flush=True)
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
-    synthetic = lambda i: (images, labels)  # noqa: E731
+    synthetic_batch = {"crops": images[None], "labels": labels}  # one crop: (1, B, 3, H, W)
+    synthetic = lambda i: synthetic_batch  # noqa: E731
     compiled_steps, results = {}, []
     for name in args.models:
         for method in args.methods:
             base = name.removeprefix("mae_")
             model_name = base if method == "scratch" else f"mae_{base}"
-            mask_views = 2 if method == "fgcr" else 1
             rates = {}
             for compiled in (False, True):
                 torch._dynamo.reset()
-                torch.manual_seed(0)
-                model = create_model(model_name, num_classes=10, img_size=args.img_size,
-                                     patch_size=args.patch_size).to(device, memory_format=torch.channels_last)
-                optimizer = create_optimizer(model, lr=1e-4)
-                runner = torch.compile(model) if compiled else model
-                step = make_step(runner, optimizer, method, mask_views, amp, device)
+                step = build_step(model_name, method, args, device, compiled)
                 rates[compiled] = images_per_s(step, synthetic, device, args.steps, args.repeats)
                 if not compiled:
-                    flops = step_flops(make_step(model, optimizer, method, mask_views, amp, device), images, labels)
+                    flops = step_flops(step, synthetic_batch)
                 else:
                     compiled_steps[name, method] = step
             achieved = flops * rates[True] / args.batch_size
@@ -139,7 +145,7 @@ def main() -> int:
                     if batch is None:
                         batches = iter(loader)
                         batch = next(batches)
-                    return batch["crops"][0], batch["labels"]
+                    return batch
 
                 fed = images_per_s(compiled_steps[name, method], real, device, args.steps, args.repeats)
                 print(f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / synthetic, "

@@ -13,8 +13,10 @@ Each image is decoded once and V random-resized crops, each with its own flip, a
 eval resizes the shorter side to img_size / crop_pct and takes the centre. Which samples a rank
 reads comes from `sampling.py`, as for the other engines: DALI gets this rank's order, padded to
 whole batches (eval's padding is trimmed here, so no sample is lost or counted twice), and the
-indices DALI hands back are checked against it. A sample DALI cannot decode is decoded again on
-the host to name its file and index.
+indices DALI hands back are checked against it. A pass that starts at batch k of an epoch reads
+that epoch's order from batch k on; its crops come from the pipeline's random generators, so they
+are not those the uninterrupted pass would have cut. A sample DALI cannot decode is decoded again
+on the host to name its file and index.
 """
 from __future__ import annotations
 
@@ -44,13 +46,14 @@ class BetonSamples:
     """Parallel external-source callback: sample k of an epoch -> (its stored bytes, its index).
 
     Stateless, as DALI's worker processes need: the epoch's order is recomputed from the sampling
-    rule for epoch `first_epoch` + DALI's epoch counter (and cached for the epoch)."""
+    rule for epoch `first_epoch` + DALI's epoch counter (and cached for the epoch). The first
+    epoch's pass starts `first_skip` samples into its order (a pass started at a later batch)."""
 
     def __init__(self, beton: BetonFile, *, train: bool, batch_size: int, rank: int,
-                 world_size: int, seed: int, first_epoch: int, length: int):
+                 world_size: int, seed: int, first_epoch: int, length: int, first_skip: int = 0):
         self.beton, self.train, self.batch_size = beton, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.first_epoch, self.length = first_epoch, length
+        self.first_epoch, self.length, self.first_skip = first_epoch, length, first_skip
         self._cached = (None, None)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -61,9 +64,10 @@ class BetonSamples:
         return self._cached[1]
 
     def __call__(self, info) -> tuple[np.ndarray, np.ndarray]:
-        if info.idx_in_epoch >= self.length:
+        skip = self.first_skip if info.epoch_idx == 0 else 0
+        if skip + info.idx_in_epoch >= self.length:
             raise StopIteration
-        i = int(self.order(self.first_epoch + info.epoch_idx)[info.idx_in_epoch])
+        i = int(self.order(self.first_epoch + info.epoch_idx)[skip + info.idx_in_epoch])
         data = self.beton.raw_bytes(i)
         meta = self.beton.images[i]
         if meta["mode"] == RAW:
@@ -84,17 +88,19 @@ class DALILoader(CropLoader):
         self.folder = isinstance(self.source, ImageFolder)
         self.cuda = self.device.type == "cuda"
         self._pipe = None
-        self._pipe_epoch = None  # the epoch the pipeline's next pass reads (None: eval)
+        # where the pipeline's next pass starts: (epoch (None: eval), start batch)
+        self._pipe_next = None
         self._pipe_whole = False  # False while a pass is under way or was abandoned
 
     # ------------------------------------------------------------------ the pipeline
     def _pipeline(self, order: np.ndarray) -> Pipeline:
         """The pipeline for this pass: the last one when it reads exactly this order next."""
-        epoch = self.epoch if self.train else None
-        if self._pipe is not None and self._pipe_whole and self._pipe_epoch == epoch:
+        start = (self.epoch if self.train else None, self.start_batch)
+        if self._pipe is not None and self._pipe_whole and self._pipe_next == start:
             return self._pipe
         self._pipe = None  # its Python workers and buffers go before the new ones come
         length = len(self) * self.batch_size
+        skip = self.start_batch * self.batch_size
         device_id = None
         if self.cuda:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -107,14 +113,14 @@ class DALILoader(CropLoader):
                         py_start_method="spawn" if self.cuda else "fork")
         with pipe:
             if self.folder:
-                files = padded(order, length)
+                files = padded(order, length - skip)
                 encoded, index = fn.readers.file(files=[self.source.files[i] for i in files],
                                                  labels=files.tolist(), random_shuffle=False,
                                                  name="files")
             else:
                 source = BetonSamples(self.source, train=self.train, batch_size=self.batch_size,
                                       rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                      first_epoch=self.epoch, length=length)
+                                      first_epoch=self.epoch, length=length, first_skip=skip)
                 encoded, index = fn.external_source(
                     source=source, num_outputs=2, batch=False, parallel=True, prefetch_queue_depth=2,
                     dtype=[types.UINT8, types.INT64],
@@ -136,7 +142,7 @@ class DALILoader(CropLoader):
             pipe.set_outputs(fn.stack(*crops), index)
         with forking():  # the external source's workers start here (forked on the CPU)
             pipe.build()
-        self._pipe, self._pipe_epoch = pipe, epoch
+        self._pipe, self._pipe_next = pipe, start
         return pipe
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,12 +152,12 @@ class DALILoader(CropLoader):
         self._pipe_whole = False
         batch, shape = self.batch_size, (self.batch_size, self.crops, self.img_size, self.img_size, 3)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        for k in range(len(self)):
+        for k in range(len(self) - self.start_batch):
             try:
                 crops, index = pipe.run()
             except StopIteration:
-                raise RuntimeError(f"DALI ended the epoch of {self.path} after {k} of {len(self)} "
-                                   f"batches") from None
+                raise RuntimeError(f"DALI ended the epoch of {self.path} after {k} of "
+                                   f"{len(self) - self.start_batch} batches") from None
             except RuntimeError as err:
                 self._pipe = None  # DALI: "the pipeline object is no longer valid"
                 # the failing sample is in this batch or in one DALI was prefetching
@@ -172,6 +178,7 @@ class DALILoader(CropLoader):
                 pipe.reset()
             else:
                 raise RuntimeError(f"DALI read past the end of the epoch of {self.path}")
-            if self.train:
-                self._pipe_epoch += 1
+            # its next pass reads the next epoch (eval: the same order again), from its start
+            epoch = self._pipe_next[0]
+            self._pipe_next = (None if epoch is None else epoch + 1, 0)
         self._pipe_whole = True

@@ -3,6 +3,15 @@
 An engine only turns an epoch's sample order into batches of uint8 crops (B, V, H, W, 3) and
 labels on the device (`_raw_batches`); sharding, epochs, lengths, indices and the device-side
 augmentation live here, so the engines cannot disagree about them.
+
+A pass can start inside an epoch (`set_epoch(epoch, start_batch=k)`, how a stopped run
+continues): every engine then yields the batches k, k+1, ... of the epoch's order, the same
+samples in the same order as an uninterrupted pass. The crops' randomness is another matter:
+the torch engine draws each crop from a seed of (seed, epoch, sample index, crop), so its crops
+repeat exactly; ffcv draws them in numba threads from per-thread generators that cannot be
+re-seeded from outside, and DALI from its pipeline's seed, so after a mid-epoch start their
+crops are drawn afresh. The device-side augmentation draws from the consuming process's
+generators, which a resuming trainer restores.
 """
 from __future__ import annotations
 
@@ -54,7 +63,7 @@ class CropLoader:
         self.transform = DeviceAugment(self.config, train=train, mean=self.info.mean,
                                        std=self.info.std, num_classes=self.info.num_classes,
                                        device=self.device, dtype=dtype)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         if train:  # a shard too small for one batch is an error now, not at the first epoch
             self.order(0)
 
@@ -62,9 +71,13 @@ class CropLoader:
         """The engine's view of the dataset at `path`, and its `DatasetInfo`."""
         return open_dataset(path)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle: the train order depends on (seed, epoch). Eval order never changes."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle: the train order depends on (seed, epoch). Eval order never changes.
+        Passes until the next call begin at batch `start_batch` of the epoch (`len()` stays the
+        whole epoch's batch count)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside the epoch's {len(self)} batches")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         return epoch_order(self.info.num_samples, train=self.train, batch_size=self.batch_size,
@@ -76,18 +89,21 @@ class CropLoader:
                            rank=self.rank, world_size=self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self.order()
-        start = 0
+        start = self.start_batch * self.batch_size
+        order = self.order()[start:]
+        if len(order) == 0:
+            return
+        done = 0
         for raw, labels in self._raw_batches(order):
             n = raw.shape[0]
             # copies: engines may reuse their label buffers for the next batch
             labels = labels.reshape(-1).to(torch.int64, copy=True)
             crops, targets = self.transform(raw, labels)
             batch = {"crops": crops, "labels": labels,
-                     "indices": torch.from_numpy(order[start:start + n]).to(self.device)}
+                     "indices": torch.from_numpy(order[done:done + n]).to(self.device)}
             if targets is not None:
                 batch["targets"] = targets
-            start += n
+            done += n
             yield batch
 
     def _failure(self, indices, err: Exception) -> DatasetError:
@@ -103,5 +119,6 @@ class CropLoader:
                             f"{[int(i) for i in indices[:8]]}: {err}")
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `order`, in order: uint8 (B, V, H, W, 3) crops and (B,) labels on the device."""
+        """Batches of `order` (the epoch's order from batch `start_batch` on), in order: uint8
+        (B, V, H, W, 3) crops and (B,) labels on the device."""
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 The reference the other engines are tested against, and the fallback where neither ffcv nor
 DALI is installed: it reads the file with `storage.beton.BetonFile` (numpy only). Each image
-is decoded once and cropped V times, as multi-crop code does.
+is decoded once and cropped V times, as multi-crop code does. Each crop's randomness comes from
+a seed of (seed, epoch, sample index, crop), never from which worker reads the sample or where
+the pass started, so a pass started at batch k repeats the uninterrupted pass's crops exactly.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from storage.forking import forking
 
 
 class _Crops(Dataset):
-    def __init__(self, beton: BetonFile, crops: int, transform):
+    def __init__(self, beton: BetonFile, crops: int, transform, *, random: bool, seed: int):
         self.beton, self.crops, self.transform = beton, crops, transform
+        self.random, self.seed = random, seed
+        self.epoch = 0  # set before each pass; workers start afresh every pass and copy it
 
     def __len__(self) -> int:
         return len(self.beton)
@@ -39,9 +43,19 @@ class _Crops(Dataset):
             raise DatasetError(f"{self.beton.path}: sample {i} does not decode ({err})") from None
         return img.convert("RGB")
 
+    def crop(self, img: Image.Image, i: int, v: int) -> np.ndarray:
+        if not self.random:
+            return np.asarray(self.transform(img))
+        # torchvision's transforms draw from torch's global CPU generator: seed it for this crop
+        # and put it back afterwards (the CUDA generators are never touched)
+        seed = np.random.SeedSequence([self.seed, self.epoch, i, v]).generate_state(2)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed[0]) << 32 | int(seed[1]))
+            return np.asarray(self.transform(img))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.image(i)
-        crops = np.stack([np.asarray(self.transform(img)) for _ in range(self.crops)])
+        crops = np.stack([self.crop(img, i, v) for v in range(self.crops)])
         return torch.from_numpy(crops), int(self.beton.labels[i])  # (V, H, W, 3) uint8
 
 
@@ -73,15 +87,19 @@ class TorchLoader(CropLoader):
             transform = T.Compose([T.Resize(int(self.img_size / cfg.crop_pct), interpolation=bicubic),
                                    T.CenterCrop(self.img_size)])
         self._sampler = _Order()
+        self._crops = _Crops(self.source, self.crops, transform, random=self.train, seed=self.seed)
         self._loader = DataLoader(
-            _Crops(self.source, self.crops, transform), batch_size=self.batch_size,
+            self._crops, batch_size=self.batch_size,
             sampler=self._sampler, drop_last=self.train, num_workers=self.num_workers,
-            # new workers every epoch: their random streams then follow the (seed, epoch) state
-            # of the main process, so a resumed run repeats the uninterrupted one
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            # new workers every pass: they copy the pass's epoch and order
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            # the workers' base seed comes from here, not from the global generator, so starting
+            # a pass draws nothing from the trainer's random streams
+            generator=torch.Generator().manual_seed(self.seed))
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order
+        self._crops.epoch = self.epoch
         with forking():  # the DataLoader forks its workers here
             batches = iter(self._loader)
         for crops, labels in batches:

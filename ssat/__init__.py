@@ -1,7 +1,8 @@
 """SSAT / FGCR: Vision Transformers trained with a masked-autoencoder auxiliary task.
 
 The method lives here: `models` (ViT + MAE decoder, FGCR masking), `objective` (how the loss parts
-are weighed), `optim` (AdamW groups and schedule) and `checkpoint` (atomic saves, safe loads).
+are weighed), `optim` (AdamW groups and schedule), `training` (one training step and the training
+state) and `checkpoint` (atomic saves, safe loads).
 """
 from ssat.models import create_model, list_models
 

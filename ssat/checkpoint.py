@@ -1,16 +1,28 @@
 """Checkpoints: atomic saves, safe loads, and initialising from MAE / timm / our own files.
 
-A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`) plus our keys
-(`config`, `step`, `rng`, `best_metric`). It holds only tensors and plain Python values, so it loads
-with `torch.load(weights_only=True)`. Files that carry an `argparse.Namespace` (published MAE and
-FGCR checkpoints) load through an explicit allow-list, never by turning the safe mode off.
+A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`) plus our keys:
+`config` (the run's settings as a plain dict), `step` (optimizer steps taken), `best_metric`,
+`rng` (the saving process's random generators), `position` (`{'epoch', 'batch', 'world_size'}`:
+where training continues, batch `batch` of epoch `epoch`; `batch` > 0 for a run stopped inside
+an epoch) and, for such a stop, `rng_ranks` (every rank's generators, indexed by rank, which a
+run resuming inside the epoch restores). `epoch` keeps MAE's meaning, the last epoch completed
+(-1 for none), so MAE's own resume code restarts an interrupted epoch from its start. A file
+holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
+Files that carry an `argparse.Namespace` (published MAE and FGCR checkpoints) load through an
+explicit allow-list, never by turning the safe mode off.
+
+A save checks the free space first (the tensors' bytes plus a margin) and turns a disk that
+fills during the write into the same `DiskSpaceError`, naming the file, the space needed and the
+space available; either way the previous file at that path is left as it was.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,15 +73,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set every generator to `state` (as `rng_state` returned it; tensors on any device)."""
     random.setstate(state["python"])
     npy = state["numpy"]
     np.random.set_state(
-        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+        (npy["name"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
          npy["cached_gaussian"])
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ------------------------------------------------------------------------------ saving
@@ -84,10 +97,75 @@ def plain_config(config: Any) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in dict(config).items()}
 
 
+class DiskSpaceError(OSError):
+    """A file that does not fit on its filesystem; the message names the file and both sizes."""
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> tuple[int, int]:
+    """(bytes of the distinct tensor storages in `obj`, number of tensors): what torch.save
+    writes besides the pickled structure."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0, 1
+        seen.add(storage.data_ptr())
+        return storage.nbytes(), 1
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        sizes = [_tensor_bytes(item, seen) for item in obj]
+        return sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+    return 0, 0
+
+
+def estimated_size(obj: Any) -> int:
+    """Bytes torch.save needs for `obj`, about: its tensors' storages, plus a margin for the
+    pickled structure and the zip records (alignment and headers, some 200 bytes a tensor)."""
+    data, count = _tensor_bytes(obj, set())
+    return data + data // 100 + 1024 * count + 2**20
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from or during, is a full disk or quota.
+    torch.save reports a failed write as a RuntimeError raised while handling the OSError."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through `storage.atomic.atomic_path`: readers see the old file or the new one."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    """torch.save through `storage.atomic.atomic_path`: readers see the old file or the new one.
+    Raises DiskSpaceError before writing when the filesystem lacks the room, or when it fills
+    during the write (the temporary file is then removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed, free = estimated_size(obj), shutil.disk_usage(path.parent).free
+    unchanged = f"the previous {path.name}, if any, is unchanged"
+    if needed > free:
+        raise DiskSpaceError(f"cannot save {path}: it needs about {_megabytes(needed)}, "
+                             f"{_megabytes(free)} available there; {unchanged}")
+    written = 0
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+                f.flush()
+            finally:
+                written = f.tell()
+    except Exception as err:
+        if not _no_space(err):
+            raise
+        raise DiskSpaceError(f"cannot save {path}: the disk filled during the write; it needs "
+                             f"more than {_megabytes(max(needed, written))}, "
+                             f"{_megabytes(free)} were available; {unchanged}") from None
 
 
 def save_checkpoint(
@@ -100,9 +178,13 @@ def save_checkpoint(
     config: Any = None,
     step: int = 0,
     best_metric: float | None = None,
+    position: dict[str, int] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically. `model` may be wrapped (DDP, compiled): the
-    plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file."""
+    plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file.
+    `position` and `rng_ranks` as in the module docstring; a file without `position` continues
+    at the start of epoch `epoch + 1`."""
     config = plain_config(config)
     atomic_save(
         {
@@ -115,6 +197,8 @@ def save_checkpoint(
             "step": step,
             "rng": rng_state(),
             "best_metric": best_metric,
+            "position": position,
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         },
         path,
     )

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class Dist:
+class DistContext:
+    """This process's place in the run: its rank among `world_size` processes, its device, and
+    (with several processes) a gloo group for small host-side messages, which never wait on a
+    device."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -24,29 +30,51 @@ class Dist:
         return self.world_size > 1
 
 
-def setup() -> Dist:
+def setup() -> DistContext:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU), or run alone."""
     cuda = torch.cuda.is_available()
     if int(os.environ.get("RANK", -1)) == -1:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+        return DistContext(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    return DistContext(rank, world, local, device, host_group=dist.new_group(backend="gloo"))
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def teardown(dist_ctx: DistContext) -> None:
+    if dist_ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def all_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
+def all_sum(tensor: torch.Tensor, dist_ctx: DistContext) -> torch.Tensor:
+    if dist_ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
+def host_max(value: int, dist_ctx: DistContext) -> int:
+    """The largest of every rank's `value`, through the host group (a CPU tensor: no device
+    sync). Every rank must call it at the same point."""
+    if not dist_ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=dist_ctx.host_group)
+    return int(tensor[0])
+
+
+def gather_to_main(obj: Any, dist_ctx: DistContext) -> list[Any] | None:
+    """Every rank's `obj` (picklable, CPU tensors), indexed by rank, on the main rank; None on
+    the others. Every rank must call it at the same point."""
+    if not dist_ctx.enabled:
+        return [obj]
+    gathered = [None] * dist_ctx.world_size if dist_ctx.main else None
+    dist.gather_object(obj, gathered, dst=0, group=dist_ctx.host_group)
+    return gathered
+
+
+def barrier(dist_ctx: DistContext) -> None:
+    """Wait until every rank gets here (over the host group: no device work is waited for)."""
+    if dist_ctx.enabled:
+        dist.barrier(group=dist_ctx.host_group)

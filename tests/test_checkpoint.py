@@ -2,6 +2,7 @@
 import argparse
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from ssat.checkpoint import (
+    DiskSpaceError,
     load_checkpoint,
     load_pretrained,
     restore_rng_state,
@@ -97,6 +99,27 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
         save_checkpoint(path, model=model, epoch=2, config={"bad": _Unpicklable()})
     assert load_checkpoint(path)["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth"]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk):
+    """On an 8 MiB filesystem holding one 5.6 MiB checkpoint: a second copy does not fit (found
+    before writing), and a file whose tensors fit but whose other contents do not fills the disk
+    during torch.save. Both are the same error naming the file and the sizes, and both leave the
+    previous checkpoint as it was, with no temporary file."""
+    disk = small_disk("8m")
+    path = disk / "checkpoint-last.pth"
+    model = _tiny()
+    save_checkpoint(path, model=model, epoch=1)
+    with pytest.raises(DiskSpaceError) as err:
+        save_checkpoint(path, model=model, epoch=2)
+    assert str(path) in str(err.value)
+    assert re.search(r"needs about [\d.]+ MiB, [\d.]+ MiB available", str(err.value)), err.value
+    assert load_checkpoint(path)["epoch"] == 1 and os.listdir(disk) == [path.name]
+
+    with pytest.raises(DiskSpaceError, match="the disk filled during the write") as err:
+        save_checkpoint(path, model=torch.nn.Linear(4, 4), epoch=3, config={"notes": "x" * 2**22})
+    assert str(path) in str(err.value) and "MiB" in str(err.value)
+    assert load_checkpoint(path)["epoch"] == 1 and os.listdir(disk) == [path.name]
 
 
 _KILLED_WRITER = textwrap.dedent(

@@ -175,6 +175,56 @@ def test_engines_agree_on_order_and_labels(data):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_pass_can_start_inside_an_epoch(data, engine):
+    """set_epoch(epoch, start_batch=k) yields the uninterrupted epoch's batches k, k+1, ... (the
+    same samples, in the same order, with their labels), and the next epoch starts at its first
+    batch again."""
+    beton = BetonFile(data["digits"])
+
+    def two_epochs(start_batch):
+        loader = create_loader(engine, data["digits"], train=True, batch_size=64, img_size=8,
+                               num_workers=1, seed=3, **NO_AUG)
+        epochs = []
+        for epoch, start in ((2, start_batch), (3, 0)):
+            loader.set_epoch(epoch, start_batch=start)
+            batches = _epoch(loader)
+            for batch in batches:
+                indices = batch["indices"].numpy()
+                assert np.array_equal(batch["labels"].numpy(), beton.labels[indices])
+            epochs.append([b["indices"].tolist() for b in batches])
+        return epochs
+
+    (whole, next_epoch), (rest, next_after_rest) = two_epochs(0), two_epochs(5)
+    assert len(whole) == 1347 // 64 and rest == whole[5:]
+    assert next_after_rest == next_epoch != whole
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_engine_crops_repeat_from_any_start(data, workers):
+    """The torch engine's crops are a function of (seed, epoch, sample, crop): a pass started at
+    batch k, read by any number of workers, cuts the uninterrupted pass's crops, and starting a
+    pass draws nothing from the global generator."""
+    def crops(start_batch, num_workers, epoch=1):
+        loader = create_loader("torch", data["photos"], train=True, batch_size=8, img_size=32,
+                               crops=2, num_workers=num_workers, seed=1, **NO_AUG)
+        loader.set_epoch(epoch, start_batch=start_batch)
+        before = torch.get_rng_state()
+        batches = [(b["indices"], b["crops"]) for b in _epoch(loader)]
+        assert torch.equal(torch.get_rng_state(), before)
+        return batches
+
+    whole, rest = crops(0, 0), crops(3, workers)
+    assert len(rest) == len(whole) - 3
+    for (indices, expected), (got_indices, got) in zip(whole[3:], rest, strict=True):
+        assert torch.equal(indices, got_indices) and torch.equal(expected, got)
+    other = {int(i): c for indices, batch in crops(0, 0, epoch=2)
+             for i, c in zip(indices, batch.transpose(0, 1))}
+    same = [torch.equal(other[int(i)], c) for indices, batch in whole
+            for i, c in zip(indices, batch.transpose(0, 1)) if int(i) in other]
+    assert len(same) > 40 and not any(same)  # another epoch cuts other crops of the same images
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_epochs_after_the_first_have_every_batch(data, engine):
     """Two epochs in a row, train and eval, each with its full batch count and a new order."""
     train = create_loader(engine, data["digits"], train=True, batch_size=100, img_size=8,
@@ -416,6 +466,18 @@ def test_dali_image_folder_shards_and_epochs(data):
     rank0, rank1 = indices(0, 0), indices(1, 0)
     assert len(rank0) == len(rank1) == 24 and not set(rank0) & set(rank1)
     assert indices(0, 1) != rank0 and indices(0, 0) == rank0
+
+
+def test_dali_image_folder_pass_can_start_inside_an_epoch(data):
+    loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=16,
+                           num_workers=1, **NO_AUG)
+    passes = []
+    for epoch, start in ((1, 0), (2, 0), (1, 3), (2, 0)):
+        loader.set_epoch(epoch, start_batch=start)
+        passes.append([b["indices"].tolist() for b in _epoch(loader)])
+    whole, following, rest, following_rest = passes
+    assert len(whole) == 7 and rest == whole[3:]
+    assert following_rest == following != whole
 
 
 def test_dali_image_folder_corrupt_file_is_named(data, tmp_path):

@@ -1,5 +1,6 @@
 """The trainer end to end on a small .beton: every method with both engines, resume, kill -9,
-eval, torchrun, compile, a non-finite loss, and the errors a user meets first."""
+SIGTERM / SIGUSR1 mid-epoch, a full disk, eval, torchrun, compile, a non-finite loss, and the
+errors a user meets first."""
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import fabricate
+import ssat.training
 import train
 from convert.digits_to_ffcv import main as convert_digits
 from ssat.checkpoint import load_checkpoint
@@ -104,6 +106,120 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
     assert [r["epoch"] for r in _log(out) if r["type"] == "epoch"] == [0, 1, 2]
 
 
+def _wait_for_log(out: Path, text: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not (out / "log.jsonl").exists() or text not in (out / "log.jsonl").read_text():
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.time() < deadline, f"no {text!r} in the log after {seconds} s"
+        time.sleep(0.02)
+
+
+def _stop(command: list[str], out: Path, when: str, signum: int, logs: Path, rank=None) -> int:
+    """Run `command`, send `signum` once `when` is in its log (to the process, or to the
+    torchrun worker of rank `rank`), and return its exit status; its output goes to `logs`.
+    The command runs with this process's number of torch threads (importing ffcv here set it
+    to 1), so that both sum in the same order and their weights can be compared exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr, env=env)
+        try:
+            _wait_for_log(out, when, proc)
+            os.kill(proc.pid if rank is None else _workers(proc.pid)[rank], signum)
+            return proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:  # a failed test: leave no process behind
+                for pid in _workers(proc.pid).values():
+                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait()
+
+
+def _workers(parent: int) -> dict[int, int]:
+    """rank -> pid of the children of `parent` (torchrun) that have a RANK in their environment."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        ranks = [v[5:] for v in environment if v.startswith(b"RANK=")]
+        if parent_of == parent and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, data, capsys):
+    """SIGTERM inside epoch 1: the step under way finishes, checkpoint-last.pth records the
+    place in the epoch, one line says where and how to go on, the exit status is 128 + 15; the
+    same command with --resume auto then ends with exactly the uninterrupted run's weights."""
+    # a loader worker: its crops, too, must not depend on where the epoch started
+    common = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 2, "--num_workers", 1]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    command = [sys.executable, "train.py", *_args(data, split, *common)]
+    # 10 steps an epoch, logged every 2: step 12 is 2 steps into epoch 1
+    status = _stop(command, split, '"epoch": 1, "step": 12', signal.SIGTERM, tmp_path)
+    assert status == 128 + signal.SIGTERM, (tmp_path / "stderr").read_text()[-3000:]
+    ckpt = load_checkpoint(split / "checkpoint-last.pth")
+    position = ckpt["position"]
+    assert position["epoch"] == 1 and 2 <= position["batch"] < 10, position
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 10 + position["batch"]
+    lines = [line for line in (tmp_path / "stdout").read_text().splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1, lines
+    assert f"after step {ckpt['step']} (epoch 1, batch {position['batch']} of 10)" in lines[0]
+    assert "--resume auto" in lines[0] and str(split / "checkpoint-last.pth") in lines[0]
+
+    capsys.readouterr()  # the place in the epoch holds only for the same batch size
+    assert train.main(_args(data, split, *common, "--batch_size", 16, "--resume", "auto")) == 1
+    assert "stopped inside epoch 1 with 1 process(es) of batch 32" in capsys.readouterr().err
+    assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
+    assert train.main(_args(data, straight, *common)) == 0
+    a = load_checkpoint(straight / "checkpoint-last.pth")
+    b = load_checkpoint(split / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 20
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data):
+    """torchrun, 2 ranks; SIGUSR1 reaches rank 1 only. Both ranks stop after the same step (else
+    rank 0 would wait in the next gradient all-reduce until torchrun killed it, saving nothing),
+    rank 0 saves both ranks' generators, and --resume auto finishes the epoch."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train.py", *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny",
+                                  "--epochs", 1, "--batch_size", 16)]
+    # 160 samples a rank: 10 steps of 16, logged every 2
+    status = _stop(command, out, '"step": 2,', signal.SIGUSR1, tmp_path, rank=1)
+    assert status != 0  # torchrun reports its workers' exit status 138 as a failure
+    ckpt = load_checkpoint(out / "checkpoint-last.pth")
+    position = ckpt["position"]
+    assert position["epoch"] == 0 and 2 <= position["batch"] < 10 and position["world_size"] == 2
+    assert ckpt["step"] == position["batch"] and len(ckpt["rng_ranks"]) == 2
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    printed = (tmp_path / "stdout").read_text()
+    assert f"stopped by SIGUSR1 after step {ckpt['step']}" in printed
+    assert "exitcode  : 138" in (tmp_path / "stderr").read_text()
+    done = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = load_checkpoint(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 10 and ckpt["position"]["batch"] == 0
+
+
+def test_full_disk_at_save_stops_with_one_clear_error(data, small_disk, capsys):
+    """Room for the config and the log but not for a checkpoint (about 70 MiB): exit status 1,
+    one error line naming the file and the sizes, no traceback, no file left half-written."""
+    out = small_disk("16m")
+    capsys.readouterr()
+    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny",
+                            "--epochs", 1)) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot save {out / 'checkpoint-last.pth'}: it needs about" in err
+    assert "MiB available" in err and "Traceback" not in err
+    assert not [name for name in os.listdir(out) if name.endswith((".pth", ".tmp"))]
+
+
 @pytest.mark.parametrize("model", [["--model", "mae_vit_tiny"], ["--model", "vit_tiny", "--global_pool"]],
                          ids=["ssat", "scratch-global-pool"])
 def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
@@ -149,7 +265,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     args = _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 3)
     assert train.main(args[:] + ["--stop_after", "1"]) == 0
     good = hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest()
-    real = train.ssat_objective
+    real = ssat.training.ssat_objective
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
@@ -159,7 +275,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(train, "ssat_objective", poisoned)
+    monkeypatch.setattr(ssat.training, "ssat_objective", poisoned)
     capsys.readouterr()
     assert train.main(args + ["--resume", "auto"]) == 1
     err = capsys.readouterr().err

@@ -1,0 +1,153 @@
+"""One training step, and the state a run carries from step to step.
+
+`TrainStep` is the step `train.py` runs and `bench/train_step.py` times: a batch of crops ->
+forward (SSAT / FGCR with its mask views, or the scratch model) under autocast -> the objective
+-> backward through the grad scaler -> the optimizer update. `TrainState` holds everything that
+changes as training goes (weights, optimizer, scaler, where the run is) and what the schedule
+needs; `create_state` builds it from the config.
+
+    state = create_state(cfg, build_model(cfg, num_classes), dist_ctx, steps_per_epoch)
+    step = TrainStep.from_config(cfg, state)
+    set_lr(state.optimizer, state.lr())
+    losses = step(batch)  # {'loss', 'cls', 'rec', 'fgc'}: detached scalars on the device
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssat.config import TrainConfig
+from ssat.distributed import DistContext
+from ssat.masking import check_views
+from ssat.models import create_model
+from ssat.objective import ssat_objective
+from ssat.optim import create_optimizer, lr_at, scaled_lr
+
+LOSS_PARTS = ("loss", "cls", "rec", "fgc")
+
+
+def autocast(amp: str, device: torch.device):
+    """Autocast to bf16 or fp16 on `device`, or nothing for amp 'none'."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 ones do not, and a disabled
+    scaler passes the loss and the optimizer step through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+@dataclass
+class TrainState:
+    """What a run carries from step to step; checkpoints hold it (see `train.py: save`)."""
+
+    model: nn.Module  # the plain module: weights, evaluation, checkpoints
+    train_model: nn.Module  # what trains: `model`, compiled and/or DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lr: float  # the schedule's peak, after warmup
+    min_lr: float  # the schedule's end
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0  # optimizer steps taken, all epochs together
+    epoch: int = 0  # the epoch under way, or the next to start
+    batch: int = 0  # batches of `epoch` done
+    best: float | None = None  # best validation top-1 so far
+    rng: dict[str, Any] | None = None  # generator states to restore before the next step
+
+    def lr(self) -> float:
+        """The learning rate for the next step."""
+        return lr_at(self.step, base_lr=self.base_lr, min_lr=self.min_lr,
+                     warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model `cfg` names, on the CPU; a decoder model checks its mask views fit."""
+    model = create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size,
+                         patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
+                         norm_pix_loss=cfg.norm_pix_loss, drop_path_rate=cfg.drop_path,
+                         global_pool=cfg.global_pool, pos_embed=cfg.pos_embed)
+    if model.has_decoder:
+        check_views(cfg.mask_views, model.num_visible, model.num_patches)
+    return model
+
+
+def create_state(cfg: TrainConfig, model: nn.Module, dist_ctx: DistContext,
+                 steps_per_epoch: int) -> TrainState:
+    """Move `model` to the device (channels-last), give it its optimizer and scaler, and wrap
+    what trains (torch.compile with --compile, DistributedDataParallel with several ranks)."""
+    model = model.to(dist_ctx.device, memory_format=torch.channels_last)
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * dist_ctx.world_size)
+    # MAE's layer-wise rates for fine-tuning (a --finetune run), unless --layer_decay 1
+    layer_decay = cfg.layer_decay if cfg.finetune and cfg.layer_decay != 1 else None
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist_ctx.enabled:
+        cuda = dist_ctx.device.type == "cuda"
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dist_ctx.local_rank] if cuda else None)
+    return TrainState(
+        model=model, train_model=train_model,
+        optimizer=create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay,
+                                   layer_decay=layer_decay),
+        scaler=grad_scaler(cfg.amp, dist_ctx.device), base_lr=lr, min_lr=cfg.min_lr,
+        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        total_steps=cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+
+
+class TrainStep:
+    """forward -> objective -> backward -> optimizer update, for one batch of crops.
+
+    The two halves are separate so that gradient accumulation fits in `__call__` (`backward`
+    once per micro-batch, its loss divided by their number, then one `update`) and clipping in
+    `update` (`scaler.unscale_`, then clip, then step). Nothing here waits for the device."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, *, mask_views: int | None, amp: str,
+                 device: torch.device, lam: float = 0.1, beta: float = 0.001,
+                 smoothing: float = 0.1):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.mask_views = mask_views  # None: the scratch model (no decoder)
+        self.amp, self.device = amp, device
+        self.weights = dict(lam=lam, beta=beta, smoothing=smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, state: TrainState) -> "TrainStep":
+        device = next(state.model.parameters()).device
+        return cls(state.train_model, state.optimizer, state.scaler,
+                   mask_views=None if cfg.method == "scratch" else cfg.mask_views, amp=cfg.amp,
+                   device=device, lam=cfg.lambda_weight, beta=cfg.sim_beta,
+                   smoothing=cfg.smoothing)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step on a loader batch (`crops` (V, B, 3, H, W), `labels` (B,), optionally soft
+        `targets` (B, C)); returns the loss parts, detached, on the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.backward(batch)
+        self.update()
+        return losses
+
+    def backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        crops = batch["crops"]  # (V, B, 3, H, W)
+        images = crops.reshape(-1, *crops.shape[2:])  # (V*B, 3, H, W), crops first
+        targets = batch.get("targets", batch["labels"])  # (B,) labels or (B, C) soft targets
+        targets = targets.repeat(crops.shape[0], *([1] * (targets.ndim - 1)))  # (V*B, ...)
+        with autocast(self.amp, self.device):
+            if self.mask_views is None:
+                out = self.model(images)
+            else:
+                out = self.model(images, mask_views=self.mask_views)
+            losses = ssat_objective(out, targets, **self.weights)
+        self.scaler.scale(losses["loss"]).backward()
+        return {name: value.detach() for name, value in losses.items()}
+
+    def update(self) -> None:
+        # fused AdamW takes the scaler's inf check as a device tensor: no host sync with fp16
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
