@@ -8,15 +8,19 @@ One device (CPU or one GPU):
 FGCR with three disjoint mask views, the scratch baseline, evaluation, fine-tuning:
     python train.py --data_path c10 --model mae_vit_tiny --views 3 ...
     python train.py --data_path c10 --model vit_tiny ...
-    python train.py --data_path c10 --model mae_vit_tiny --eval --resume runs/c10_ssat/checkpoint-best.pth
+    python train.py --data_path c10 --model mae_vit_tiny --eval \\
+        --resume runs/c10_ssat/checkpoint-best.pth
     python train.py --data_path flowers102 --model mae_vit_base --finetune mae_pretrain_vit_base.pth
 
 Several GPUs, one node or several (DistributedDataParallel; gloo on CPU):
-    torchrun --nproc_per_node=8 train.py --pipeline ffcv --data_path imagenet --model mae_vit_base ...
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+    torchrun --nproc_per_node=8 train.py --pipeline ffcv --data_path imagenet \\
+        --model mae_vit_base ...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py ...
 
 JPEG decoding on the GPUs (DALI), from a .beton or straight from an ImageNet-style folder:
-    torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet --model mae_vit_base ...
+    torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet \\
+        --model mae_vit_base ...
 
 Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job) makes the run finish
 its current step (every rank the same one), write `<output_dir>/checkpoint-last.pth` with its
@@ -30,6 +34,7 @@ step where a signal stopped it, or at the start of the epoch after the last one 
 torch pipeline a stopped and resumed run ends with the uninterrupted run's weights; ffcv and DALI
 continue the same sample order but draw the rest of that epoch's crops afresh.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,15 +52,20 @@ from tqdm import tqdm
 
 from pipelines import DatasetError, create_loader
 from ssat import distributed
-from ssat.checkpoint import (DiskSpaceError, load_checkpoint, load_pretrained, restore_rng_state,
-                             rng_state, save_checkpoint)
+from ssat.checkpoint import (
+    DiskSpaceError,
+    load_checkpoint,
+    load_pretrained,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from ssat.config import TrainConfig, parse_config
 from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals, exit_status
-from ssat.training import (LOSS_PARTS, TrainState, TrainStep, autocast, build_model,
-                           create_state)
+from ssat.training import LOSS_PARTS, TrainState, TrainStep, autocast, build_model, create_state
 from storage.atomic import atomic_path
 
 
@@ -88,8 +98,10 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
     given = Path(cfg.data_path)
     if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
         if cfg.pipeline != "dali":
-            raise TrainError(f"{given}: an image folder (train/ holds class folders): read it with "
-                             f"--pipeline dali, or convert it first with convert/imagenet_to_ffcv.py")
+            raise TrainError(
+                f"{given}: an image folder (train/ holds class folders): read it with "
+                f"--pipeline dali, or convert it first with convert/imagenet_to_ffcv.py"
+            )
         val = next((given / s for s in ("val", "test") if (given / s).is_dir()), None)
         if val is None:
             raise TrainError(f"{given}: image folder with train/ but neither val/ nor test/")
@@ -97,7 +109,9 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
     if given.is_dir():
         found = sorted(given.glob("*_train.beton"))
         if len(found) != 1:
-            raise TrainError(f"{given}: expected one <name>_train.beton, found {[p.name for p in found]}")
+            raise TrainError(
+                f"{given}: expected one <name>_train.beton, found {[p.name for p in found]}"
+            )
         folder, name = given, found[0].name[: -len("_train.beton")]
     else:
         folder, name = Path(cfg.data_dir), cfg.data_path
@@ -112,22 +126,41 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
         distributed.barrier(dist_ctx)
     evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
     if not train.exists():
-        raise TrainError(f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
-                         f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ...")
+        raise TrainError(
+            f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
+            f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ..."
+        )
     val = next((p for p in evals if p.exists()), None)
     if val is None:
-        raise TrainError(f"dataset {name!r} has no evaluation split: neither {evals[0]} nor {evals[1]}")
+        raise TrainError(
+            f"dataset {name!r} has no evaluation split: neither {evals[0]} nor {evals[1]}"
+        )
     return train, val
 
 
 def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val_path: Path):
-    common = dict(img_size=cfg.img_size, device=dist_ctx.device, rank=dist_ctx.rank,
-                  world_size=dist_ctx.world_size, seed=cfg.seed, num_workers=cfg.num_workers)
-    train = create_loader(cfg.pipeline, train_path, train=True, batch_size=cfg.batch_size,
-                          crops=cfg.crops, aa=None if cfg.aa == "none" else cfg.aa,
-                          scale=(cfg.min_scale, 1.0),
-                          reprob=cfg.reprob, mixup=cfg.mixup, cutmix=cfg.cutmix,
-                          smoothing=cfg.smoothing, **common)
+    common = dict(
+        img_size=cfg.img_size,
+        device=dist_ctx.device,
+        rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+    )
+    train = create_loader(
+        cfg.pipeline,
+        train_path,
+        train=True,
+        batch_size=cfg.batch_size,
+        crops=cfg.crops,
+        aa=None if cfg.aa == "none" else cfg.aa,
+        scale=(cfg.min_scale, 1.0),
+        reprob=cfg.reprob,
+        mixup=cfg.mixup,
+        cutmix=cfg.cutmix,
+        smoothing=cfg.smoothing,
+        **common,
+    )
     val = create_loader(cfg.pipeline, val_path, train=False, batch_size=cfg.batch_size, **common)
     return train, val
 
@@ -169,8 +202,14 @@ class RunLog:
             self.board.close()
 
     def bar(self, total: int, epoch: int, done: int = 0):
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch}", disable=not self.active,
-                    leave=False, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            initial=done,
+            desc=f"epoch {epoch}",
+            disable=not self.active,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -213,8 +252,15 @@ class DataWait:
         return self.total
 
 
-def train_one_epoch(cfg: TrainConfig, state: TrainState, step: TrainStep, loader, log: RunLog,
-                    dist_ctx: DistContext, stop: StopSignals) -> dict | None:
+def train_one_epoch(
+    cfg: TrainConfig,
+    state: TrainState,
+    step: TrainStep,
+    loader,
+    log: RunLog,
+    dist_ctx: DistContext,
+    stop: StopSignals,
+) -> dict | None:
     """Epoch `state.epoch` from batch `state.batch` on; returns the mean loss parts and timings of
     the steps it ran, or None when a stop signal ended it early (`state.batch` then says where).
     The host waits on the device only at log intervals (and at the epoch's end)."""
@@ -248,12 +294,20 @@ def train_one_epoch(cfg: TrainConfig, state: TrainState, step: TrainStep, loader
             check_finite(first_bad, state, cfg, bar)
             seconds = time.perf_counter() - window_start
             means = (window / window_steps).tolist()
-            record = {"type": "step", "epoch": state.epoch, "step": state.step, "lr": lr,
-                      **dict(zip(LOSS_PARTS, means)),
-                      "images_per_s": window_images * dist_ctx.world_size / seconds}
+            record = {
+                "type": "step",
+                "epoch": state.epoch,
+                "step": state.step,
+                "lr": lr,
+                **dict(zip(LOSS_PARTS, means, strict=True)),
+                "images_per_s": window_images * dist_ctx.world_size / seconds,
+            }
             log.write(record)
-            bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.0f}",
-                            wait=f"{wait.seconds() / (time.perf_counter() - epoch_start):.0%}")
+            bar.set_postfix(
+                loss=f"{means[0]:.4f}",
+                img_s=f"{record['images_per_s']:.0f}",
+                wait=f"{wait.seconds() / (time.perf_counter() - epoch_start):.0%}",
+            )
             window.zero_()
             window_images, window_steps, window_start = 0, 0, time.perf_counter()
         # every rank asks after the same steps; the epoch's last step is left to its end
@@ -264,9 +318,12 @@ def train_one_epoch(cfg: TrainConfig, state: TrainState, step: TrainStep, loader
     bar.close()
     seconds, ran = time.perf_counter() - epoch_start, steps - first
     means = (sums / ran).tolist()
-    return {**dict(zip(LOSS_PARTS, means)),
-            "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
-            "data_wait": min(1.0, wait.seconds() / seconds), "train_seconds": seconds}
+    return {
+        **dict(zip(LOSS_PARTS, means, strict=True)),
+        "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
+        "data_wait": min(1.0, wait.seconds() / seconds),
+        "train_seconds": seconds,
+    }
 
 
 def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, bar) -> None:
@@ -274,8 +331,10 @@ def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, b
     bad = int(first_bad.item())
     if bad >= 0:
         bar.close()
-        raise TrainError(f"non-finite loss at step {bad} (epoch {state.epoch}); stopping. The last "
-                         f"good checkpoint is in {cfg.output_dir}")
+        raise TrainError(
+            f"non-finite loss at step {bad} (epoch {state.epoch}); stopping. The last "
+            f"good checkpoint is in {cfg.output_dir}"
+        )
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -287,7 +346,8 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Ten
 
 @torch.no_grad()
 def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
-    """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across ranks."""
+    """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across
+    ranks."""
     model.eval()
     device = dist_ctx.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
@@ -296,17 +356,21 @@ def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
         with autocast(cfg.amp, device):
             logits = model.classify(images)
         logits = logits.float()
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               *correct_counts(logits, labels),
-                               torch.tensor(float(len(labels)), device=device,
-                                            dtype=torch.float64)])
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                *correct_counts(logits, labels),
+                torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
+            ]
+        )
     loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
     return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}
 
 
 # ----------------------------------------------------------------------------- set-up
-def build_state(cfg: TrainConfig, dist_ctx: DistContext, num_classes: int,
-                steps_per_epoch: int) -> TrainState:
+def build_state(
+    cfg: TrainConfig, dist_ctx: DistContext, num_classes: int, steps_per_epoch: int
+) -> TrainState:
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
@@ -316,9 +380,12 @@ def build_state(cfg: TrainConfig, dist_ctx: DistContext, num_classes: int,
             result = load_pretrained(model, cfg.finetune)
         except RuntimeError as err:
             raise TrainError(f"cannot initialise from {cfg.finetune}: {err}") from err
-        print0(dist_ctx, f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} "
-                         f"keys, unused {len(result.unexpected_keys)}, "
-                         f"head reset: {result.head_reset}")
+        print0(
+            dist_ctx,
+            f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} "
+            f"keys, unused {len(result.unexpected_keys)}, "
+            f"head reset: {result.head_reset}",
+        )
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
     if cfg.resume:
         resume(cfg, state, dist_ctx)
@@ -328,7 +395,9 @@ def build_state(cfg: TrainConfig, dist_ctx: DistContext, num_classes: int,
 def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
     """Load a checkpoint into `state`: weights, and to train on, the optimizer, the scaler and
     where to continue (inside an epoch: with this rank's saved generator states)."""
-    path = Path(cfg.output_dir) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    path = (
+        Path(cfg.output_dir) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    )
     if cfg.resume == "auto" and not path.exists():
         print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
         return
@@ -340,8 +409,10 @@ def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
     if cfg.eval:
         return
     if ckpt.get("optimizer") is None:
-        raise TrainError(f"{path}: no optimizer state to resume from (use --finetune to "
-                         f"initialise from pretrained weights)")
+        raise TrainError(
+            f"{path}: no optimizer state to resume from (use --finetune to "
+            f"initialise from pretrained weights)"
+        )
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -351,19 +422,29 @@ def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
         if then != (dist_ctx.world_size, cfg.batch_size):
-            raise TrainError(f"{path} stopped inside epoch {state.epoch} with {then[0]} "
-                             f"process(es) of batch {then[1]}: continue it with the same (the "
-                             f"place in the epoch depends on both), not {dist_ctx.world_size} of "
-                             f"{cfg.batch_size}")
+            raise TrainError(
+                f"{path} stopped inside epoch {state.epoch} with {then[0]} "
+                f"process(es) of batch {then[1]}: continue it with the same (the "
+                f"place in the epoch depends on both), not {dist_ctx.world_size} of "
+                f"{cfg.batch_size}"
+            )
         state.rng = ckpt["rng_ranks"][dist_ctx.rank]
-        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
-                         f"{state.steps_per_epoch}, step {state.step}")
+        print0(
+            dist_ctx,
+            f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
+            f"{state.steps_per_epoch}, step {state.step}",
+        )
     else:
         print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
 
 
-def save(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, improved: bool = False,
-         rng_ranks: list | None = None) -> None:
+def save(
+    cfg: TrainConfig,
+    state: TrainState,
+    dist_ctx: DistContext,
+    improved: bool = False,
+    rng_ranks: list | None = None,
+) -> None:
     """checkpoint-last.pth (and -best, and every --save_every epochs a numbered one) for where
     `state` stands: at an epoch's end (`state.batch` 0) or inside an epoch."""
     if not dist_ctx.main:
@@ -376,9 +457,18 @@ def save(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, improved: b
         names.append(f"checkpoint-{done}.pth")
     position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
     for name in names:
-        save_checkpoint(out / name, model=state.model, optimizer=state.optimizer,
-                        scaler=state.scaler, epoch=done, step=state.step, config=cfg.to_dict(),
-                        best_metric=state.best, position=position, rng_ranks=rng_ranks)
+        save_checkpoint(
+            out / name,
+            model=state.model,
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            epoch=done,
+            step=state.step,
+            config=cfg.to_dict(),
+            best_metric=state.best,
+            position=position,
+            rng_ranks=rng_ranks,
+        )
 
 
 def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistContext) -> int:
@@ -394,9 +484,12 @@ def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistCo
         where = f"the end of epoch {state.epoch - 1}"
     distributed.barrier(dist_ctx)  # no rank leaves (and has torchrun end the rest) mid-save
     status = exit_status(signum)
-    print0(dist_ctx, f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
-                     f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
-                     f"same command with --resume auto (exit status {status})")
+    print0(
+        dist_ctx,
+        f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
+        f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
+        f"same command with --resume auto (exit status {status})",
+    )
     return status
 
 
@@ -418,11 +511,15 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     train_loader, val_loader = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
     classes = train_loader.info.num_classes
     if val_loader.info.class_names != train_loader.info.class_names:
-        raise TrainError(f"{val_loader.path} and {train_loader.path} name different classes "
-                         f"({val_loader.info.num_classes} and {classes}); labels would not match")
+        raise TrainError(
+            f"{val_loader.path} and {train_loader.path} name different classes "
+            f"({val_loader.info.num_classes} and {classes}); labels would not match"
+        )
     if cfg.nb_classes is not None and cfg.nb_classes != classes:
-        raise TrainError(f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
-                         f"{train_loader.path.with_suffix('.json')}")
+        raise TrainError(
+            f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
+            f"{train_loader.path.with_suffix('.json')}"
+        )
     state = build_state(cfg, dist_ctx, classes, len(train_loader))
     if cfg.eval:
         if not cfg.resume:
@@ -438,8 +535,15 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         log.close()
 
 
-def fit(cfg: TrainConfig, state: TrainState, train_loader, val_loader, log: RunLog,
-        dist_ctx: DistContext, stop: StopSignals) -> int:
+def fit(
+    cfg: TrainConfig,
+    state: TrainState,
+    train_loader,
+    val_loader,
+    log: RunLog,
+    dist_ctx: DistContext,
+    stop: StopSignals,
+) -> int:
     """Train from where `state` stands to the last epoch of this invocation, evaluating and
     saving after each; returns the exit status: 0, or 128 + the signal that stopped it."""
     step, began, result = TrainStep.from_config(cfg, state), time.perf_counter(), None
@@ -459,23 +563,37 @@ def fit(cfg: TrainConfig, state: TrainState, train_loader, val_loader, log: RunL
         state.best = max(result["acc1"], state.best or 0.0)
         state.epoch, state.batch = epoch + 1, 0
         save(cfg, state, dist_ctx, improved)
-        log.write({"type": "epoch", "epoch": epoch, "step": state.step,
-                   "lr": max(g["lr"] for g in state.optimizer.param_groups), **train,
-                   **{f"val_{k}": v for k, v in result.items()}, "best_acc1": state.best,
-                   "epoch_seconds": train["train_seconds"],
-                   "peak_memory_mb": peak_memory_mb(dist_ctx.device)})
-        print0(dist_ctx, f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 "
-                         f"{result['acc1']:.2f}%  acc5 {result['acc5']:.2f}%  "
-                         f"({train['train_images_per_s']:.0f} img/s, "
-                         f"data wait {train['data_wait']:.0%})")
+        log.write(
+            {
+                "type": "epoch",
+                "epoch": epoch,
+                "step": state.step,
+                "lr": max(g["lr"] for g in state.optimizer.param_groups),
+                **train,
+                **{f"val_{k}": v for k, v in result.items()},
+                "best_acc1": state.best,
+                "epoch_seconds": train["train_seconds"],
+                "peak_memory_mb": peak_memory_mb(dist_ctx.device),
+            }
+        )
+        print0(
+            dist_ctx,
+            f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 "
+            f"{result['acc1']:.2f}%  acc5 {result['acc5']:.2f}%  "
+            f"({train['train_images_per_s']:.0f} img/s, "
+            f"data wait {train['data_wait']:.0%})",
+        )
         signum = stop.requested() if state.epoch < last else 0  # came during eval or saving
         if signum:
             return stop_here(cfg, state, signum, dist_ctx)
     minutes = (time.perf_counter() - began) / 60
     if result is not None:
-        print0(dist_ctx, f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} "
-                         f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
-                         f"best {state.best:.2f}%")
+        print0(
+            dist_ctx,
+            f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} "
+            f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
+            f"best {state.best:.2f}%",
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ accuracy and training images/s from a `log.jsonl` written by train.py.
 
 A command beside train.py, not part of the method package: a reconstruction needs a loader.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
-
-import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,23 +46,41 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int | None = None,
-                    num_images: int = 8, seed: int = 0) -> list[Path]:
+def reconstructions(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    mask_views: int | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+) -> list[Path]:
     """One PNG per image of the first `num_images` of `data` (eval crops); returns the paths."""
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}
     missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
     if missing:
-        raise ValueError(f"{checkpoint}: no training config ({', '.join(missing)} missing); "
-                         f"visualise a checkpoint written by train.py")
-    loader = create_loader("torch", data, train=False, batch_size=num_images, img_size=cfg["img_size"],
-                           num_workers=0)
-    model = create_model(cfg["model"], num_classes=loader.info.num_classes, img_size=cfg["img_size"],
-                         patch_size=cfg["patch_size"], mask_ratio=cfg.get("mask_ratio", 0.75),
-                         norm_pix_loss=cfg.get("norm_pix_loss", False),
-                         global_pool=cfg.get("global_pool", False), pos_embed=cfg.get("pos_embed"))
+        raise ValueError(
+            f"{checkpoint}: no training config ({', '.join(missing)} missing); "
+            f"visualise a checkpoint written by train.py"
+        )
+    loader = create_loader(
+        "torch", data, train=False, batch_size=num_images, img_size=cfg["img_size"], num_workers=0
+    )
+    model = create_model(
+        cfg["model"],
+        num_classes=loader.info.num_classes,
+        img_size=cfg["img_size"],
+        patch_size=cfg["patch_size"],
+        mask_ratio=cfg.get("mask_ratio", 0.75),
+        norm_pix_loss=cfg.get("norm_pix_loss", False),
+        global_pool=cfg.get("global_pool", False),
+        pos_embed=cfg.get("pos_embed"),
+    )
     if not model.has_decoder:
-        raise ValueError(f"{checkpoint}: model {cfg['model']} has no decoder, so nothing to reconstruct")
+        raise ValueError(
+            f"{checkpoint}: model {cfg['model']} has no decoder, so nothing to reconstruct"
+        )
     model.load_state_dict(ckpt["model"])
     model.eval()
     r = mask_views or cfg.get("mask_views") or 1
@@ -71,14 +89,18 @@ def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int 
     torch.manual_seed(seed)
     recon, mask = model.reconstruct(images, mask_views=r)  # (r, B, 3, H, W), (r, B, L)
     # 1 where the encoder saw the patch, as (r, B, 3, H, W) pixels
-    r_b, patch_pixels = mask.shape[0] * mask.shape[1], model.patch_size ** 2 * images.shape[1]
+    r_b, patch_pixels = mask.shape[0] * mask.shape[1], model.patch_size**2 * images.shape[1]
     visible = model.unpatchify((~mask).float().reshape(r_b, -1, 1).expand(-1, -1, patch_pixels))
     visible = visible.reshape(recon.shape)
     masked = images * visible  # hidden patches at 0: the dataset mean, not black
     pasted = images * visible + recon * (1 - visible)
     mean, std = loader.info.mean, loader.info.std
-    shown = {"input": _pixels(images, mean, std), "visible": _pixels(masked, mean, std),
-             "reconstruction": _pixels(recon, mean, std), "with visible": _pixels(pasted, mean, std)}
+    shown = {
+        "input": _pixels(images, mean, std),
+        "visible": _pixels(masked, mean, std),
+        "reconstruction": _pixels(recon, mean, std),
+        "with visible": _pixels(pasted, mean, std),
+    }
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for b, index in enumerate(indices):
@@ -91,7 +113,9 @@ def reconstructions(checkpoint: Path, data: Path, out: Path, *, mask_views: int 
                 axes[row, v + 1].set_title(f"view {v + 1}: {name}", fontsize=9)
         for ax in axes.flat:
             ax.axis("off")
-        fig.suptitle(f"{cfg['model']}, mask ratio {cfg.get('mask_ratio', 0.75)}, r = {r}", fontsize=10)
+        fig.suptitle(
+            f"{cfg['model']}, mask ratio {cfg.get('mask_ratio', 0.75)}, r = {r}", fontsize=10
+        )
         path = out / f"recon_{index:06d}.png"
         _save(fig, path)
         written.append(path)
@@ -133,8 +157,11 @@ def curves(log: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python visualize.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python visualize.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recon", help="inputs, mask views and reconstructions, one PNG per image")
     rec.add_argument("--checkpoint", type=Path, required=True)
@@ -149,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "recon":
-            paths = reconstructions(args.checkpoint, args.data, args.out, mask_views=args.mask_views,
-                                    num_images=args.num_images, seed=args.seed)
+            paths = reconstructions(
+                args.checkpoint,
+                args.data,
+                args.out,
+                mask_views=args.mask_views,
+                num_images=args.num_images,
+                seed=args.seed,
+            )
             print(f"wrote {len(paths)} pictures to {args.out}")
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))

@@ -7,6 +7,7 @@ them with this project's converter and, as the baseline in the same process, wit
 recipe (torchvision ImageFolder + PIL loader into the same ffcv DatasetWriter, RGBImageField
 resizing). Prints the median of the repeats for 1 worker and for all cores, and the ratio.
 """
+
 import argparse
 import os
 import statistics
@@ -30,10 +31,13 @@ def ours(src: Path, out: Path, workers: int) -> None:
 
 
 def baseline(src: Path, out: Path, workers: int) -> None:
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90),
-              "label": IntField()}
+    fields = {
+        "image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90),
+        "label": IntField(),
+    }
     DatasetWriter(str(out / "baseline.beton"), fields, num_workers=workers).from_indexed_dataset(
-        ImageFolder(str(src / "train")), chunksize=100)
+        ImageFolder(str(src / "train")), chunksize=100
+    )
 
 
 def timed(fn, src, out, workers, repeats) -> float:
@@ -46,7 +50,9 @@ def timed(fn, src, out, workers, repeats) -> float:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
@@ -57,8 +63,11 @@ if __name__ == "__main__":
         count = len(files)
         sizes = [f.stat().st_size for f in files]
         print(f"{count} JPEGs, median {np.median(sizes) / 1e3:.0f} KB, {cores} cores")
-        print(f"{'workers':>8} {'ssat img/s':>11} {'per core':>9} {'baseline img/s':>15} {'ratio':>6}")
+        print(
+            f"{'workers':>8} {'ssat img/s':>11} {'per core':>9} {'baseline img/s':>15} {'ratio':>6}"
+        )
         for workers in sorted({1, cores}):
             mine = timed(ours, src, out, workers, a.repeats)
             base = timed(baseline, src, out, workers, a.repeats)
-            print(f"{workers:>8} {mine:>11.0f} {mine / workers:>9.0f} {base:>15.0f} {mine / base:>6.2f}")
+            per_worker, ratio = mine / workers, mine / base
+            print(f"{workers:>8} {mine:>11.0f} {per_worker:>9.0f} {base:>15.0f} {ratio:>6.2f}")

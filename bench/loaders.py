@@ -17,6 +17,7 @@ the same number of worker threads/processes (all cores), batch 64. Each figure i
 `--repeats` passes after a warm-up pass (which also compiles ffcv's pipeline). The last line is
 `RATIO ffcv/torchvision crops/s at 3 crops: X.XX`. `--loaders` picks rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,22 @@ class MultiCropFolder(ImageFolder):
 
 
 def torchvision_loader(root: Path, size: int, crops: int, batch: int, workers: int):
-    transform = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
-                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return DataLoader(MultiCropFolder(str(root), transform, crops), batch_size=batch, shuffle=True,
-                      num_workers=workers, drop_last=True, persistent_workers=True)
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    return DataLoader(
+        MultiCropFolder(str(root), transform, crops),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=True,
+    )
 
 
 class EngineStage:
@@ -94,7 +107,9 @@ def timed_passes(loader, repeats: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
@@ -102,22 +117,42 @@ def main() -> int:
     p.add_argument("--crops", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--keep", type=Path, default=None,
-                   help="keep the converted .beton (and its metadata) in this folder")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the converted .beton (and its metadata) in this folder",
+    )
     args = p.parse_args()
     workers = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "jpegs", "train")
         make_image_folder(src, classes=8, per_class=args.images // 8)
-        assert convert_folder(["--src", str(src), "--out_dir", str(Path(tmp, "beton")), "--name", "bench",
-                               "--num_workers", str(workers)]) == 0
+        assert (
+            convert_folder(
+                [
+                    "--src",
+                    str(src),
+                    "--out_dir",
+                    str(Path(tmp, "beton")),
+                    "--name",
+                    "bench",
+                    "--num_workers",
+                    str(workers),
+                ]
+            )
+            == 0
+        )
         beton = Path(tmp, "beton", "bench_train.beton")
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             for suffix in (".beton", ".json"):
                 shutil.copy(beton.with_suffix(suffix), args.keep / beton.with_suffix(suffix).name)
-        print(f"\n{args.images} JPEGs, {args.size} px crops, batch {args.batch_size}, {workers} workers, "
-              f"median of {args.repeats} passes", flush=True)
+        print(
+            f"\n{args.images} JPEGs, {args.size} px crops, batch {args.batch_size}, "
+            f"{workers} workers, median of {args.repeats} passes",
+            flush=True,
+        )
         print(f"{'loader':<12} {'crops':>5} {'images/s':>9} {'crops/s':>9}", flush=True)
         results = {}
         for crops in args.crops:
@@ -125,10 +160,18 @@ def main() -> int:
                 if name == "torchvision":
                     loader = torchvision_loader(src, args.size, crops, args.batch_size, workers)
                 else:
-                    loader = create_loader(name.split("-")[0], src if name == "dali-folder" else beton,
-                                           train=True, batch_size=args.batch_size, img_size=args.size,
-                                           crops=crops, num_workers=workers, device=args.device,
-                                           aa=None, reprob=0.0)
+                    loader = create_loader(
+                        name.split("-")[0],
+                        src if name == "dali-folder" else beton,
+                        train=True,
+                        batch_size=args.batch_size,
+                        img_size=args.size,
+                        crops=crops,
+                        num_workers=workers,
+                        device=args.device,
+                        aa=None,
+                        reprob=0.0,
+                    )
                     if name.endswith("-engine"):
                         loader = EngineStage(loader)
                 rate = timed_passes(loader, args.repeats)
@@ -137,14 +180,20 @@ def main() -> int:
                 del loader
         for name in ("ffcv", "ffcv-engine", "dali"):
             if (name, 1) in results and (name, 3) in results:
-                print(f"{name} 3-crop images/s over its 1-crop images/s: "
-                      f"{results[name, 3] / results[name, 1]:.2f}")
+                print(
+                    f"{name} 3-crop images/s over its 1-crop images/s: "
+                    f"{results[name, 3] / results[name, 1]:.2f}"
+                )
         if ("dali", 3) in results and ("torchvision", 3) in results:
-            print(f"dali/torchvision crops/s at 3 crops: "
-                  f"{results['dali', 3] / results['torchvision', 3]:.2f}")
+            print(
+                f"dali/torchvision crops/s at 3 crops: "
+                f"{results['dali', 3] / results['torchvision', 3]:.2f}"
+            )
         if ("ffcv", 3) in results and ("torchvision", 3) in results:
-            print(f"RATIO ffcv/torchvision crops/s at 3 crops: "
-                  f"{results['ffcv', 3] / results['torchvision', 3]:.2f}")
+            print(
+                f"RATIO ffcv/torchvision crops/s at 3 crops: "
+                f"{results['ffcv', 3] / results['torchvision', 3]:.2f}"
+            )
     return 0
 
 

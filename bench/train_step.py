@@ -14,6 +14,7 @@ device's peak is known). Then the pipeline efficiency: images/s of the same comp
 the real loader over a converted dataset, over the synthetic images/s. On a CPU the ratios are
 what counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,28 @@ def _config(device: torch.device, **settings) -> TrainConfig:
     return TrainConfig(pipeline="torch", **settings).resolve(cuda=device.type == "cuda")
 
 
-def build_step(model_name: str, method: str, args, device: torch.device,
-              compiled: bool) -> TrainStep:
+def build_step(
+    model_name: str, method: str, args, device: torch.device, compiled: bool
+) -> TrainStep:
     """The trainer's step for this model and method, from a fresh model (seed 0)."""
-    cfg = _config(device, model=model_name, method=method,
-                  mask_views=2 if method == "fgcr" else 1, img_size=args.img_size,
-                  patch_size=args.patch_size, batch_size=args.batch_size, lr=1e-4,
-                  compile=compiled)
+    cfg = _config(
+        device,
+        model=model_name,
+        method=method,
+        mask_views=2 if method == "fgcr" else 1,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        lr=1e-4,
+        compile=compiled,
+    )
     torch.manual_seed(0)
-    state = create_state(cfg, build_model(cfg, num_classes=10), DistContext(device=device),
-                         steps_per_epoch=args.steps)
+    state = create_state(
+        cfg,
+        build_model(cfg, num_classes=10),
+        DistContext(device=device),
+        steps_per_epoch=args.steps,
+    )
     return TrainStep.from_config(cfg, state)
 
 
@@ -87,26 +100,42 @@ def peak(device: torch.device) -> float | None:
 
 def main() -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["vit_tiny"])
-    p.add_argument("--methods", nargs="+", default=["ssat", "scratch"], choices=["ssat", "fgcr", "scratch"])
+    p.add_argument(
+        "--methods", nargs="+", default=["ssat", "scratch"], choices=["ssat", "fgcr", "scratch"]
+    )
     p.add_argument("--img_size", type=int, default=224 if cuda else 32)
     p.add_argument("--patch_size", type=int, default=16 if cuda else 4)
     p.add_argument("--batch_size", type=int, default=256 if cuda else 64)
     p.add_argument("--steps", type=int, default=20 if cuda else 5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pipeline", choices=["ffcv", "torch", "none"], default="ffcv")
-    p.add_argument("--data", default="data/digits_train.beton", help="a converted .beton for the real-loader row")
+    p.add_argument(
+        "--data",
+        default="data/digits_train.beton",
+        help="a converted .beton for the real-loader row",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     amp = _config(device).amp
-    print(f"{device} {torch.cuda.get_device_name(device) if cuda else ''} {args.img_size} px / patch "
-          f"{args.patch_size}, batch {args.batch_size}, autocast {amp}", flush=True)
-    print(f"{'model':<14} {'method':<8} {'eager img/s':>11} {'compiled':>9} {'ratio':>6} "
-          f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6}", flush=True)
+    print(
+        f"{device} {torch.cuda.get_device_name(device) if cuda else ''} {args.img_size} px / patch "
+        f"{args.patch_size}, batch {args.batch_size}, autocast {amp}",
+        flush=True,
+    )
+    print(
+        f"{'model':<14} {'method':<8} {'eager img/s':>11} {'compiled':>9} {'ratio':>6} "
+        f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6}",
+        flush=True,
+    )
     g = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g)
+    images = torch.randn(
+        args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g
+    )
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
     synthetic_batch = {"crops": images[None], "labels": labels}  # one crop: (1, B, 3, H, W)
@@ -127,19 +156,35 @@ def main() -> int:
                     compiled_steps[name, method] = step
             achieved = flops * rates[True] / args.batch_size
             mfu = f"{achieved / peak(device):.0%}" if peak(device) else "-"
-            print(f"{model_name:<14} {method:<8} {rates[False]:>11.0f} {rates[True]:>9.0f} "
-                  f"{rates[True] / rates[False]:>6.2f} {flops / args.batch_size / 1e9:>9.2f} "
-                  f"{achieved / 1e12:>8.3f} {mfu:>6}", flush=True)
-            results.append({"model": model_name, "method": method, "eager": rates[False],
-                            "compiled": rates[True], "gflop_per_image": flops / args.batch_size / 1e9})
+            print(
+                f"{model_name:<14} {method:<8} {rates[False]:>11.0f} {rates[True]:>9.0f} "
+                f"{rates[True] / rates[False]:>6.2f} {flops / args.batch_size / 1e9:>9.2f} "
+                f"{achieved / 1e12:>8.3f} {mfu:>6}",
+                flush=True,
+            )
+            results.append(
+                {
+                    "model": model_name,
+                    "method": method,
+                    "eager": rates[False],
+                    "compiled": rates[True],
+                    "gflop_per_image": flops / args.batch_size / 1e9,
+                }
+            )
             if args.pipeline != "none" and Path(args.data).exists():
                 from pipelines import create_loader
 
-                loader = create_loader(args.pipeline, args.data, train=True, batch_size=args.batch_size,
-                                       img_size=args.img_size, device=device)
+                loader = create_loader(
+                    args.pipeline,
+                    args.data,
+                    train=True,
+                    batch_size=args.batch_size,
+                    img_size=args.img_size,
+                    device=device,
+                )
                 batches = iter(())
 
-                def real(i):
+                def real(i, loader=loader):
                     nonlocal batches
                     batch = next(batches, None)
                     if batch is None:
@@ -147,13 +192,27 @@ def main() -> int:
                         batch = next(batches)
                     return batch
 
-                fed = images_per_s(compiled_steps[name, method], real, device, args.steps, args.repeats)
-                print(f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / synthetic, "
-                      f"compiled): {fed / rates[True]:.2f}", flush=True)
+                fed = images_per_s(
+                    compiled_steps[name, method], real, device, args.steps, args.repeats
+                )
+                print(
+                    f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / "
+                    f"synthetic, compiled): {fed / rates[True]:.2f}",
+                    flush=True,
+                )
                 results[-1].update(pipeline=args.pipeline, fed=fed, efficiency=fed / rates[True])
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "img_size": args.img_size,
-                                         "batch_size": args.batch_size, "rows": results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "img_size": args.img_size,
+                    "batch_size": args.batch_size,
+                    "rows": results,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

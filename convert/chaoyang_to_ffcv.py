@@ -4,6 +4,7 @@
 
 `name` is the image path relative to `--src`; labels 0..3.
 """
+
 import json
 import sys
 
@@ -29,7 +30,9 @@ def _read_json(root, listing, split: str) -> Split:
     for i, entry in enumerate(entries):
         where = f"{listing}[{i}]"
         if not isinstance(entry, dict) or "name" not in entry or "label" not in entry:
-            raise ConvertError(f"{where}: expected an object with 'name' and 'label', got {entry!r}")
+            raise ConvertError(
+                f"{where}: expected an object with 'name' and 'label', got {entry!r}"
+            )
         files.append(safe_join(root, str(entry["name"]), where))
         labels.append(parse_label(entry["label"], where))
     require_files(files, listing)

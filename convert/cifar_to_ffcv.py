@@ -7,6 +7,7 @@
 Stored raw at 32x32 by default. The pickles are read with an unpickler that only accepts numpy
 arrays and plain values.
 """
+
 import pickle
 import sys
 from pathlib import Path
@@ -17,13 +18,29 @@ from convert.cli import build_parser, run
 from convert.writer import ConvertError, Source, Split
 
 LAYOUTS = {
-    "c10": dict(folder="cifar-10-batches-py", meta="batches.meta", names=b"label_names",
-                labels=b"labels", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
-    "c100": dict(folder="cifar-100-python", meta="meta", names=b"fine_label_names",
-                 labels=b"fine_labels", train=["train"], test=["test"]),
+    "c10": dict(
+        folder="cifar-10-batches-py",
+        meta="batches.meta",
+        names=b"label_names",
+        labels=b"labels",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+    ),
+    "c100": dict(
+        folder="cifar-100-python",
+        meta="meta",
+        names=b"fine_label_names",
+        labels=b"fine_labels",
+        train=["train"],
+        test=["test"],
+    ),
 }
-_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype")}
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -60,7 +77,9 @@ def read_source(args) -> Source:
                 raise ConvertError(f"{root / part}: missing field {err.args[0]!r}") from None
             data = np.asarray(data, dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3072:
-                raise ConvertError(f"{root / part}: field b'data' should be (N, 3072), got {data.shape}")
+                raise ConvertError(
+                    f"{root / part}: field b'data' should be (N, 3072), got {data.shape}"
+                )
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
             labels.append(np.asarray(lab, dtype=np.int64))
         splits.append(Split(split, np.concatenate(labels), arrays=np.concatenate(images)))

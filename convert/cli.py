@@ -11,6 +11,7 @@ A converter script only says how to read its source:
     if __name__ == "__main__":
         sys.exit(main())
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,35 +24,78 @@ from convert.writer import WRITE_MODES, ConvertError, Source, WriteOptions, writ
 from storage import DatasetError
 
 
-def build_parser(description: str, *, default_name: str, photos: bool,
-                 src_required: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--src", type=Path, required=src_required, default=None,
-                   help="the source dataset as downloaded (folder or file)")
-    p.add_argument("--out_dir", type=Path, required=True,
-                   help="where <name>_<split>.beton and <name>_<split>.json are written")
+def build_parser(
+    description: str, *, default_name: str, photos: bool, src_required: bool = True
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--src",
+        type=Path,
+        required=src_required,
+        default=None,
+        help="the source dataset as downloaded (folder or file)",
+    )
+    p.add_argument(
+        "--out_dir",
+        type=Path,
+        required=True,
+        help="where <name>_<split>.beton and <name>_<split>.json are written",
+    )
     p.add_argument("--name", default=default_name, help="dataset name in the output file names")
-    p.add_argument("--split", action="append", default=None,
-                   help="write only this split (repeatable); default: every split found")
-    p.add_argument("--max_resolution", type=int, default=256 if photos else None,
-                   help="resize so the longer side is at most this (photos); "
-                        "default for fixed-size sets: keep their size")
-    p.add_argument("--write_mode", choices=WRITE_MODES, default="jpg" if photos else "raw",
-                   help="how images are stored: jpg, raw pixels, smart (raw unless larger than "
-                        "--smart_threshold bytes), proportion (jpg with --compress_probability)")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="write only this split (repeatable); default: every split found",
+    )
+    p.add_argument(
+        "--max_resolution",
+        type=int,
+        default=256 if photos else None,
+        help="resize so the longer side is at most this (photos); "
+        "default for fixed-size sets: keep their size",
+    )
+    p.add_argument(
+        "--write_mode",
+        choices=WRITE_MODES,
+        default="jpg" if photos else "raw",
+        help="how images are stored: jpg, raw pixels, smart (raw unless larger than "
+        "--smart_threshold bytes), proportion (jpg with --compress_probability)",
+    )
     p.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality, 1-100")
-    p.add_argument("--smart_threshold", type=int, default=None,
-                   help="smart mode: store as jpg when the raw image exceeds this many bytes")
-    p.add_argument("--compress_probability", type=float, default=0.5,
-                   help="proportion mode: probability that an image is stored as jpg")
-    p.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="writer processes (default: all cores)")
-    p.add_argument("--on_error", choices=("fail", "skip"), default="fail",
-                   help="a bad image file: stop with an error (fail), or leave it out and list it "
-                        "in the metadata (skip)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="write only a fixed random subset of N samples per split (seed 0)")
+    p.add_argument(
+        "--smart_threshold",
+        type=int,
+        default=None,
+        help="smart mode: store as jpg when the raw image exceeds this many bytes",
+    )
+    p.add_argument(
+        "--compress_probability",
+        type=float,
+        default=0.5,
+        help="proportion mode: probability that an image is stored as jpg",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="writer processes (default: all cores)",
+    )
+    p.add_argument(
+        "--on_error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a bad image file: stop with an error (fail), or leave it out and list it "
+        "in the metadata (skip)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="write only a fixed random subset of N samples per split (seed 0)",
+    )
     return p
 
 
@@ -78,8 +122,11 @@ def options(args: argparse.Namespace) -> WriteOptions:
     )
 
 
-def run(read_source: Callable[[argparse.Namespace], Source], parser: argparse.ArgumentParser,
-        argv: list[str] | None = None) -> int:
+def run(
+    read_source: Callable[[argparse.Namespace], Source],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+) -> int:
     """Parse, read the source, write its splits. Returns the exit status."""
     args = parser.parse_args(argv)
     try:

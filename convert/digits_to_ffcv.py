@@ -5,6 +5,7 @@
 The embedded default dataset: a fixed, seeded, stratified split of 75% train and 25% test. Pixel
 values 0..16 are scaled to 0..255 and stored raw as 3 equal channels at 8x8.
 """
+
 import sys
 
 import numpy as np
@@ -22,13 +23,17 @@ def read_source(args) -> Source:
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
     labels = digits.target.astype(np.int64)
-    train, test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION,
-                                   stratify=labels, random_state=SEED)
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=SEED
+    )
     train, test = np.sort(train), np.sort(test)
-    splits = [Split("train", labels[train], arrays=images[train]),
-              Split("test", labels[test], arrays=images[test])]
-    return Source(args.name, [str(d) for d in range(10)], splits, "sklearn.datasets.load_digits",
-                  photos=False)
+    splits = [
+        Split("train", labels[train], arrays=images[train]),
+        Split("test", labels[test], arrays=images[test]),
+    ]
+    return Source(
+        args.name, [str(d) for d in range(10)], splits, "sklearn.datasets.load_digits", photos=False
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

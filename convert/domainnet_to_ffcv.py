@@ -5,6 +5,7 @@
 Each list line is `<path relative to --src> <label>`, labels 0..344. Each chosen domain is its own
 dataset, `<name>_<domain>_<split>.beton`. Class names come from the paths' class folders.
 """
+
 import sys
 
 import numpy as np
@@ -34,7 +35,9 @@ def _read_list(root, listing, split: str, class_names: dict) -> Split:
         labels.append(label)
         folder = path.parent.name
         if 0 <= label < NUM_CLASSES and class_names.setdefault(label, folder) != folder:
-            raise ConvertError(f"{where}: label {label} is {class_names[label]!r} elsewhere, here {folder!r}")
+            raise ConvertError(
+                f"{where}: label {label} is {class_names[label]!r} elsewhere, here {folder!r}"
+            )
     require_files(files, listing)
     return Split(split, np.asarray(labels, dtype=np.int64), files=files)
 
@@ -48,8 +51,13 @@ def read_domain(root, domain: str, name: str) -> Source:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="domainnet", photos=True)
-    parser.add_argument("--domain", action="append", choices=DOMAINS, default=None,
-                        help="domain to convert (repeatable); default: every domain with lists in --src")
+    parser.add_argument(
+        "--domain",
+        action="append",
+        choices=DOMAINS,
+        default=None,
+        help="domain to convert (repeatable); default: every domain with lists in --src",
+    )
     args = parser.parse_args(argv)
     domains = args.domain or [d for d in DOMAINS if (args.src / f"{d}_train.txt").is_file()]
     if not domains:

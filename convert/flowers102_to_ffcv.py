@@ -6,6 +6,7 @@
 Splits train, val, test as `setid.mat` defines them (`--merge_val`: train + val as train, and
 test). Classes are the official label numbers 1..102, stored as labels 0..101.
 """
+
 import sys
 
 import numpy as np
@@ -30,7 +31,9 @@ def read_source(args) -> Source:
     splits = []
     for split, image_ids in ids.items():
         if image_ids.min() < 1 or image_ids.max() > len(labels):
-            raise ConvertError(f"{root / 'setid.mat'}: image ids of {split} outside 1..{len(labels)}")
+            raise ConvertError(
+                f"{root / 'setid.mat'}: image ids of {split} outside 1..{len(labels)}"
+            )
         files = [root / "jpg" / f"image_{i:05d}.jpg" for i in image_ids]
         require_files(files, root / "setid.mat")
         splits.append(Split(split, labels[image_ids - 1], files=files))

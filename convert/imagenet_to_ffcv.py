@@ -1,11 +1,13 @@
 """ImageNet, or any ImageFolder dataset, to .beton.
 
     python convert/imagenet_to_ffcv.py --src /data/imagenet --out_dir /data/ffcv
-    python convert/imagenet_to_ffcv.py --src /data/flowers_folders --name flowers --out_dir /data/ffcv
+    python convert/imagenet_to_ffcv.py --src /data/flowers_folders --name flowers \\
+        --out_dir /data/ffcv
 
 `--src` holds `train/` and `val/` (or `valid/`, or `test/`) with one folder per class, or is one
 such split folder itself. Class names and label order come from the train split's folder names.
 """
+
 import sys
 from pathlib import Path
 
@@ -22,7 +24,9 @@ def read_source(args) -> Source:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name in SPLIT_FOLDERS):
         split = SPLIT_FOLDERS[folder.name]
         if split in found:
-            raise ConvertError(f"{root}: both {found[split].name}/ and {folder.name}/ found; keep one")
+            raise ConvertError(
+                f"{root}: both {found[split].name}/ and {folder.name}/ found; keep one"
+            )
         found[split] = folder
     if not found:  # the folder is itself one split
         found = {SPLIT_FOLDERS.get(root.name, "train"): root}

@@ -4,6 +4,7 @@ Handles every PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...), applies the E
 reads files by their content rather than their extension (a PNG saved as `.JPEG`), and turns
 truncated, empty or undecodable files into a `BadImage` that names the reason.
 """
+
 from __future__ import annotations
 
 import os

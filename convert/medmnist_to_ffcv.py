@@ -1,13 +1,15 @@
 """MedMNIST v2 (a local `.npz` of any 2D dataset) to .beton.
 
     python convert/medmnist_to_ffcv.py --name pmnist --src /data/medmnist --out_dir /data/ffcv
-    python convert/medmnist_to_ffcv.py --flag bloodmnist --size 64 --src /data/medmnist --out_dir /data/ffcv --merge_val
+    python convert/medmnist_to_ffcv.py --flag bloodmnist --size 64 --src /data/medmnist \\
+        --out_dir /data/ffcv --merge_val
 
 `--src` is the `.npz` file or the folder holding `<flag>.npz` (28 px) / `<flag>_<size>.npz`.
 `--name` may be a flag or a short alias (pmnist = pneumoniamnist); class names come from
 `medmnist.INFO`. Grey images are stored as 3 equal channels, raw at their size. `--merge_val`
 writes train + val as train (what the published recipe trains on), and test.
 """
+
 import sys
 import zipfile
 
@@ -34,8 +36,9 @@ def read_source(args) -> Source:
         raise ConvertError(f"unknown MedMNIST flag {flag!r}; known: {', '.join(INFO)}")
     info = INFO[flag]
     if flag.endswith("3d") or "multi-label" in info["task"]:
-        raise ConvertError(f"{flag}: only 2-D single-label MedMNIST datasets are supported "
-                           f"(task: {info['task']})")
+        raise ConvertError(
+            f"{flag}: only 2-D single-label MedMNIST datasets are supported (task: {info['task']})"
+        )
     path = _npz_path(args, flag)
     if not path.is_file():
         raise ConvertError(f"{path}: missing MedMNIST file (download it with the medmnist package)")
@@ -49,22 +52,35 @@ def read_source(args) -> Source:
     names = [info["label"][str(i)] for i in range(len(info["label"]))]
     splits = []
     for split in ("train", "val", "test"):
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1).astype(np.int64)
+        images, labels = (
+            data[f"{split}_images"],
+            data[f"{split}_labels"].reshape(-1).astype(np.int64),
+        )
         if images.ndim not in (3, 4) or len(images) != len(labels):
-            raise ConvertError(f"{path}: {split}_images should be (N, H, W[, 3]) matching "
-                               f"{split}_labels, got {images.shape} and {labels.shape}")
+            raise ConvertError(
+                f"{path}: {split}_images should be (N, H, W[, 3]) matching "
+                f"{split}_labels, got {images.shape} and {labels.shape}"
+            )
         splits.append(Split(split, labels, arrays=images.astype(np.uint8, copy=False)))
     if args.merge_val:
         train, val, test = splits
-        splits = [Split("train", np.concatenate([train.labels, val.labels]),
-                        arrays=np.concatenate([train.arrays, val.arrays])), test]
+        splits = [
+            Split(
+                "train",
+                np.concatenate([train.labels, val.labels]),
+                arrays=np.concatenate([train.arrays, val.arrays]),
+            ),
+            test,
+        ]
     return Source(args.name, names, splits, str(path), photos=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_name="pmnist", photos=False)
     parser.add_argument("--flag", default=None, help="MedMNIST flag; default: from --name")
-    parser.add_argument("--size", type=int, choices=SIZES, default=28, help="image size of the .npz")
+    parser.add_argument(
+        "--size", type=int, choices=SIZES, default=28, help="image size of the .npz"
+    )
     parser.add_argument("--merge_val", action="store_true", help="train on train + val")
     return run(read_source, parser, argv)
 

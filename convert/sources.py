@@ -5,6 +5,7 @@ Every check that can fail before any image is decoded happens here (or, for clas
 file and the entry: empty class folders, images outside any class folder, listed files that are
 missing, and listed paths that lead outside the source root.
 """
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
@@ -16,8 +17,9 @@ from convert.writer import ConvertError, Split
 from storage.folders import list_image_folder
 
 
-def image_folder(root: Path, split: str,
-                 class_names: list[str] | None = None) -> tuple[Split, list[str]]:
+def image_folder(
+    root: Path, split: str, class_names: list[str] | None = None
+) -> tuple[Split, list[str]]:
     """An ImageFolder split, listed as the DALI engine lists it (`storage.folders`): one folder
     per class, images anywhere below it, sorted as torchvision orders them. `class_names` (from
     the train split) fixes the label order."""

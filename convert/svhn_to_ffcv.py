@@ -4,6 +4,7 @@
 
 Label 10 in the .mat files means the digit 0 and becomes label 0. Stored raw at 32x32.
 """
+
 import sys
 
 import numpy as np
@@ -17,7 +18,9 @@ def _read(path, split: str) -> Split:
     mat = read_mat(path, ("X", "y"), "SVHN")
     images, labels = mat["X"], mat["y"].reshape(-1).astype(np.int64)
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
-        raise ConvertError(f"{path}: field 'X' should be (32, 32, 3, N) with N = len(y), got {images.shape}")
+        raise ConvertError(
+            f"{path}: field 'X' should be (32, 32, 3, N) with N = len(y), got {images.shape}"
+        )
     labels[labels == 10] = 0
     return Split(split, labels, arrays=np.ascontiguousarray(images.transpose(3, 0, 1, 2)))
 

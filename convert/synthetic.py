@@ -6,6 +6,7 @@ quick try of the converters:
 
     python -m convert.synthetic --out /tmp/photos --classes 10 --per_class 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,17 @@ def _tile(photo: np.ndarray, width: int, height: int, rng: np.random.Generator) 
     scale = rng.uniform(0.4, 1.0)
     ch, cw = int(h * scale), int(min(w, h * scale * width / height))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = photo[top:top + ch, left:left + cw]
+    crop = photo[top : top + ch, left : left + cw]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.BICUBIC))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.BICUBIC)
+    )
 
 
-def photo_variants(count: int, seed: int = 0, size: tuple[int, int] = (500, 375),
-                   noise: float = 20.0):
+def photo_variants(
+    count: int, seed: int = 0, size: tuple[int, int] = (500, 375), noise: float = 20.0
+):
     """Yield `count` (H, W, 3) uint8 photo-like images of about `size` (width, height): a 2x2
     mosaic of shrunk crops of the two photos, with sensor-like noise."""
     rng = np.random.default_rng(seed)
@@ -37,15 +41,22 @@ def photo_variants(count: int, seed: int = 0, size: tuple[int, int] = (500, 375)
     for _ in range(count):
         width = int(size[0] * rng.uniform(0.96, 1.0)) // 2 * 2
         height = int(size[1] * rng.uniform(0.96, 1.0)) // 2 * 2
-        tiles = [_tile(photos[rng.integers(len(photos))], width // 2, height // 2, rng)
-                 for _ in range(4)]
+        tiles = [
+            _tile(photos[rng.integers(len(photos))], width // 2, height // 2, rng) for _ in range(4)
+        ]
         image = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
         noisy = image.astype(np.float32) + rng.normal(0.0, noise, image.shape)
         yield np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def make_image_folder(root: Path, classes: int, per_class: int, seed: int = 0,
-                      quality: int = 90, size: tuple[int, int] = (500, 375)) -> list[Path]:
+def make_image_folder(
+    root: Path,
+    classes: int,
+    per_class: int,
+    seed: int = 0,
+    quality: int = 90,
+    size: tuple[int, int] = (500, 375),
+) -> list[Path]:
     """Write `<root>/class_XX/img_YYYY.JPEG`; returns the files in ImageFolder order."""
     files = []
     images = photo_variants(classes * per_class, seed, size)
@@ -60,7 +71,9 @@ def make_image_folder(root: Path, classes: int, per_class: int, seed: int = 0,
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per_class", type=int, default=20)

@@ -8,6 +8,7 @@ never reaches ffcv's writer as an exception (its workers would die and the write
 forever): it is recorded in shared memory and written as a placeholder; `--on_error fail` then
 stops early and reports the file, `skip` writes the split again without it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -184,8 +185,9 @@ def _write(path: Path, samples: _Samples, opts: WriteOptions, indices: np.ndarra
         "label": IntField(),
     }
     workers = max(1, min(opts.num_workers, len(indices)))
-    writer = DatasetWriter(str(path), fields, page_size=_page_size(samples.split, opts),
-                           num_workers=workers)
+    writer = DatasetWriter(
+        str(path), fields, page_size=_page_size(samples.split, opts), num_workers=workers
+    )
     chunk = int(np.clip(len(indices) // (workers * 8), 1, 100))
     with forking():  # ffcv forks its workers
         writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
@@ -204,8 +206,9 @@ def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
     for i in sorted({0, len(labels) - 1}):
         beton.decode(i)
         if beton.labels[i] != labels[i]:
-            raise ConvertError(f"{path}: sample {i} has label {beton.labels[i]}, "
-                               f"expected {labels[i]}")
+            raise ConvertError(
+                f"{path}: sample {i} has label {beton.labels[i]}, expected {labels[i]}"
+            )
 
 
 def _limit(split: Split, limit: int | None) -> Split:
@@ -228,8 +231,9 @@ def _check_labels(source: Source, split: Split) -> None:
         )
 
 
-def write_split(source: Source, split: Split, opts: WriteOptions,
-                stats_from: dict | None = None) -> dict:
+def write_split(
+    source: Source, split: Split, opts: WriteOptions, stats_from: dict | None = None
+) -> dict:
     """Write one split; returns its metadata (also written as JSON beside the .beton).
     `stats_from`: the train split's metadata, whose mean/std the other splits carry."""
     final = opts.out_dir / f"{source.name}_{split.name}.beton"
@@ -247,19 +251,31 @@ def write_split(source: Source, split: Split, opts: WriteOptions,
             skipped = [{"path": split.describe(i), "reason": samples.reason(i)} for i in failed]
             keep = np.setdiff1d(keep, failed)
             if len(keep) == 0:
-                raise ConvertError(f"{source.location}: every sample of split '{split.name}' failed")
+                raise ConvertError(
+                    f"{source.location}: every sample of split '{split.name}' failed"
+                )
             _write(tmp, samples, opts, keep)  # again, without the bad samples
             if samples.failed[keep].any():
                 raise ConvertError(f"{final}: samples failed on the second pass")
         mean, std = channel_stats(samples.stats[keep])
         stats = stats_from or {"split": split.name, "mean": mean, "std": std}
         meta = build_metadata(
-            dataset=source.name, split=split.name, labels=split.labels[keep],
-            class_names=source.class_names, mean=stats["mean"], std=stats["std"],
+            dataset=source.name,
+            split=split.name,
+            labels=split.labels[keep],
+            class_names=source.class_names,
+            mean=stats["mean"],
+            std=stats["std"],
             stats_split=stats["split"],
-            storage={"write_mode": opts.write_mode, "max_resolution": opts.max_resolution,
-                     "jpeg_quality": opts.jpeg_quality},
-            source=source.location, skipped=skipped, converter_version=CONVERTER_VERSION)
+            storage={
+                "write_mode": opts.write_mode,
+                "max_resolution": opts.max_resolution,
+                "jpeg_quality": opts.jpeg_quality,
+            },
+            source=source.location,
+            skipped=skipped,
+            converter_version=CONVERTER_VERSION,
+        )
         verify(tmp, split.labels[keep], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start
@@ -267,8 +283,10 @@ def write_split(source: Source, split: Split, opts: WriteOptions,
     with atomic_path(metadata_path(final)) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
-    print(f"{final}: {len(keep)} samples, {nbytes / 1e6:.1f} MB, {seconds:.1f} s, "
-          f"{len(keep) / seconds:.0f} images/s")
+    print(
+        f"{final}: {len(keep)} samples, {nbytes / 1e6:.1f} MB, {seconds:.1f} s, "
+        f"{len(keep) / seconds:.0f} images/s"
+    )
     if skipped:
         print(f"{final}: skipped {len(skipped)} bad files (listed in {metadata_path(final)}):")
         for item in skipped[:10]:
@@ -276,15 +294,21 @@ def write_split(source: Source, split: Split, opts: WriteOptions,
     return meta
 
 
-def write_source(source: Source, opts: WriteOptions, only: Sequence[str] | None = None) -> list[dict]:
+def write_source(
+    source: Source, opts: WriteOptions, only: Sequence[str] | None = None
+) -> list[dict]:
     """Write the chosen splits (all by default), train first so the others carry its mean/std."""
     names = [s.name for s in source.splits]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
-            raise ConvertError(f"{source.location}: no split {', '.join(unknown)}; found {', '.join(names)}")
-    chosen = sorted((_limit(s, opts.limit) for s in source.splits if not only or s.name in only),
-                    key=lambda s: s.name != "train")
+            raise ConvertError(
+                f"{source.location}: no split {', '.join(unknown)}; found {', '.join(names)}"
+            )
+    chosen = sorted(
+        (_limit(s, opts.limit) for s in source.splits if not only or s.name in only),
+        key=lambda s: s.name != "train",
+    )
     for split in chosen:  # every split is checked before any is written
         _check_labels(source, split)
     stats = _existing_train_stats(opts.out_dir, source.name)

@@ -1,11 +1,13 @@
-"""Loaders that turn a stored dataset (`.beton` + metadata) into batches of augmented crops on the device.
+"""Loaders that turn a stored dataset (`.beton` + metadata) into batches of augmented crops on
+the device.
 
     loader = create_loader("ffcv", "data/digits_train.beton", train=True, batch_size=64,
                            img_size=32, crops=2, device="cuda")
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
-            batch["crops"]    # (V, B, 3, H, W): V crops of each image, normalised, channels-last, on the device
+            batch["crops"]    # (V, B, 3, H, W): V crops of each image, normalised,
+                              # channels-last, on the device
             batch["labels"]   # (B,) int64
             batch["indices"]  # (B,) sample indices in the file
 
@@ -14,9 +16,11 @@ batch reuses its memory).
 
 Engines: `ffcv` (numba CPU threads, decode once per image), `dali` (nvJPEG on the GPU, or
 DALI's CPU threads; also reads a plain ImageFolder: pass the folder as `path`), `torch`
-(DataLoader + PIL; needs neither ffcv nor DALI). Every engine shares the sharding (`sampling.py`) and the device-side
-augmentation (`augment.py`). Augmentation options are `AugmentConfig`'s fields.
+(DataLoader + PIL; needs neither ffcv nor DALI). Every engine shares the sharding
+(`sampling.py`) and the device-side augmentation (`augment.py`). Augmentation options are
+`AugmentConfig`'s fields.
 """
+
 from __future__ import annotations
 
 from pipelines.augment import AugmentConfig
@@ -27,10 +31,22 @@ from storage.metadata import DatasetInfo, open_dataset
 ENGINES = ("ffcv", "dali", "torch")
 
 
-def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: int,
-                  crops: int = 1, device="cpu", rank: int = 0, world_size: int = 1,
-                  seed: int = 0, num_workers: int | None = None, dtype=None,
-                  **augmentation) -> CropLoader:
+def create_loader(
+    kind: str,
+    path,
+    *,
+    train: bool,
+    batch_size: int,
+    img_size: int,
+    crops: int = 1,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int | None = None,
+    dtype=None,
+    **augmentation,
+) -> CropLoader:
     """A loader of `kind` over the .beton at `path` (its metadata beside it), or, for `dali`,
     over the ImageFolder at `path`."""
     if kind == "ffcv":
@@ -43,10 +59,28 @@ def create_loader(kind: str, path, *, train: bool, batch_size: int, img_size: in
         raise ValueError(f"unknown loader kind {kind!r}; choose from {', '.join(ENGINES)}")
     import torch
 
-    return engine(path, train=train, batch_size=batch_size, img_size=img_size, crops=crops,
-                  device=device, rank=rank, world_size=world_size, seed=seed,
-                  num_workers=num_workers, dtype=dtype or torch.float32, **augmentation)
+    return engine(
+        path,
+        train=train,
+        batch_size=batch_size,
+        img_size=img_size,
+        crops=crops,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_workers=num_workers,
+        dtype=dtype or torch.float32,
+        **augmentation,
+    )
 
 
-__all__ = ["create_loader", "ENGINES", "AugmentConfig", "DatasetError", "DatasetInfo",
-           "open_dataset", "CropLoader"]
+__all__ = [
+    "create_loader",
+    "ENGINES",
+    "AugmentConfig",
+    "DatasetError",
+    "DatasetInfo",
+    "open_dataset",
+    "CropLoader",
+]

@@ -5,6 +5,7 @@ mean/std, random erasing (timm's `RandomErasing`, per image), and optionally mix
 (timm's `Mixup`, soft targets; all crops of an image get the same mix). Eval: normalisation.
 The crops and flips happen earlier, in the engine, where each image is decoded once.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ class AugmentConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"unknown augmentation option(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(known))}")
+            raise TypeError(
+                f"unknown augmentation option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
         return cls(**kwargs)
 
     @property
@@ -54,29 +57,58 @@ class DeviceAugment:
     """uint8 crops (B, V, H, W, 3) on the device -> normalised crops (V, B, 3, H, W) in `dtype`,
     channels-last, plus soft targets when mixing."""
 
-    def __init__(self, config: AugmentConfig, *, train: bool, mean, std, num_classes: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: AugmentConfig,
+        *,
+        train: bool,
+        mean,
+        std,
+        num_classes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.dtype = dtype
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.scale, self.shift = 1.0 / std_t, -mean_t / std_t  # (x - mean) / std = x * scale + shift
+        self.scale, self.shift = (
+            1.0 / std_t,
+            -mean_t / std_t,
+        )  # (x - mean) / std = x * scale + shift
         self.host = HostRing()
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.randaugment = RandAugment(config.aa, fill=mean) if train and config.aa else None
-        self.erasing = (RandomErasing(config.reprob, mode=config.remode, max_count=config.recount,
-                                      device=str(device))
-                        if train and config.reprob > 0 else None)
-        self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
-                            prob=config.mixup_prob, switch_prob=config.mixup_switch_prob,
-                            mode=config.mixup_mode, label_smoothing=config.smoothing,
-                            num_classes=num_classes)
-                      if train and config.mixes else None)
+        self.erasing = (
+            RandomErasing(
+                config.reprob, mode=config.remode, max_count=config.recount, device=str(device)
+            )
+            if train and config.reprob > 0
+            else None
+        )
+        self.mixup = (
+            Mixup(
+                mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix,
+                prob=config.mixup_prob,
+                switch_prob=config.mixup_switch_prob,
+                mode=config.mixup_mode,
+                label_smoothing=config.smoothing,
+                num_classes=num_classes,
+            )
+            if train and config.mixes
+            else None
+        )
 
-    def __call__(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, raw: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, v, h, w, _ = raw.shape
         # float copy with the crops first, so that the V*B images form one channels-last batch
-        x = (self.host.empty((v, b, h, w, 3)) if raw.device.type == "cpu"
-             else torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device))
+        x = (
+            self.host.empty((v, b, h, w, 3))
+            if raw.device.type == "cpu"
+            else torch.empty((v, b, h, w, 3), dtype=torch.float32, device=raw.device)
+        )
         x.copy_(raw.transpose(0, 1))
         images = x.permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)  # (V*B, 3, H, W), 0-255
         if self.randaugment is not None:

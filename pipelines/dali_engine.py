@@ -18,6 +18,7 @@ that epoch's order from batch k on; its crops come from the pipeline's random ge
 are not those the uninterrupted pass would have cut. A sample DALI cannot decode is decoded again
 on the host to name its file and index.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,19 @@ class BetonSamples:
     rule for epoch `first_epoch` + DALI's epoch counter (and cached for the epoch). The first
     epoch's pass starts `first_skip` samples into its order (a pass started at a later batch)."""
 
-    def __init__(self, beton: BetonFile, *, train: bool, batch_size: int, rank: int,
-                 world_size: int, seed: int, first_epoch: int, length: int, first_skip: int = 0):
+    def __init__(
+        self,
+        beton: BetonFile,
+        *,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        first_epoch: int,
+        length: int,
+        first_skip: int = 0,
+    ):
         self.beton, self.train, self.batch_size = beton, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.first_epoch, self.length, self.first_skip = first_epoch, length, first_skip
@@ -58,8 +70,15 @@ class BetonSamples:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._cached[0] != epoch:
-            order = epoch_order(self.beton.num_samples, train=self.train, batch_size=self.batch_size,
-                                rank=self.rank, world_size=self.world_size, seed=self.seed, epoch=epoch)
+            order = epoch_order(
+                self.beton.num_samples,
+                train=self.train,
+                batch_size=self.batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.seed,
+                epoch=epoch,
+            )
             self._cached = (epoch, padded(order, self.length))
         return self._cached[1]
 
@@ -103,41 +122,75 @@ class DALILoader(CropLoader):
         skip = self.start_batch * self.batch_size
         device_id = None
         if self.cuda:
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0] >> 1)
+            device_id = (
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            )
+        seed = int(
+            np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0] >> 1
+        )
         workers = max(1, self.num_workers // 4)
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers),
-                        device_id=device_id, seed=seed, prefetch_queue_depth=2,
-                        py_num_workers=workers,
-                        # forking a process that holds a CUDA context is not allowed
-                        py_start_method="spawn" if self.cuda else "fork")
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=max(1, self.num_workers),
+            device_id=device_id,
+            seed=seed,
+            prefetch_queue_depth=2,
+            py_num_workers=workers,
+            # forking a process that holds a CUDA context is not allowed
+            py_start_method="spawn" if self.cuda else "fork",
+        )
         with pipe:
             if self.folder:
                 files = padded(order, length - skip)
-                encoded, index = fn.readers.file(files=[self.source.files[i] for i in files],
-                                                 labels=files.tolist(), random_shuffle=False,
-                                                 name="files")
+                encoded, index = fn.readers.file(
+                    files=[self.source.files[i] for i in files],
+                    labels=files.tolist(),
+                    random_shuffle=False,
+                    name="files",
+                )
             else:
-                source = BetonSamples(self.source, train=self.train, batch_size=self.batch_size,
-                                      rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                      first_epoch=self.epoch, length=length, first_skip=skip)
+                source = BetonSamples(
+                    self.source,
+                    train=self.train,
+                    batch_size=self.batch_size,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    seed=self.seed,
+                    first_epoch=self.epoch,
+                    length=length,
+                    first_skip=skip,
+                )
                 encoded, index = fn.external_source(
-                    source=source, num_outputs=2, batch=False, parallel=True, prefetch_queue_depth=2,
+                    source=source,
+                    num_outputs=2,
+                    batch=False,
+                    parallel=True,
+                    prefetch_queue_depth=2,
                     dtype=[types.UINT8, types.INT64],
-                    bytes_per_sample_hint=int(self.source.nbytes.max()) + 1024)
-            images = fn.decoders.image(encoded, device="mixed" if self.cuda else "cpu",
-                                       output_type=types.RGB)
+                    bytes_per_sample_hint=int(self.source.nbytes.max()) + 1024,
+                )
+            images = fn.decoders.image(
+                encoded, device="mixed" if self.cuda else "cpu", output_type=types.RGB
+            )
             size, cfg = self.img_size, self.config
             if self.train:
-                crops = [fn.flip(fn.random_resized_crop(images, size=(size, size),
-                                                        random_area=list(cfg.scale),
-                                                        random_aspect_ratio=list(cfg.ratio),
-                                                        interp_type=types.INTERP_CUBIC),
-                                 horizontal=fn.random.coin_flip(probability=cfg.hflip))
-                         for _ in range(self.crops)]
+                crops = [
+                    fn.flip(
+                        fn.random_resized_crop(
+                            images,
+                            size=(size, size),
+                            random_area=list(cfg.scale),
+                            random_aspect_ratio=list(cfg.ratio),
+                            interp_type=types.INTERP_CUBIC,
+                        ),
+                        horizontal=fn.random.coin_flip(probability=cfg.hflip),
+                    )
+                    for _ in range(self.crops)
+                ]
             else:
-                resized = fn.resize(images, resize_shorter=int(size / cfg.crop_pct),
-                                    interp_type=types.INTERP_CUBIC)
+                resized = fn.resize(
+                    images, resize_shorter=int(size / cfg.crop_pct), interp_type=types.INTERP_CUBIC
+                )
                 crops = [fn.crop(resized, crop=(size, size))]
             pipe.set_outputs(fn.stack(*crops), index)
         with forking():  # the external source's workers start here (forked on the CPU)
@@ -150,23 +203,30 @@ class DALILoader(CropLoader):
             return
         pipe = self._pipeline(order)
         self._pipe_whole = False
-        batch, shape = self.batch_size, (self.batch_size, self.crops, self.img_size, self.img_size, 3)
+        batch, shape = (
+            self.batch_size,
+            (self.batch_size, self.crops, self.img_size, self.img_size, 3),
+        )
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         for k in range(len(self) - self.start_batch):
             try:
                 crops, index = pipe.run()
             except StopIteration:
-                raise RuntimeError(f"DALI ended the epoch of {self.path} after {k} of "
-                                   f"{len(self) - self.start_batch} batches") from None
+                raise RuntimeError(
+                    f"DALI ended the epoch of {self.path} after {k} of "
+                    f"{len(self) - self.start_batch} batches"
+                ) from None
             except RuntimeError as err:
                 self._pipe = None  # DALI: "the pipeline object is no longer valid"
                 # the failing sample is in this batch or in one DALI was prefetching
-                raise self._failure(order[k * batch:(k + 3) * batch], err) from err
-            expected = order[k * batch:(k + 1) * batch]
+                raise self._failure(order[k * batch : (k + 3) * batch], err) from err
+            expected = order[k * batch : (k + 1) * batch]
             indices = np.asarray(index.as_tensor()).reshape(-1)[: len(expected)]
             if not np.array_equal(indices, expected):
-                raise RuntimeError(f"DALI returned samples {indices[:8].tolist()}... of {self.path} "
-                                   f"where {expected[:8].tolist()}... were due")
+                raise RuntimeError(
+                    f"DALI returned samples {indices[:8].tolist()}... of {self.path} "
+                    f"where {expected[:8].tolist()}... were due"
+                )
             out = torch.empty(shape, dtype=torch.uint8, device=self.device)
             feed_ndarray(crops.as_tensor(), out, cuda_stream=stream)
             labels = torch.from_numpy(np.asarray(self.source.labels[indices], dtype=np.int64))

@@ -4,6 +4,7 @@ A folder of class folders, listed as the converters list it (`storage.folders`, 
 is sample i of the `.beton` converted from it), with ImageNet's channel statistics, since no
 metadata comes with it. The `.beton` reader and its metadata live in `storage/`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,8 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class ImageFolder:
-    """`root/<class>/<image>`: files and labels in the converters' order (sorted, as torchvision)."""
+    """`root/<class>/<image>`: files and labels in the converters' order (sorted, as
+    torchvision sorts them)."""
 
     def __init__(self, root: str | Path):
         self.path = Path(root)
@@ -41,12 +43,19 @@ class ImageFolder:
             with Image.open(self.files[i]) as img:
                 return np.asarray(img.convert("RGB"))
         except Exception as err:  # noqa: BLE001 - any decoder failure is the file's
-            raise DatasetError(f"{self.files[i]}: sample {i} of {self.path} does not decode "
-                               f"({err})") from None
+            raise DatasetError(
+                f"{self.files[i]}: sample {i} of {self.path} does not decode ({err})"
+            ) from None
 
 
 def open_image_folder(root: str | Path) -> tuple[ImageFolder, DatasetInfo]:
     folder = ImageFolder(root)
-    info = DatasetInfo(folder.path, folder.num_samples, len(folder.class_names),
-                       tuple(folder.class_names), IMAGENET_MEAN, IMAGENET_STD)
+    info = DatasetInfo(
+        folder.path,
+        folder.num_samples,
+        len(folder.class_names),
+        tuple(folder.class_names),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
     return folder, info

@@ -7,6 +7,7 @@ crop. A JPEG that does not decode stops the epoch with an error naming the file 
 where ffcv's own decoders would hand on an uninitialised buffer, and an exception in ffcv's
 loader thread (which would leave the consumer waiting forever) is passed on to the consumer.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -49,20 +50,36 @@ class MultiCrop(Operation):
     `flip`. Eval (`train=False`): one centre crop of `crop_pct` of the shorter side, as resizing
     to S / crop_pct and cropping S."""
 
-    def __init__(self, size: int, crops: int, train: bool, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), flip: float = 0.5, crop_pct: float = 0.875):
+    def __init__(
+        self,
+        size: int,
+        crops: int,
+        train: bool,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip: float = 0.5,
+        crop_pct: float = 0.875,
+    ):
         super().__init__()
         self.size, self.crops, self.train = size, crops, train
-        self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
+        self.scale, self.ratio = (
+            np.array(scale, dtype=np.float64),
+            np.array(ratio, dtype=np.float64),
+        )
         self.flip, self.crop_pct = flip, crop_pct
 
     def declare_state_and_memory(self, previous_state: State):
         largest = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
         shape = (self.crops, self.size, self.size, 3)
         uint8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=uint8),
-                (AllocationQuery(shape, uint8), AllocationQuery((largest,), uint8),
-                 AllocationQuery((1,), np.dtype("<i4"))))  # decoder status per sample
+        return (
+            replace(previous_state, jit_mode=True, shape=shape, dtype=uint8),
+            (
+                AllocationQuery(shape, uint8),
+                AllocationQuery((largest,), uint8),
+                AllocationQuery((1,), np.dtype("<i4")),
+            ),
+        )  # decoder status per sample
 
     def generate_code(self):
         read = self.memory_read
@@ -82,8 +99,9 @@ class MultiCrop(Operation):
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == JPEG:
                     image = scratch[k][: 3 * height * width].reshape(height, width, 3)
-                    status[k, 0] = decode_jpeg(data, image, height, width, height, width, 0, 0,
-                                               1, 1, False, False)
+                    status[k, 0] = decode_jpeg(
+                        data, image, height, width, height, width, 0, 0, 1, 1, False, False
+                    )
                 else:
                     status[k, 0] = 0
                     image = data.reshape(height, width, 3)
@@ -126,7 +144,7 @@ class _Epoch(EpochIterator):
             return super().__next__()
         except StopIteration:
             if self.error is not None:
-                raise self.error
+                raise self.error from None  # the loader thread's error, with its own traceback
             raise
 
 
@@ -155,15 +173,30 @@ class FFCVLoader(CropLoader):
     def __init__(self, path, **kwargs):
         super().__init__(path, **kwargs)
         cfg = self.config
-        crop = MultiCrop(self.img_size, self.crops, self.train, scale=cfg.scale, ratio=cfg.ratio,
-                             flip=cfg.hflip, crop_pct=cfg.crop_pct)
+        crop = MultiCrop(
+            self.img_size,
+            self.crops,
+            self.train,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            flip=cfg.hflip,
+            crop_pct=cfg.crop_pct,
+        )
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         self._ffcv = _Loader(
-            str(self.path), batch_size=self.batch_size, num_workers=max(1, self.num_workers),
-            order=OrderOption.SEQUENTIAL, drop_last=self.train, os_cache=True,
-            indices=self.order(), batches_ahead=3,
-            pipelines={"image": PipelineSpec("image", decoder=crop, transforms=[ToTensor(), *to_device]),
-                       "label": [IntDecoder(), ToTensor(), *to_device]})
+            str(self.path),
+            batch_size=self.batch_size,
+            num_workers=max(1, self.num_workers),
+            order=OrderOption.SEQUENTIAL,
+            drop_last=self.train,
+            os_cache=True,
+            indices=self.order(),
+            batches_ahead=3,
+            pipelines={
+                "image": PipelineSpec("image", decoder=crop, transforms=[ToTensor(), *to_device]),
+                "label": [IntDecoder(), ToTensor(), *to_device],
+            },
+        )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._ffcv.set_order(order)

@@ -13,6 +13,7 @@ re-seeded from outside, and DALI from its pipeline's seed, so after a mid-epoch 
 crops are drawn afresh. The device-side augmentation draws from the consuming process's
 generators, which a resuming trainer restores.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,26 +44,49 @@ class CropLoader:
 
     engine = ""
 
-    def __init__(self, path, *, train: bool, batch_size: int, img_size: int, crops: int = 1,
-                 device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int | None = None, dtype: torch.dtype = torch.float32, **augmentation):
+    def __init__(
+        self,
+        path,
+        *,
+        train: bool,
+        batch_size: int,
+        img_size: int,
+        crops: int = 1,
+        device="cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        **augmentation,
+    ):
         self.source, self.info = self._open(path)
         self.path = self.info.path
         if crops < 1 or (not train and crops != 1):
             raise ValueError(f"crops must be >= 1 for training and 1 for eval, got {crops}")
         if batch_size < 1 or img_size < 1:
-            raise ValueError(f"batch_size and img_size must be positive, got {batch_size}, {img_size}")
+            raise ValueError(
+                f"batch_size and img_size must be positive, got {batch_size}, {img_size}"
+            )
         self.train, self.batch_size, self.img_size, self.crops = train, batch_size, img_size, crops
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.config = AugmentConfig.from_kwargs(**augmentation)
         if train and self.config.mixes and batch_size % 2:
-            raise ValueError(f"mixup/cutmix pair each image with another: batch_size must be even, "
-                             f"got {batch_size}")
-        self.transform = DeviceAugment(self.config, train=train, mean=self.info.mean,
-                                       std=self.info.std, num_classes=self.info.num_classes,
-                                       device=self.device, dtype=dtype)
+            raise ValueError(
+                f"mixup/cutmix pair each image with another: batch_size must be even, "
+                f"got {batch_size}"
+            )
+        self.transform = DeviceAugment(
+            self.config,
+            train=train,
+            mean=self.info.mean,
+            std=self.info.std,
+            num_classes=self.info.num_classes,
+            device=self.device,
+            dtype=dtype,
+        )
         self.epoch, self.start_batch = 0, 0
         if train:  # a shard too small for one batch is an error now, not at the first epoch
             self.order(0)
@@ -80,13 +104,24 @@ class CropLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def order(self, epoch: int | None = None) -> np.ndarray:
-        return epoch_order(self.info.num_samples, train=self.train, batch_size=self.batch_size,
-                           rank=self.rank, world_size=self.world_size, seed=self.seed,
-                           epoch=self.epoch if epoch is None else epoch)
+        return epoch_order(
+            self.info.num_samples,
+            train=self.train,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+        )
 
     def __len__(self) -> int:
-        return num_batches(self.info.num_samples, train=self.train, batch_size=self.batch_size,
-                           rank=self.rank, world_size=self.world_size)
+        return num_batches(
+            self.info.num_samples,
+            train=self.train,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         start = self.start_batch * self.batch_size
@@ -99,8 +134,11 @@ class CropLoader:
             # copies: engines may reuse their label buffers for the next batch
             labels = labels.reshape(-1).to(torch.int64, copy=True)
             crops, targets = self.transform(raw, labels)
-            batch = {"crops": crops, "labels": labels,
-                     "indices": torch.from_numpy(order[done:done + n]).to(self.device)}
+            batch = {
+                "crops": crops,
+                "labels": labels,
+                "indices": torch.from_numpy(order[done : done + n]).to(self.device),
+            }
             if targets is not None:
                 batch["targets"] = targets
             done += n
@@ -115,8 +153,10 @@ class CropLoader:
                 self.source.decode(int(index))
             except DatasetError as bad:
                 return bad
-        return DatasetError(f"{self.path}: the {self.engine} engine failed while reading samples "
-                            f"{[int(i) for i in indices[:8]]}: {err}")
+        return DatasetError(
+            f"{self.path}: the {self.engine} engine failed while reading samples "
+            f"{[int(i) for i in indices[:8]]}: {err}"
+        )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `order` (the epoch's order from batch `start_batch` on), in order: uint8

@@ -6,11 +6,12 @@ magnitude drawn from N(m, mstd) clipped to [0, mmax], signed ops negated with pr
 timm runs PIL on one image at a time in the loader's workers; here each op runs once per batch on
 the images that drew it, on float tensors holding 0-255 values, reproducing PIL's arithmetic
 (blends truncate, lookups are integer, geometry maps pixel centres as PIL's affine transform
-does, with its bicubic kernel, and fills with the dataset's mean colour). `tests/test_randaugment.py` checks each op against
-timm's own PIL implementation on real photos.
+does, with its bicubic kernel, and fills with the dataset's mean colour).
+`tests/test_randaugment.py` checks each op against timm's own PIL implementation on real photos.
 
 Random draws happen on the host (a few numbers per image), so the device never waits for them.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,12 +21,33 @@ import torch
 import torch.nn.functional as F
 
 OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
-_SIGNED = {"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-           "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+_SIGNED = {
+    "Rotate",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+}
 _LEVEL_DENOM = 10.0
 _TRANSLATE_PCT = 0.45
 
@@ -91,7 +113,8 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     idx = x.reshape(n, c, h * w).long().clamp(0, 255)
     return torch.zeros(n, c, 256, device=x.device, dtype=torch.long).scatter_add_(
-        2, idx, torch.ones_like(idx))
+        2, idx, torch.ones_like(idx)
+    )
 
 
 def auto_contrast(x, _level):
@@ -109,7 +132,9 @@ def equalize(x, _level):
     hist = _histogram(x)  # (n, 3, 256)
     total = hist.sum(-1, keepdim=True)
     levels = torch.arange(256, device=x.device)
-    last = levels.expand_as(hist).masked_fill(hist == 0, -1).amax(-1, keepdim=True)  # top level used
+    last = (
+        levels.expand_as(hist).masked_fill(hist == 0, -1).amax(-1, keepdim=True)
+    )  # top level used
     step = (total - hist.gather(-1, last.clamp(min=0))) // 255
     before = hist.cumsum(-1) - hist  # pixels below each level
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(0, 255)
@@ -161,8 +186,8 @@ def sharpness(x, factor):
 def _cubic_weight(t: torch.Tensor) -> torch.Tensor:
     """The cubic convolution kernel PIL's affine transforms use (a = -1)."""
     t = t.abs()
-    near = (1 - 2 * t**2 + t**3)
-    far = (4 - 8 * t + 5 * t**2 - t**3)
+    near = 1 - 2 * t**2 + t**3
+    far = 4 - 8 * t + 5 * t**2 - t**3
     return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
@@ -193,8 +218,11 @@ def _affine(x: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.
     # Coordinates in float64, as PIL computes them: whether a point 31.5 px away lands on the
     # image edge or just outside it must not depend on float32 rounding.
     f64 = torch.float64
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=f64) + 0.5,
-                            torch.arange(w, device=x.device, dtype=f64) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=f64) + 0.5,
+        torch.arange(w, device=x.device, dtype=f64) + 0.5,
+        indexing="ij",
+    )
     centres = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (H, W, 3)
     src = torch.einsum("nij,hwj->nhwi", matrix.to(f64), centres)  # (n, H, W, 2) pixels
     inside = (src[..., 0] >= 0) & (src[..., 0] < w) & (src[..., 1] >= 0) & (src[..., 1] < h)
@@ -243,7 +271,12 @@ def level_argument(name: str, magnitude: torch.Tensor, sign: torch.Tensor) -> to
     level = magnitude / _LEVEL_DENOM
     if name == "Rotate":
         return level * 30.0 * sign
-    if name.endswith("Increasing") and name[:-10] in ("Color", "Contrast", "Brightness", "Sharpness"):
+    if name.endswith("Increasing") and name[:-10] in (
+        "Color",
+        "Contrast",
+        "Brightness",
+        "Sharpness",
+    ):
         return 1.0 + level * 0.9 * sign
     if name == "PosterizeIncreasing":
         return 4 - torch.floor(level * 4)
@@ -258,15 +291,30 @@ def level_argument(name: str, magnitude: torch.Tensor, sign: torch.Tensor) -> to
     return level  # AutoContrast, Equalize, Invert take no argument
 
 
-_POINT = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
-          "PosterizeIncreasing": posterize, "SolarizeIncreasing": solarize, "SolarizeAdd": solarize_add,
-          "ColorIncreasing": color, "ContrastIncreasing": contrast,
-          "BrightnessIncreasing": brightness, "SharpnessIncreasing": sharpness}
-_GEOMETRIC = {"Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y,
-              "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel}
+_POINT = {
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Invert": invert,
+    "PosterizeIncreasing": posterize,
+    "SolarizeIncreasing": solarize,
+    "SolarizeAdd": solarize_add,
+    "ColorIncreasing": color,
+    "ContrastIncreasing": contrast,
+    "BrightnessIncreasing": brightness,
+    "SharpnessIncreasing": sharpness,
+}
+_GEOMETRIC = {
+    "Rotate": rotate,
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
+}
 
 
-def apply_op(name: str, x: torch.Tensor, argument: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def apply_op(
+    name: str, x: torch.Tensor, argument: torch.Tensor, fill: torch.Tensor
+) -> torch.Tensor:
     """One op on images x (n, 3, H, W) holding 0-255 values, with per-image arguments (n,)."""
     if name in _GEOMETRIC:
         return _GEOMETRIC[name](x, argument.double(), fill)
@@ -277,8 +325,11 @@ class RandAugment:
     """Batched RandAugment. `fill`: the colour geometric ops fill with (0-255, timm uses the
     dataset mean)."""
 
-    def __init__(self, config: RandAugmentConfig | str = "rand-m9-mstd0.5-inc1",
-                 fill: tuple[float, float, float] = (124, 116, 104)):
+    def __init__(
+        self,
+        config: RandAugmentConfig | str = "rand-m9-mstd0.5-inc1",
+        fill: tuple[float, float, float] = (124, 116, 104),
+    ):
         self.config = RandAugmentConfig.parse(config) if isinstance(config, str) else config
         self.fill = torch.tensor([float(round(v)) for v in fill])
 

@@ -4,6 +4,7 @@ Train: one permutation per (seed, epoch), cut into `world_size` disjoint equal s
 trimmed to whole batches, so every rank yields the same number of batches. Eval: rank r reads
 samples r, r + world_size, ... in order: across ranks every sample exactly once, no padding.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,16 @@ import math
 import numpy as np
 
 
-def epoch_order(num_samples: int, *, train: bool, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0, epoch: int = 0) -> np.ndarray:
+def epoch_order(
+    num_samples: int,
+    *,
+    train: bool,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+) -> np.ndarray:
     """The sample indices rank `rank` reads in `epoch`, in reading order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -21,15 +30,18 @@ def epoch_order(num_samples: int, *, train: bool, batch_size: int, rank: int = 0
     per_rank = num_samples // world_size
     batches = per_rank // batch_size
     if batches == 0:
-        raise ValueError(f"{num_samples} samples over {world_size} rank(s) give {per_rank} per rank: "
-                         f"not one full batch of {batch_size}")
+        raise ValueError(
+            f"{num_samples} samples over {world_size} rank(s) give {per_rank} per rank: "
+            f"not one full batch of {batch_size}"
+        )
     permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    shard = permutation[rank * per_rank:(rank + 1) * per_rank]
+    shard = permutation[rank * per_rank : (rank + 1) * per_rank]
     return shard[: batches * batch_size].astype(np.int64)
 
 
-def num_batches(num_samples: int, *, train: bool, batch_size: int, rank: int = 0,
-                world_size: int = 1) -> int:
+def num_batches(
+    num_samples: int, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1
+) -> int:
     if train:
         return (num_samples // world_size) // batch_size
     return math.ceil(len(range(rank, num_samples, world_size)) / batch_size)

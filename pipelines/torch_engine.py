@@ -6,6 +6,7 @@ is decoded once and cropped V times, as multi-crop code does. Each crop's random
 a seed of (seed, epoch, sample index, crop), never from which worker reads the sample or where
 the pass started, so a pass started at batch k repeats the uninterrupted pass's crops exactly.
 """
+
 from __future__ import annotations
 
 import io
@@ -80,22 +81,36 @@ class TorchLoader(CropLoader):
         cfg = self.config
         bicubic = T.InterpolationMode.BICUBIC
         if self.train:
-            transform = T.Compose([T.RandomResizedCrop(self.img_size, scale=cfg.scale, ratio=cfg.ratio,
-                                                       interpolation=bicubic),
-                                   T.RandomHorizontalFlip(cfg.hflip)])
+            transform = T.Compose(
+                [
+                    T.RandomResizedCrop(
+                        self.img_size, scale=cfg.scale, ratio=cfg.ratio, interpolation=bicubic
+                    ),
+                    T.RandomHorizontalFlip(cfg.hflip),
+                ]
+            )
         else:
-            transform = T.Compose([T.Resize(int(self.img_size / cfg.crop_pct), interpolation=bicubic),
-                                   T.CenterCrop(self.img_size)])
+            transform = T.Compose(
+                [
+                    T.Resize(int(self.img_size / cfg.crop_pct), interpolation=bicubic),
+                    T.CenterCrop(self.img_size),
+                ]
+            )
         self._sampler = _Order()
         self._crops = _Crops(self.source, self.crops, transform, random=self.train, seed=self.seed)
         self._loader = DataLoader(
-            self._crops, batch_size=self.batch_size,
-            sampler=self._sampler, drop_last=self.train, num_workers=self.num_workers,
+            self._crops,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            drop_last=self.train,
+            num_workers=self.num_workers,
             # new workers every pass: they copy the pass's epoch and order
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
             # the workers' base seed comes from here, not from the global generator, so starting
             # a pass draws nothing from the trainer's random streams
-            generator=torch.Generator().manual_seed(self.seed))
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order
@@ -103,5 +118,7 @@ class TorchLoader(CropLoader):
         with forking():  # the DataLoader forks its workers here
             batches = iter(self._loader)
         for crops, labels in batches:
-            yield (crops.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+            yield (
+                crops.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )

@@ -4,6 +4,7 @@ The method lives here: `models` (ViT + MAE decoder, FGCR masking), `objective` (
 are weighed), `optim` (AdamW groups and schedule), `training` (one training step and the training
 state) and `checkpoint` (atomic saves, safe loads).
 """
+
 from ssat.models import create_model, list_models
 
 __all__ = ["create_model", "list_models"]

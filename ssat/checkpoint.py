@@ -15,6 +15,7 @@ A save checks the free space first (the tensors' bytes plus a margin) and turns 
 fills during the write into the same `DiskSpaceError`, naming the file, the space needed and the
 space available; either way the previous file at that path is left as it was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     npy = state["numpy"]
     np.random.set_state(
-        (npy["name"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-         npy["cached_gaussian"])
+        (
+            npy["name"],
+            npy["keys"].cpu().numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
@@ -150,8 +156,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     needed, free = estimated_size(obj), shutil.disk_usage(path.parent).free
     unchanged = f"the previous {path.name}, if any, is unchanged"
     if needed > free:
-        raise DiskSpaceError(f"cannot save {path}: it needs about {_megabytes(needed)}, "
-                             f"{_megabytes(free)} available there; {unchanged}")
+        raise DiskSpaceError(
+            f"cannot save {path}: it needs about {_megabytes(needed)}, "
+            f"{_megabytes(free)} available there; {unchanged}"
+        )
     written = 0
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -163,9 +171,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except Exception as err:
         if not _no_space(err):
             raise
-        raise DiskSpaceError(f"cannot save {path}: the disk filled during the write; it needs "
-                             f"more than {_megabytes(max(needed, written))}, "
-                             f"{_megabytes(free)} were available; {unchanged}") from None
+        raise DiskSpaceError(
+            f"cannot save {path}: the disk filled during the write; it needs "
+            f"more than {_megabytes(max(needed, written))}, "
+            f"{_megabytes(free)} were available; {unchanged}"
+        ) from None
 
 
 def save_checkpoint(

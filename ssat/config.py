@@ -5,6 +5,7 @@ Flag names follow the published MAE / SSAT / FGCR scripts where they exist (`--b
 `--nb_classes`, `--lambda_weight`, `--sim_beta`, `--views`, ...). A YAML or JSON file given with
 `--config` sets values; flags on the command line override it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,31 +27,49 @@ def _flag(help: str, default: Any = None, **extra) -> Any:
 @dataclass
 class TrainConfig:
     # data
-    data_path: str = _flag("dataset name (digits, c10, pmnist, imagenet, ...) resolved to "
-                           "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them (with --pipeline "
-                           "dali also an image folder with train/ and val/ class folders)", "digits")
+    data_path: str = _flag(
+        "dataset name (digits, c10, pmnist, imagenet, ...) resolved to "
+        "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them (with --pipeline "
+        "dali also an image folder with train/ and val/ class folders)",
+        "digits",
+    )
     data_dir: str = _flag("folder of converted datasets", "data")
-    nb_classes: int | None = _flag("class count; taken from the metadata (a different value is an error)")
-    pipeline: str | None = _flag("loader engine: ffcv, dali (GPU JPEG decoding) or torch "
-                                 "(default: ffcv when installed)",
-                                 choices=PIPELINES)
+    nb_classes: int | None = _flag(
+        "class count; taken from the metadata (a different value is an error)"
+    )
+    pipeline: str | None = _flag(
+        "loader engine: ffcv, dali (GPU JPEG decoding) or torch (default: ffcv when installed)",
+        choices=PIPELINES,
+    )
     num_workers: int | None = _flag("loader threads/processes (default: all cores)")
     # model and method
     model: str = _flag("model name (ssat.models.list_models())", "mae_vit_tiny")
-    method: str | None = _flag("ssat, fgcr or scratch (default: scratch for vit_*, else ssat, or "
-                               "fgcr with --mask_views > 1)", choices=METHODS)
+    method: str | None = _flag(
+        "ssat, fgcr or scratch (default: scratch for vit_*, else ssat, or "
+        "fgcr with --mask_views > 1)",
+        choices=METHODS,
+    )
     img_size: int = _flag("input resolution", 224)
     patch_size: int = _flag("patch size", 16)
     mask_ratio: float = _flag("fraction of patches masked in each view", 0.75)
-    mask_views: int = _flag("r: disjoint mask views per image (FGCR; 1 = SSAT)", 1, aliases=("--views",))
-    crops: int = _flag("V: independently augmented crops of each image, decoded once (not mask views)", 1)
+    mask_views: int = _flag(
+        "r: disjoint mask views per image (FGCR; 1 = SSAT)", 1, aliases=("--views",)
+    )
+    crops: int = _flag(
+        "V: independently augmented crops of each image, decoded once (not mask views)", 1
+    )
     norm_pix_loss: bool = _flag("reconstruct per-patch normalised pixels", False)
-    global_pool: bool = _flag("classify the mean patch token through fc_norm (MAE's fine-tuning "
-                              "head) instead of the cls token (--cls_token: the cls token)", False,
-                              negations=("--cls_token",))
-    pos_embed: str | None = _flag("position embedding: sincos (fixed) or learned (default: learned "
-                                  "for the scratch baseline vit_*, as timm's ViT; sincos for mae_vit_*)",
-                                  choices=("sincos", "learned"))
+    global_pool: bool = _flag(
+        "classify the mean patch token through fc_norm (MAE's fine-tuning "
+        "head) instead of the cls token (--cls_token: the cls token)",
+        False,
+        negations=("--cls_token",),
+    )
+    pos_embed: str | None = _flag(
+        "position embedding: sincos (fixed) or learned (default: learned "
+        "for the scratch baseline vit_*, as timm's ViT; sincos for mae_vit_*)",
+        choices=("sincos", "learned"),
+    )
     lambda_weight: float = _flag("lam: weight of the classification loss", 0.1)
     sim_beta: float = _flag("beta: weight of the FGCR consistency loss", 0.001)
     drop_path: float = _flag("stochastic depth rate of the encoder", 0.0)
@@ -62,25 +81,35 @@ class TrainConfig:
     min_lr: float = _flag("final learning rate of the cosine schedule", 1e-6)
     warmup_epochs: float = _flag("linear warmup, in epochs (per step)", 5.0)
     weight_decay: float = _flag("AdamW weight decay (not on biases and norms)", 0.05)
-    layer_decay: float = _flag("layer-wise learning-rate decay of --finetune runs (MAE's rule: "
-                               "block i at layer_decay ** (depth - i)); 1 disables", 0.75)
+    layer_decay: float = _flag(
+        "layer-wise learning-rate decay of --finetune runs (MAE's rule: "
+        "block i at layer_decay ** (depth - i)); 1 disables",
+        0.75,
+    )
     smoothing: float = _flag("label smoothing", 0.1)
     mixup: float | None = _flag("mixup alpha (default: 0.8 for scratch, else 0)")
     cutmix: float | None = _flag("cutmix alpha (default: 1.0 for scratch, else 0)")
-    min_scale: float = _flag("smallest crop area of RandomResizedCrop (fraction of the image)", 0.08)
+    min_scale: float = _flag(
+        "smallest crop area of RandomResizedCrop (fraction of the image)", 0.08
+    )
     aa: str = _flag("RandAugment config, or 'none'", "rand-m9-mstd0.5-inc1")
     reprob: float = _flag("random erasing probability", 0.25)
-    amp: str | None = _flag("autocast dtype: bf16, fp16 or none (default: bf16 on CUDA, none on CPU)",
-                            choices=AMP)
+    amp: str | None = _flag(
+        "autocast dtype: bf16, fp16 or none (default: bf16 on CUDA, none on CPU)", choices=AMP
+    )
     compile: bool | None = _flag("torch.compile the model (default: on with CUDA)")
     # run
     output_dir: str = _flag("where config.json, log.jsonl and checkpoints go", "output")
-    resume: str = _flag("checkpoint to continue from, or 'auto' for <output_dir>/checkpoint-last.pth", "")
+    resume: str = _flag(
+        "checkpoint to continue from, or 'auto' for <output_dir>/checkpoint-last.pth", ""
+    )
     finetune: str = _flag("initialise from an MAE / timm / ssat checkpoint", "")
     eval: bool = _flag("only evaluate (with --resume) and print the result as JSON", False)
     seed: int = _flag("random seed", 0)
-    stop_after: int | None = _flag("end this invocation after this many epochs in all (the schedule "
-                                   "still spans --epochs; --resume auto continues)")
+    stop_after: int | None = _flag(
+        "end this invocation after this many epochs in all (the schedule "
+        "still spans --epochs; --resume auto continues)"
+    )
     save_every: int = _flag("also keep checkpoint-<epoch>.pth every N epochs (0: never)", 0)
     log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
     config: str = _flag("YAML or JSON file of these settings; command-line flags override it", "")
@@ -89,14 +118,22 @@ class TrainConfig:
         """Fill the defaults that depend on other settings, and check the combination."""
         scratch_model = self.model.startswith("vit_")
         if self.method is None:
-            self.method = "scratch" if scratch_model else ("fgcr" if self.mask_views > 1 else "ssat")
+            self.method = (
+                "scratch" if scratch_model else ("fgcr" if self.mask_views > 1 else "ssat")
+            )
         if self.method == "scratch" and not scratch_model:
-            raise ValueError(f"--method scratch trains an encoder alone: use --model "
-                             f"{self.model.removeprefix('mae_')}, not {self.model}")
+            raise ValueError(
+                f"--method scratch trains an encoder alone: use --model "
+                f"{self.model.removeprefix('mae_')}, not {self.model}"
+            )
         if self.method != "scratch" and scratch_model:
-            raise ValueError(f"--method {self.method} needs a decoder: use --model mae_{self.model}")
+            raise ValueError(
+                f"--method {self.method} needs a decoder: use --model mae_{self.model}"
+            )
         if self.method == "ssat" and self.mask_views != 1:
-            raise ValueError(f"--method ssat uses one mask view; got --mask_views {self.mask_views} (use fgcr)")
+            raise ValueError(
+                f"--method ssat uses one mask view; got --mask_views {self.mask_views} (use fgcr)"
+            )
         if self.method == "fgcr" and self.mask_views < 2:
             raise ValueError("--method fgcr needs --mask_views (--views) of 2 or more")
         if self.mixup is None:
@@ -122,15 +159,24 @@ class TrainConfig:
 
 # The run `python train.py` makes with no arguments: small, real, minutes on a laptop CPU. The
 # scans are 8x8, so crops keep at least a third of the digit.
-EMBEDDED_DEFAULT = dict(data_path="digits", model="mae_vit_tiny", img_size=32, patch_size=4,
-                        epochs=10, warmup_epochs=1, batch_size=64, min_scale=0.35,
-                        output_dir="output/demo")
+EMBEDDED_DEFAULT = dict(
+    data_path="digits",
+    model="mae_vit_tiny",
+    img_size=32,
+    patch_size=4,
+    epochs=10,
+    warmup_epochs=1,
+    batch_size=64,
+    min_scale=0.35,
+    output_dir="output/demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a ViT with the SSAT / FGCR auxiliary task, or the scratch baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
@@ -144,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
         parser.add_argument(*names, **kwargs)
         for negation in f.metadata.get("negations", ()):
-            parser.add_argument(negation, dest=f.name, action="store_false",
-                                help=f"the opposite of --{f.name}")
+            parser.add_argument(
+                negation, dest=f.name, action="store_false", help=f"the opposite of --{f.name}"
+            )
     return parser
 
 
@@ -168,7 +215,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded default."""
+    """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded
+    default."""
     parser = build_parser()
     if argv is not None and len(argv) == 0:
         parser.set_defaults(**EMBEDDED_DEFAULT)

@@ -1,4 +1,5 @@
 """Distributed setup from torchrun's environment alone; the same code runs as one process."""
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ The published FGCR code restores every view with the first view's unshuffle inde
 visible tokens of views 2..r at the positions of view 1's patches. Here each view carries its own
 slot table (`decoder_slots`), so every decoded token sits at its own patch position.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,7 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     k = int(num_patches * (1 - mask_ratio))
     if k < 1:
-        raise ValueError(
-            f"mask_ratio {mask_ratio} leaves no visible patch out of L={num_patches}"
-        )
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of L={num_patches}")
     return k
 
 

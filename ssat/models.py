@@ -17,6 +17,7 @@ baseline) does. `pos_embed='sincos'` or `'learned'` overrides either.
 
 The model computes the loss parts; `ssat.objective` weighs them.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -43,7 +44,13 @@ _SIZES = {
 _REGISTRY: dict[str, dict] = {}
 for _size, _dims in _SIZES.items():
     _enc = {k: v for k, v in _dims.items() if k != "decoder"}
-    _dec = dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), _dims["decoder"]))
+    _dec = dict(
+        zip(
+            ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"),
+            _dims["decoder"],
+            strict=True,
+        )
+    )
     _REGISTRY[f"mae_vit_{_size}"] = {**_enc, **_dec}
     _REGISTRY[f"vit_{_size}"] = _enc
 
@@ -110,8 +117,9 @@ class SSATViT(nn.Module):
         # Encoder. The sin-cos table (cls slot included) is fixed, or the start of a learned one.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None],
-                                      requires_grad=self.learned_pos_embed)
+        self.pos_embed = nn.Parameter(
+            sincos_2d(embed_dim, grid)[None], requires_grad=self.learned_pos_embed
+        )
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
         # Global pooling (MAE's fine-tuning head) classifies the mean patch token through
         # `fc_norm`; the final `norm` then serves only the decoder, and a model without one has
@@ -175,8 +183,11 @@ class SSATViT(nn.Module):
         patch embedding, cls token and position table first, block i next, everything else
         (norms, head, decoder) last. timm's own ViT matcher would put the final norm with the
         last block; MAE gives it the full rate."""
-        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)",
-                "rest": r"^norm|^fc_norm|^head|^decoder_|^mask_token"}
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)",
+            "rest": r"^norm|^fc_norm|^head|^decoder_|^mask_token",
+        }
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder + head weights: what timm's VisionTransformer (and a scratch model) load. With
@@ -215,8 +226,11 @@ class SSATViT(nn.Module):
         return self.head_logits(self.embed(images))
 
     # -------------------------------------------------------------------------- decoder
-    def decode(self, latent: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 1 + k, D) encoded visible tokens, (N, L) slots -> (N, L, p*p*C) pixels, (N, Dd) cls."""
+    def decode(
+        self, latent: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1 + k, D) encoded visible tokens, (N, L) slots -> (N, L, p*p*C) pixels and the
+        (N, Dd) decoder cls token."""
         x = self.decoder_embed(latent)  # (N, 1 + k, Dd)
         n, _, dim = x.shape
         # Visible tokens then one mask token; each patch position picks its slot, so every
@@ -230,7 +244,8 @@ class SSATViT(nn.Module):
         return self.decoder_pred(x[:, 1:]), x[:, 0]
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, L, p*p*C), MAE's patch layout (row-major patches, (p, q, c) inside)."""
+        """(B, C, H, W) -> (B, L, p*p*C), MAE's patch layout (row-major patches, (p, q, c)
+        inside)."""
         b, c, h, w = images.shape
         p = self.patch_size
         x = images.reshape(b, c, h // p, p, w // p, p)
@@ -296,8 +311,9 @@ class SSATViT(nn.Module):
         return pred.reshape(r, b, n, -1), dec_cls.reshape(r, b, -1), masks_from_ids(ids_vis, n)
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, mask_views: int = 1,
-                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, images: torch.Tensor, mask_views: int = 1, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's pictures: (r, B, C, H, W) reconstructions of r disjoint masked views, in
         the input's normalisation (per-patch statistics put back for norm_pix_loss models), and
         the (r, B, L) masks (True = hidden)."""
@@ -309,7 +325,9 @@ class SSATViT(nn.Module):
             mean, std = _patch_stats(self.patchify(images).float())
             pred = pred * std + mean
         r, b = mask.shape[:2]
-        return self.unpatchify(pred.reshape(r * b, *pred.shape[2:])).reshape(r, b, *images.shape[1:]), mask
+        return self.unpatchify(pred.reshape(r * b, *pred.shape[2:])).reshape(
+            r, b, *images.shape[1:]
+        ), mask
 
 
 def _patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +345,9 @@ def consistency_loss(cls_out: torch.Tensor, offdiag_weight: float = 0.005) -> to
     """
     r, b, _ = cls_out.shape
     if b < 2:
-        raise ValueError(f"the FGCR consistency loss standardises over the batch: needs B >= 2, got {b}")
+        raise ValueError(
+            f"the FGCR consistency loss standardises over the batch: needs B >= 2, got {b}"
+        )
     cls_out = cls_out.float()
     z = cls_out.mean(dim=0).detach()  # (B, Dd)
     z = (z - z.mean(dim=0)) / z.std(dim=0)
@@ -337,4 +357,3 @@ def consistency_loss(cls_out: torch.Tensor, offdiag_weight: float = 0.005) -> to
     on = (diag - 1).pow(2).sum(dim=-1)
     off = (corr + 1).pow(2).sum(dim=(1, 2)) - (diag + 1).pow(2).sum(dim=-1)
     return (on + offdiag_weight * off).mean()
-

@@ -3,6 +3,7 @@
 `lam` weighs the supervised task against the self-supervised one (0.1 in the papers); `beta`
 scales FGCR's consistency term (0.001). A scratch model (no decoder) is trained on L_cls alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,8 @@ def classification_loss(
         return F.cross_entropy(logits, targets, label_smoothing=smoothing)
     if targets.shape != logits.shape:
         raise ValueError(
-            f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
+            f"soft targets must have the logits' shape {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}"
         )
     return _soft_target_ce(logits, targets)
 

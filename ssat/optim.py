@@ -1,4 +1,5 @@
 """AdamW with the usual ViT parameter groups, and the per-step warmup + half-cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def create_optimizer(
     if layer_decay is None:
         groups = param_groups_weight_decay(model, weight_decay)
     else:
-        groups = param_groups_layer_decay(model, weight_decay, layer_decay=layer_decay,
-                                          no_weight_decay_list=FINETUNE_NO_DECAY)
+        groups = param_groups_layer_decay(
+            model, weight_decay, layer_decay=layer_decay, no_weight_decay_list=FINETUNE_NO_DECAY
+        )
     return torch.optim.AdamW(
         groups,
         lr=lr,
@@ -50,7 +52,9 @@ def scaled_lr(blr: float, global_batch: int) -> float:
     return blr * global_batch / 256
 
 
-def lr_at(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+def lr_at(
+    step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> float:
     """Linear warmup from 0 over `warmup_steps`, then half-cosine from base_lr to min_lr at
     `total_steps`. Per step, not per epoch."""
     if step < warmup_steps:

@@ -4,6 +4,7 @@ The first half of the channels encodes the column (x) coordinate, the second hal
 each half is `[sin(pos * w), cos(pos * w)]` with `w = 1 / 10000 ** (i / (D / 4))`. Matching MAE's
 layout exactly is what lets MAE checkpoints (which store these tables) load without a difference.
 """
+
 from __future__ import annotations
 
 import torch

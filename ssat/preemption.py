@@ -7,6 +7,7 @@ rank. `StopSignals.requested()` is the ranks' agreement: the largest signal numb
 seen, exchanged over the host group (a CPU tensor: the device is never waited on), so every rank
 stops after the same step. Alone, it only reads the flag.
 """
+
 from __future__ import annotations
 
 import signal

@@ -11,6 +11,7 @@ needs; `create_state` builds it from the config.
     set_lr(state.optimizer, state.lr())
     losses = step(batch)  # {'loss', 'cls', 'rec', 'fgc'}: detached scalars on the device
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -64,23 +65,36 @@ class TrainState:
 
     def lr(self) -> float:
         """The learning rate for the next step."""
-        return lr_at(self.step, base_lr=self.base_lr, min_lr=self.min_lr,
-                     warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+        return lr_at(
+            self.step,
+            base_lr=self.base_lr,
+            min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The model `cfg` names, on the CPU; a decoder model checks its mask views fit."""
-    model = create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size,
-                         patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-                         norm_pix_loss=cfg.norm_pix_loss, drop_path_rate=cfg.drop_path,
-                         global_pool=cfg.global_pool, pos_embed=cfg.pos_embed)
+    model = create_model(
+        cfg.model,
+        num_classes=num_classes,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        drop_path_rate=cfg.drop_path,
+        global_pool=cfg.global_pool,
+        pos_embed=cfg.pos_embed,
+    )
     if model.has_decoder:
         check_views(cfg.mask_views, model.num_visible, model.num_patches)
     return model
 
 
-def create_state(cfg: TrainConfig, model: nn.Module, dist_ctx: DistContext,
-                 steps_per_epoch: int) -> TrainState:
+def create_state(
+    cfg: TrainConfig, model: nn.Module, dist_ctx: DistContext, steps_per_epoch: int
+) -> TrainState:
     """Move `model` to the device (channels-last), give it its optimizer and scaler, and wrap
     what trains (torch.compile with --compile, DistributedDataParallel with several ranks)."""
     model = model.to(dist_ctx.device, memory_format=torch.channels_last)
@@ -91,14 +105,21 @@ def create_state(cfg: TrainConfig, model: nn.Module, dist_ctx: DistContext,
     if dist_ctx.enabled:
         cuda = dist_ctx.device.type == "cuda"
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dist_ctx.local_rank] if cuda else None)
+            train_model, device_ids=[dist_ctx.local_rank] if cuda else None
+        )
     return TrainState(
-        model=model, train_model=train_model,
-        optimizer=create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay,
-                                   layer_decay=layer_decay),
-        scaler=grad_scaler(cfg.amp, dist_ctx.device), base_lr=lr, min_lr=cfg.min_lr,
+        model=model,
+        train_model=train_model,
+        optimizer=create_optimizer(
+            model, lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay
+        ),
+        scaler=grad_scaler(cfg.amp, dist_ctx.device),
+        base_lr=lr,
+        min_lr=cfg.min_lr,
         warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-        total_steps=cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+        total_steps=cfg.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 class TrainStep:
@@ -108,10 +129,19 @@ class TrainStep:
     once per micro-batch, its loss divided by their number, then one `update`) and clipping in
     `update` (`scaler.unscale_`, then clip, then step). Nothing here waits for the device."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, *, mask_views: int | None, amp: str,
-                 device: torch.device, lam: float = 0.1, beta: float = 0.001,
-                 smoothing: float = 0.1):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        *,
+        mask_views: int | None,
+        amp: str,
+        device: torch.device,
+        lam: float = 0.1,
+        beta: float = 0.001,
+        smoothing: float = 0.1,
+    ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.mask_views = mask_views  # None: the scratch model (no decoder)
         self.amp, self.device = amp, device
@@ -120,10 +150,17 @@ class TrainStep:
     @classmethod
     def from_config(cls, cfg: TrainConfig, state: TrainState) -> "TrainStep":
         device = next(state.model.parameters()).device
-        return cls(state.train_model, state.optimizer, state.scaler,
-                   mask_views=None if cfg.method == "scratch" else cfg.mask_views, amp=cfg.amp,
-                   device=device, lam=cfg.lambda_weight, beta=cfg.sim_beta,
-                   smoothing=cfg.smoothing)
+        return cls(
+            state.train_model,
+            state.optimizer,
+            state.scaler,
+            mask_views=None if cfg.method == "scratch" else cfg.mask_views,
+            amp=cfg.amp,
+            device=device,
+            lam=cfg.lambda_weight,
+            beta=cfg.sim_beta,
+            smoothing=cfg.smoothing,
+        )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One step on a loader batch (`crops` (V, B, 3, H, W), `labels` (B,), optionally soft

@@ -5,6 +5,7 @@ renamed over the final path. A process killed mid-write leaves only its temporar
 the final file and the writer's pid; the next write of that file removes such leftovers whose
 writer is gone.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     final = Path(final)
     stale = []
     for path in final.parent.glob(f".{final.name}{_MARK}*.tmp"):
-        pid = path.name[len(f".{final.name}{_MARK}"):-len(".tmp")]
+        pid = path.name[len(f".{final.name}{_MARK}") : -len(".tmp")]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
         path.unlink(missing_ok=True)

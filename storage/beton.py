@@ -8,6 +8,7 @@ memory-maps the file, so the PyTorch and DALI engines need no ffcv, and the conv
 what they wrote through the same reader the loaders use. The checks at open time turn a missing,
 truncated or foreign file into one clear error naming the path, instead of a crash or a hang.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +20,19 @@ import numpy as np
 from storage import DatasetError
 
 FORMAT_VERSION = 2
-HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
-FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
-                 align=True)
+HEADER = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
+FIELD = np.dtype(
+    [("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True
+)
 ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 # An image's row in the sample table; `mode` is one of the storage modes below.
 IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
@@ -37,8 +47,10 @@ class Field(NamedTuple):
 
 
 # The two fields every converter writes, in the order it writes them.
-EXPECTED_FIELDS = (Field("image", 2, "RGBImageField", IMAGE_META),
-                   Field("label", 1, "IntField", np.dtype("<i8")))
+EXPECTED_FIELDS = (
+    Field("image", 2, "RGBImageField", IMAGE_META),
+    Field("label", 1, "IntField", np.dtype("<i8")),
+)
 
 
 class BetonFile:
@@ -48,8 +60,10 @@ class BetonFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.is_dir():
-            raise DatasetError(f"{self.path}: a folder, not a .beton file (only the dali engine "
-                               f"reads image folders; convert it with convert/imagenet_to_ffcv.py)")
+            raise DatasetError(
+                f"{self.path}: a folder, not a .beton file (only the dali engine "
+                f"reads image folders; convert it with convert/imagenet_to_ffcv.py)"
+            )
         if not self.path.is_file():
             raise DatasetError(f"{self.path}: no such dataset file")
         size = self.path.stat().st_size
@@ -57,16 +71,21 @@ class BetonFile:
             raise DatasetError(f"{self.path}: not a .beton file ({size} bytes)")
         header = np.fromfile(self.path, dtype=HEADER, count=1)[0]
         if header["version"] != FORMAT_VERSION:
-            raise DatasetError(f"{self.path}: not a .beton file of format version {FORMAT_VERSION} "
-                               f"(header says {header['version']})")
+            raise DatasetError(
+                f"{self.path}: not a .beton file of format version {FORMAT_VERSION} "
+                f"(header says {header['version']})"
+            )
         n, num_fields = int(header["num_samples"]), int(header["num_fields"])
         fields = np.fromfile(self.path, dtype=FIELD, count=num_fields, offset=HEADER.itemsize)
-        found = [(bytes(f["name"]).rstrip(b"\0").decode(errors="replace"), int(f["type_id"]))
-                 for f in fields]
+        found = [
+            (bytes(f["name"]).rstrip(b"\0").decode(errors="replace"), int(f["type_id"]))
+            for f in fields
+        ]
         if found != [(f.name, f.type_id) for f in EXPECTED_FIELDS]:
             expected = " and ".join(f"{f.name} ({f.ffcv_class})" for f in EXPECTED_FIELDS)
-            raise DatasetError(f"{self.path}: expected the fields {expected} that convert/ writes, "
-                               f"found {found}")
+            raise DatasetError(
+                f"{self.path}: expected the fields {expected} that convert/ writes, found {found}"
+            )
         row = np.dtype([(f.name, f.meta) for f in EXPECTED_FIELDS], align=True)
         start = HEADER.itemsize + fields.nbytes
         table_ptr = int(header["alloc_table_ptr"])
@@ -103,7 +122,7 @@ class BetonFile:
 
     def raw_bytes(self, i: int) -> np.ndarray:
         ptr = int(self.images["data_ptr"][i])
-        return self.data[ptr:ptr + int(self.nbytes[i])]
+        return self.data[ptr : ptr + int(self.nbytes[i])]
 
     def decode(self, i: int) -> np.ndarray:
         """Sample i as an (H, W, 3) uint8 RGB array; a sample that does not decode is an error
@@ -113,8 +132,9 @@ class BetonFile:
         data = self.raw_bytes(i)
         if meta["mode"] == RAW:
             if len(data) < height * width * 3:
-                raise DatasetError(f"{self.path}: sample {i} holds {len(data)} bytes, "
-                                   f"not {height}x{width}x3")
+                raise DatasetError(
+                    f"{self.path}: sample {i} holds {len(data)} bytes, not {height}x{width}x3"
+                )
             return np.array(data[: height * width * 3]).reshape(height, width, 3)
         image = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR)
         if image is None or image.shape != (height, width, 3):

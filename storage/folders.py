@@ -4,6 +4,7 @@ The converter that turns such a folder into a .beton and the DALI engine that re
 both list it here, so the two agree: sample i of the folder is sample i of the .beton converted
 from it. Files are sorted as torchvision's ImageFolder sorts them.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,11 @@ def _images_under(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found += [
+            Path(dirpath, f)
+            for f in filenames
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -41,8 +45,10 @@ def class_folders(root: Path) -> list[Path]:
         loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
         hint = "no class folders"
         if loose:
-            hint = (f"it holds {len(loose)} images but no class folders: arrange them as "
-                    f"<class>/<image> (for ImageNet's val: valprep.sh)")
+            hint = (
+                f"it holds {len(loose)} images but no class folders: arrange them as "
+                f"<class>/<image> (for ImageNet's val: valprep.sh)"
+            )
         raise DatasetError(f"{root}: {hint}")
     return folders
 
@@ -56,15 +62,17 @@ def list_image_folder(root: Path, class_names: list[str] | None = None) -> Folde
         class_names = names
     unknown = sorted(set(names) - set(class_names))
     if unknown:
-        raise DatasetError(f"{root}: class folders not in the train split: "
-                           f"{', '.join(unknown[:5])}")
+        raise DatasetError(
+            f"{root}: class folders not in the train split: {', '.join(unknown[:5])}"
+        )
     index = {name: i for i, name in enumerate(class_names)}
     files, labels = [], []
     for folder in folders:
         images = _images_under(folder)
         if not images:
-            raise DatasetError(f"{folder}: empty class folder "
-                               f"(no {'/'.join(IMAGE_EXTENSIONS)} files)")
+            raise DatasetError(
+                f"{folder}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)"
+            )
         files += images
         labels += [index[folder.name]] * len(images)
     return FolderListing(files, np.asarray(labels, dtype=np.int64), class_names)

@@ -8,6 +8,7 @@ freezes the parent's objects (`gc.freeze`, as Python's documentation advises bef
 constant-time step), so that a child's collector never looks at them, and unfreezes them in the
 parent afterwards, whose own collector then finalises its garbage as usual.
 """
+
 from __future__ import annotations
 
 import gc

@@ -6,6 +6,7 @@ One schema and one set of checks serve both sides: a converter builds the dict w
 same checks `open_dataset` runs when a loader opens the pair, so a converter never writes
 metadata that a loader would refuse. A missing or inconsistent file is an error naming its path.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,20 @@ def metadata_path(beton: str | Path) -> Path:
     return Path(beton).with_suffix(".json")
 
 
-def build_metadata(*, dataset: str, split: str, labels: np.ndarray, class_names: Sequence[str],
-                   mean: list[float], std: list[float], stats_split: str, storage: dict,
-                   source: str, skipped: list[dict], converter_version: str) -> dict:
+def build_metadata(
+    *,
+    dataset: str,
+    split: str,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    mean: list[float],
+    std: list[float],
+    stats_split: str,
+    storage: dict,
+    source: str,
+    skipped: list[dict],
+    converter_version: str,
+) -> dict:
     """The metadata of one written split. `labels`: (N,) the labels of the samples written;
     `mean`/`std`: 0-255 channel statistics of split `stats_split`; `storage`: how the images were
     written (write mode, resolution, quality), to which the layout's fields are added."""
@@ -64,8 +76,9 @@ def read_metadata(path: str | Path) -> dict:
     """The metadata at `path` (a `.json` beside a .beton), parsed but not yet checked."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: metadata missing "
-                           f"(every converter writes it beside the .beton)")
+        raise DatasetError(
+            f"{path}: metadata missing (every converter writes it beside the .beton)"
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -79,22 +92,33 @@ def check_metadata(meta: dict, beton: BetonFile, where: str | Path) -> DatasetIn
     if missing:
         raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}")
     if meta["num_samples"] != beton.num_samples:
-        raise DatasetError(f"{where}: num_samples is {meta['num_samples']} but {beton.path} "
-                           f"holds {beton.num_samples} samples")
+        raise DatasetError(
+            f"{where}: num_samples is {meta['num_samples']} but {beton.path} "
+            f"holds {beton.num_samples} samples"
+        )
     if len(meta["class_names"]) != meta["num_classes"]:
-        raise DatasetError(f"{where}: {len(meta['class_names'])} class_names for num_classes "
-                           f"{meta['num_classes']}")
+        raise DatasetError(
+            f"{where}: {len(meta['class_names'])} class_names for num_classes {meta['num_classes']}"
+        )
     labels = beton.labels
     if beton.num_samples and (labels.min() < 0 or labels.max() >= meta["num_classes"]):
-        raise DatasetError(f"{beton.path}: labels {labels.min()}..{labels.max()} "
-                           f"outside the {meta['num_classes']} classes of {where}")
+        raise DatasetError(
+            f"{beton.path}: labels {labels.min()}..{labels.max()} "
+            f"outside the {meta['num_classes']} classes of {where}"
+        )
     for key in ("mean", "std"):
         if len(meta[key]) != 3:
-            raise DatasetError(f"{where}: field {key} should hold 3 channel values, "
-                               f"got {meta[key]}")
-    return DatasetInfo(beton.path, beton.num_samples, int(meta["num_classes"]),
-                       tuple(meta["class_names"]), tuple(float(v) for v in meta["mean"]),
-                       tuple(float(v) for v in meta["std"]))
+            raise DatasetError(
+                f"{where}: field {key} should hold 3 channel values, got {meta[key]}"
+            )
+    return DatasetInfo(
+        beton.path,
+        beton.num_samples,
+        int(meta["num_classes"]),
+        tuple(meta["class_names"]),
+        tuple(float(v) for v in meta["mean"]),
+        tuple(float(v) for v in meta["std"]),
+    )
 
 
 def open_dataset(path: str | Path) -> tuple[BetonFile, DatasetInfo]:

@@ -29,14 +29,19 @@ def small_disk(tmp_path):
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
         try:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                   str(folder)], capture_output=True, text=True)
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                capture_output=True,
+                text=True,
+            )
             refused = done.returncode != 0 and (done.stderr.strip() or f"status {done.returncode}")
         except OSError as err:
             refused = str(err)
         if refused:
-            pytest.skip(f"needs a small filesystem, and mounting a tmpfs is not permitted here "
-                        f"({refused}; it takes root or CAP_SYS_ADMIN)")
+            pytest.skip(
+                f"needs a small filesystem, and mounting a tmpfs is not permitted here "
+                f"({refused}; it takes root or CAP_SYS_ADMIN)"
+            )
         mounted.append(folder)
         return folder
 

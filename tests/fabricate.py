@@ -4,6 +4,7 @@ Each function writes a source under `root` and returns what a correct conversion
 `{split: (images (N, H, W, 3) uint8, labels (N,) int64)}` in the order the converter writes them.
 Photos are crops of scikit-learn's bundled photos (real content, no download).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 from PIL import Image
-
 from sklearn.datasets import load_sample_images
 
 PHOTO_SIZE = (40, 32)  # (width, height) of fabricated photos
@@ -29,7 +29,7 @@ def photos(count: int, seed: int) -> np.ndarray:
         photo = sources[rng.integers(len(sources))]
         top = rng.integers(0, photo.shape[0] - height)
         left = rng.integers(0, photo.shape[1] - width)
-        out.append(photo[top:top + height, left:left + width])
+        out.append(photo[top : top + height, left : left + width])
     return np.stack(out)
 
 
@@ -88,12 +88,14 @@ def svhn(root: Path, counts=(12, 7), seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     expected = {}
-    for split, n in zip(("train", "test"), counts):
+    for split, n in zip(("train", "test"), counts, strict=True):
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         digits = np.arange(n) % 10  # every digit, 0 included
         stored = np.where(digits == 0, 10, digits)  # SVHN writes the digit 0 as label 10
-        scipy.io.savemat(root / f"{split}_32x32.mat",
-                         {"X": images.transpose(1, 2, 3, 0), "y": stored.reshape(-1, 1)})
+        scipy.io.savemat(
+            root / f"{split}_32x32.mat",
+            {"X": images.transpose(1, 2, 3, 0), "y": stored.reshape(-1, 1)},
+        )
         expected[split] = (images, digits)
     return expected
 
@@ -108,7 +110,9 @@ def flowers(root: Path, seed: int = 0) -> dict:
     scipy.io.savemat(root / "imagelabels.mat", {"labels": official.reshape(1, -1)})
     ids = {"trnid": [1, 4, 7, 10, 2], "valid": [5, 8, 11], "tstid": [3, 6, 9, 12]}
     scipy.io.savemat(root / "setid.mat", {k: np.array(v).reshape(1, -1) for k, v in ids.items()})
-    decoded = np.stack([np.asarray(Image.open(root / "jpg" / f"image_{i + 1:05d}.jpg")) for i in range(n)])
+    decoded = np.stack(
+        [np.asarray(Image.open(root / "jpg" / f"image_{i + 1:05d}.jpg")) for i in range(n)]
+    )
     expected = {}
     for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
         idx = np.array(ids[key]) - 1

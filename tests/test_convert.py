@@ -4,6 +4,7 @@ Raw-stored pixels must come back exactly; JPEG-stored ones within JPEG_MEAN_ERRO
 difference on the 0-255 scale: the cost of re-encoding small, detailed photo crops at quality
 90 with 4:2:0 chroma subsampling, measured at about 3) and JPEG_MAX_ERROR.
 """
+
 import hashlib
 import importlib
 import json
@@ -28,8 +29,20 @@ from storage.beton import BetonFile
 
 JPEG_MEAN_ERROR = 4.0
 JPEG_MAX_ERROR = 60
-REQUIRED_META = {"dataset", "split", "num_samples", "num_classes", "class_names", "class_counts",
-                 "mean", "std", "storage", "source", "skipped", "converter_version"}
+REQUIRED_META = {
+    "dataset",
+    "split",
+    "num_samples",
+    "num_classes",
+    "class_names",
+    "class_counts",
+    "mean",
+    "std",
+    "storage",
+    "source",
+    "skipped",
+    "converter_version",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +52,14 @@ def convert(script: str, *argv) -> int:
 
 
 def read_back(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    loader = Loader(str(path), batch_size=64, order=OrderOption.SEQUENTIAL, num_workers=1, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    loader = Loader(
+        str(path),
+        batch_size=64,
+        order=OrderOption.SEQUENTIAL,
+        num_workers=1,
+        drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
     images, labels = [], []
     for batch_images, batch_labels in loader:  # ffcv reuses its buffers: copy
         images.append(np.array(batch_images))
@@ -66,7 +85,10 @@ def check(out_dir: Path, name: str, expected: dict, *, exact: bool, num_classes:
         if exact:
             assert diff.max() == 0, f"{split}: raw pixels differ"
         else:
-            assert diff.mean() < JPEG_MEAN_ERROR and diff.max() < JPEG_MAX_ERROR, (diff.mean(), diff.max())
+            assert diff.mean() < JPEG_MEAN_ERROR and diff.max() < JPEG_MAX_ERROR, (
+                diff.mean(),
+                diff.max(),
+            )
         metas[split] = meta
     train = expected.get("train")
     if train is not None:  # mean/std from the written train pixels, carried by every split
@@ -84,17 +106,42 @@ def check(out_dir: Path, name: str, expected: dict, *, exact: bool, num_classes:
 def test_imagenet_image_folder(tmp_path):
     expected = fabricate.image_folder(tmp_path / "src", {"train": 4, "valid": 2})
     expected["val"] = expected.pop("valid")  # valid/ is the val split
-    assert convert("imagenet", "--src", tmp_path / "src", "--out_dir", tmp_path / "out", "--name", "folders") == 0
+    assert (
+        convert(
+            "imagenet",
+            "--src",
+            tmp_path / "src",
+            "--out_dir",
+            tmp_path / "out",
+            "--name",
+            "folders",
+        )
+        == 0
+    )
     metas = check(tmp_path / "out", "folders", expected, exact=False, num_classes=3)
     assert metas["train"]["class_names"] == ["class_0", "class_1", "class_2"]
-    assert metas["train"]["storage"] == {"write_mode": "jpg", "max_resolution": 256, "jpeg_quality": 90,
-                                         "fields": {"image": "RGBImageField", "label": "IntField"}}
+    assert metas["train"]["storage"] == {
+        "write_mode": "jpg",
+        "max_resolution": 256,
+        "jpeg_quality": 90,
+        "fields": {"image": "RGBImageField", "label": "IntField"},
+    }
 
 
 def test_single_split_folder_in_raw_mode_is_exact(tmp_path):
     expected = fabricate.image_folder(tmp_path, {"val": 3})
-    assert convert("imagenet", "--src", tmp_path / "val", "--out_dir", tmp_path / "out",
-                   "--write_mode", "raw") == 0
+    assert (
+        convert(
+            "imagenet",
+            "--src",
+            tmp_path / "val",
+            "--out_dir",
+            tmp_path / "out",
+            "--write_mode",
+            "raw",
+        )
+        == 0
+    )
     check(tmp_path / "out", "imagenet", expected, exact=True, num_classes=3)
 
 
@@ -117,9 +164,18 @@ def test_flowers102_with_and_without_merged_val(tmp_path):
     assert convert("flowers102", "--src", tmp_path / "fl", "--out_dir", tmp_path / "out") == 0
     metas = check(tmp_path / "out", "flowers102", expected, exact=False, num_classes=102)
     assert metas["test"]["class_names"][101] == "102"
-    merged = {"train": tuple(np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"])),
-              "test": expected["test"]}
-    assert convert("flowers102", "--src", tmp_path / "fl", "--out_dir", tmp_path / "merged", "--merge_val") == 0
+    merged = {
+        "train": tuple(
+            np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"], strict=True)
+        ),
+        "test": expected["test"],
+    }
+    assert (
+        convert(
+            "flowers102", "--src", tmp_path / "fl", "--out_dir", tmp_path / "merged", "--merge_val"
+        )
+        == 0
+    )
     check(tmp_path / "merged", "flowers102", merged, exact=False, num_classes=102)
     assert not (tmp_path / "merged" / "flowers102_val.beton").exists()
 
@@ -129,7 +185,12 @@ def test_domainnet(tmp_path):
     assert convert("domainnet", "--src", tmp_path / "dn", "--out_dir", tmp_path / "out") == 0
     metas = check(tmp_path / "out", "domainnet_clipart", expected, exact=False, num_classes=345)
     names = metas["train"]["class_names"]
-    assert (names[0], names[7], names[344], names[5]) == ("aircraft_carrier", "apple", "zigzag", "class_5")
+    assert (names[0], names[7], names[344], names[5]) == (
+        "aircraft_carrier",
+        "apple",
+        "zigzag",
+        "class_5",
+    )
 
 
 def test_chaoyang(tmp_path):
@@ -138,8 +199,10 @@ def test_chaoyang(tmp_path):
     check(tmp_path / "out", "chaoyang", expected, exact=False, num_classes=4)
 
 
-@pytest.mark.parametrize("flag, name, size, rgb", [("pneumoniamnist", "pmnist", 28, False),
-                                                   ("bloodmnist", "bloodmnist", 64, True)])
+@pytest.mark.parametrize(
+    "flag, name, size, rgb",
+    [("pneumoniamnist", "pmnist", 28, False), ("bloodmnist", "bloodmnist", 64, True)],
+)
 def test_medmnist(tmp_path, flag, name, size, rgb):
     classes = len(INFO[flag]["label"])
     expected = fabricate.medmnist(tmp_path / "npz", flag, size, rgb, classes)
@@ -147,8 +210,12 @@ def test_medmnist(tmp_path, flag, name, size, rgb):
     assert convert("medmnist", *args, "--out_dir", tmp_path / "out") == 0
     metas = check(tmp_path / "out", name, expected, exact=True, num_classes=classes)
     assert metas["val"]["class_names"] == [INFO[flag]["label"][str(i)] for i in range(classes)]
-    merged = {"train": tuple(np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"])),
-              "test": expected["test"]}
+    merged = {
+        "train": tuple(
+            np.concatenate([a, b]) for a, b in zip(expected["train"], expected["val"], strict=True)
+        ),
+        "test": expected["test"],
+    }
     assert convert("medmnist", *args, "--merge_val", "--out_dir", tmp_path / "merged") == 0
     check(tmp_path / "merged", name, merged, exact=True, num_classes=classes)
 
@@ -161,32 +228,69 @@ def test_digits_is_real_stratified_and_fixed(tmp_path):
     assert len(train[1]) + len(test[1]) == len(digits.target) == 1797
     assert len(test[1]) == 450
     # stratified: each class's share of the test split matches its share of the data
-    np.testing.assert_allclose(np.bincount(test[1]) / 450, np.bincount(digits.target) / 1797, atol=0.01)
+    np.testing.assert_allclose(
+        np.bincount(test[1]) / 450, np.bincount(digits.target) / 1797, atol=0.01
+    )
     # real pixels: every written image is one of the scans, scaled 0..16 -> 0..255
-    scans = {np.rint(im * 255 / 16).astype(np.uint8).tobytes(): t for im, t in zip(digits.images, digits.target)}
-    for image, label in zip(*test):
-        assert image.shape == (8, 8, 3) and scans[np.ascontiguousarray(image[..., 0]).tobytes()] == label
+    scans = {
+        np.rint(im * 255 / 16).astype(np.uint8).tobytes(): t
+        for im, t in zip(digits.images, digits.target, strict=True)
+    }
+    for image, label in zip(*test, strict=True):
+        assert (
+            image.shape == (8, 8, 3)
+            and scans[np.ascontiguousarray(image[..., 0]).tobytes()] == label
+        )
     for split in ("train", "test"):  # fixed: a second run writes the same samples
-        assert np.array_equal(read_back(tmp_path / "b" / f"digits_{split}.beton")[1],
-                              (train if split == "train" else test)[1])
+        assert np.array_equal(
+            read_back(tmp_path / "b" / f"digits_{split}.beton")[1],
+            (train if split == "train" else test)[1],
+        )
 
 
 def test_limit_writes_a_fixed_subset(tmp_path):
     expected = fabricate.svhn(tmp_path / "svhn", counts=(30, 7))
-    assert convert("svhn", "--src", tmp_path / "svhn", "--out_dir", tmp_path / "out", "--limit", 5,
-                   "--split", "train") == 0
+    assert (
+        convert(
+            "svhn",
+            "--src",
+            tmp_path / "svhn",
+            "--out_dir",
+            tmp_path / "out",
+            "--limit",
+            5,
+            "--split",
+            "train",
+        )
+        == 0
+    )
     images, labels = read_back(tmp_path / "out" / "svhn_train.beton")
     assert len(labels) == 5 and not (tmp_path / "out" / "svhn_test.beton").exists()
     # each written sample is a source sample, in source order
-    index = [next(i for i, im in enumerate(expected["train"][0]) if np.array_equal(im, x)) for x in images]
+    index = [
+        next(i for i, im in enumerate(expected["train"][0]) if np.array_equal(im, x))
+        for x in images
+    ]
     assert index == sorted(index) and np.array_equal(expected["train"][1][index], labels)
 
 
 def test_verify_reads_the_file_back_as_the_loaders_do(tmp_path):
     """Before a split is renamed into place, the loaders' reader must accept it and the metadata
     about to be written beside it, decode its first and last samples and find their labels."""
-    assert convert("digits", "--out_dir", tmp_path, "--split", "train", "--limit", 20,
-                   "--write_mode", "jpg") == 0
+    assert (
+        convert(
+            "digits",
+            "--out_dir",
+            tmp_path,
+            "--split",
+            "train",
+            "--limit",
+            20,
+            "--write_mode",
+            "jpg",
+        )
+        == 0
+    )
     path = tmp_path / "digits_train.beton"
     meta = json.loads(path.with_suffix(".json").read_text())
     beton = BetonFile(path)
@@ -197,7 +301,7 @@ def test_verify_reads_the_file_back_as_the_loaders_do(tmp_path):
         verify(path, beton.labels, {**meta, "num_classes": 2, "class_names": ["0", "1"]})
     data = bytearray(path.read_bytes())
     start = int(beton.images["data_ptr"][0])
-    data[start:start + 16] = bytes(16)  # the first JPEG's header
+    data[start : start + 16] = bytes(16)  # the first JPEG's header
     broken = tmp_path / "broken.beton"
     broken.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match="sample 0 is not a decodable"):
@@ -214,8 +318,12 @@ def _bad_image_folder(root: Path) -> dict[str, str]:
     (folder / "b_empty.jpg").write_bytes(b"")
     (folder / "c_text.jpg").write_text("not an image\n")
     (folder / "d_garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
-    return {"a_truncated.JPEG": "truncated", "b_empty.jpg": "empty file",
-            "c_text.jpg": "cannot identify", "d_garbage.png": ""}
+    return {
+        "a_truncated.JPEG": "truncated",
+        "b_empty.jpg": "empty file",
+        "c_text.jpg": "cannot identify",
+        "d_garbage.png": "",
+    }
 
 
 def _digest(path: Path) -> str:
@@ -230,10 +338,11 @@ def test_bad_files_fail_with_one_message_and_keep_the_old_file(tmp_path, capsys)
     _bad_image_folder(tmp_path / "bad")
     capsys.readouterr()
     assert convert("imagenet", "--src", tmp_path / "bad", "--out_dir", out, "--name", "x") == 1
-    err = [line for line in capsys.readouterr().err.splitlines()
-           if line.strip() and "it/s" not in line]  # leave out tqdm's bar
+    err = [
+        line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line
+    ]  # leave out tqdm's bar
     assert len(err) == 1 and err[0].startswith("error: ")
-    path, reason = err[0][len("error: "):].split(": ", 1)
+    path, reason = err[0][len("error: ") :].split(": ", 1)
     assert path.endswith("a_truncated.JPEG") and "truncated" in reason.lower()
     assert _digest(out / "x_train.beton") == old  # the older good file is untouched
     assert sorted(os.listdir(out)) == ["x_train.beton", "x_train.json"]  # no temporary left
@@ -242,7 +351,9 @@ def test_bad_files_fail_with_one_message_and_keep_the_old_file(tmp_path, capsys)
 def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
     reasons = _bad_image_folder(tmp_path / "bad")
     out = tmp_path / "out"
-    assert convert("imagenet", "--src", tmp_path / "bad", "--out_dir", out, "--on_error", "skip") == 0
+    assert (
+        convert("imagenet", "--src", tmp_path / "bad", "--out_dir", out, "--on_error", "skip") == 0
+    )
     stdout = capsys.readouterr().out
     assert "skipped 4 bad files" in stdout
     meta = json.loads((out / "imagenet_train.json").read_text())
@@ -278,20 +389,33 @@ def _structural_cases(root: Path):
         src = root / f"cy_{case}"
         fabricate.chaoyang(src)
         (src / "test.json").write_text(json.dumps(entries))
-        message = {"empty": "split 'test' has no samples", "label": "label 9 is outside the class range",
-                   "absolute": "leads outside the source root", "dotdot": "leads outside the source root"}[case]
+        message = {
+            "empty": "split 'test' has no samples",
+            "label": "label 9 is outside the class range",
+            "absolute": "leads outside the source root",
+            "dotdot": "leads outside the source root",
+        }[case]
         cases.append(("chaoyang", ["--src", src], message))
     # a list naming a missing file
     fabricate.domainnet(root / "dn")
     with open(root / "dn" / "clipart_test.txt", "a") as f:
         f.write("clipart/apple/missing.jpg 7\n")
-    cases.append(("domainnet", ["--src", root / "dn"], "missing, first: " + str(root / "dn" / "clipart" / "apple" / "missing.jpg")))
+    cases.append(
+        (
+            "domainnet",
+            ["--src", root / "dn"],
+            "missing, first: " + str(root / "dn" / "clipart" / "apple" / "missing.jpg"),
+        )
+    )
     # malformed array sources
     fabricate.cifar(root / "cf", "c10")
     import pickle
+
     with open(root / "cf" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, f)
-    cases.append(("cifar", ["--name", "c10", "--src", root / "cf"], "data_batch_3: missing field b'labels'"))
+    cases.append(
+        ("cifar", ["--name", "c10", "--src", root / "cf"], "data_batch_3: missing field b'labels'")
+    )
     return cases
 
 
@@ -323,12 +447,19 @@ def test_killed_conversion_leaves_no_final_file_and_cleans_up_next_time(tmp_path
     old = _digest(out / "imagenet_train.beton")
     shm = Path("/dev/shm")
     shm_before = set(os.listdir(shm)) if shm.is_dir() else set()
-    proc = subprocess.Popen([sys.executable, "-c", _KILL, *argv], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL, *argv],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not any(p.name.endswith(".tmp") for p in out.iterdir()):
-            assert time.time() < deadline and proc.poll() is None, "the conversion never started writing"
+            assert time.time() < deadline and proc.poll() is None, (
+                "the conversion never started writing"
+            )
             time.sleep(0.02)
         time.sleep(0.3)
     finally:
@@ -339,7 +470,10 @@ def test_killed_conversion_leaves_no_final_file_and_cleans_up_next_time(tmp_path
             if name.startswith("psm_"):
                 (shm / name).unlink(missing_ok=True)
     names = sorted(os.listdir(out))
-    assert [n for n in names if not n.endswith(".tmp")] == ["imagenet_train.beton", "imagenet_train.json"]
+    assert [n for n in names if not n.endswith(".tmp")] == [
+        "imagenet_train.beton",
+        "imagenet_train.json",
+    ]
     assert _digest(out / "imagenet_train.beton") == old
     assert any(n.endswith(".tmp") for n in names)  # what a SIGKILL leaves behind
     assert convert("imagenet", *argv[:4], "--limit", "20") == 0

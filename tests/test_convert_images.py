@@ -1,4 +1,5 @@
 """Images as they come in the wild -> correct RGB, or a BadImage that says why."""
+
 import io
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_cmyk_jpeg(tmp_path, photo):
 
 
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
-    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040  # 0 .. 65520
     img = Image.fromarray(ramp)
     assert img.mode.startswith("I;16")
     out = load_rgb(_save(img, tmp_path / "i16.png"))

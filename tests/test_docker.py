@@ -1,4 +1,5 @@
 """The Dockerfile: hadolint-clean, and built from the same setup step and requirements as `make`."""
+
 import re
 import shutil
 import subprocess
@@ -18,8 +19,9 @@ def _hadolint() -> str:
 
 
 def test_hadolint_passes():
-    result = subprocess.run([_hadolint(), "--no-color", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -2,6 +2,7 @@
 steps, fused AdamW on CUDA, and the trainer on a GPU. Skipped without CUDA; the parts that need
 ffcv (which writes the test data) or DALI are skipped where those are not installed, so this
 file also runs on a machine that has torch alone."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -16,7 +17,9 @@ from ssat.optim import create_optimizer
 pytestmark = pytest.mark.gpu
 HAS_FFCV = importlib.util.find_spec("ffcv") is not None
 HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
-needs_ffcv = pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (it writes the test data)")
+needs_ffcv = pytest.mark.skipif(
+    not HAS_FFCV, reason="ffcv is not installed (it writes the test data)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,21 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("gpu")
     make_image_folder(root / "photos" / "train", classes=3, per_class=20, size=(160, 120))
-    assert convert_folders(["--src", str(root / "photos"), "--out_dir", str(root), "--name", "photos",
-                            "--num_workers", "2"]) == 0
+    assert (
+        convert_folders(
+            [
+                "--src",
+                str(root / "photos"),
+                "--out_dir",
+                str(root),
+                "--name",
+                "photos",
+                "--num_workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert convert_digits(["--out_dir", str(root), "--limit", "320", "--num_workers", "2"]) == 0
     return {"photos": root / "photos_train.beton", "digits": root}
 
@@ -38,8 +54,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def _eval_crops(engine: str, path: Path, device: str) -> torch.Tensor:
     from pipelines import create_loader
 
-    loader = create_loader(engine, path, train=False, batch_size=16, img_size=64, device=device,
-                           num_workers=2)
+    loader = create_loader(
+        engine, path, train=False, batch_size=16, img_size=64, device=device, num_workers=2
+    )
     crops = []
     for batch in loader:
         assert batch["crops"].device.type == device
@@ -50,9 +67,14 @@ def _eval_crops(engine: str, path: Path, device: str) -> torch.Tensor:
 
 @needs_ffcv
 def test_ffcv_to_device(data):
-    """The ffcv engine's batches arrive on the GPU equal to its CPU batches (eval is deterministic)."""
-    torch.testing.assert_close(_eval_crops("ffcv", data["photos"], "cuda"),
-                               _eval_crops("ffcv", data["photos"], "cpu"), atol=1e-4, rtol=0)
+    """The ffcv engine's batches arrive on the GPU equal to its CPU batches (eval is
+    deterministic)."""
+    torch.testing.assert_close(
+        _eval_crops("ffcv", data["photos"], "cuda"),
+        _eval_crops("ffcv", data["photos"], "cpu"),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed")
@@ -60,10 +82,21 @@ def test_dali_decodes_on_the_gpu(data):
     """`mixed` decoding (nvJPEG) gives the CPU decoder's eval crops, on the GPU."""
     from pipelines import create_loader
 
-    gpu, cpu = _eval_crops("dali", data["photos"], "cuda"), _eval_crops("dali", data["photos"], "cpu")
+    gpu, cpu = (
+        _eval_crops("dali", data["photos"], "cuda"),
+        _eval_crops("dali", data["photos"], "cpu"),
+    )
     assert (gpu - cpu).abs().mean() < 0.05
-    train = create_loader("dali", data["photos"], train=True, batch_size=16, img_size=32, crops=3,
-                          device="cuda", num_workers=2)
+    train = create_loader(
+        "dali",
+        data["photos"],
+        train=True,
+        batch_size=16,
+        img_size=32,
+        crops=3,
+        device="cuda",
+        num_workers=2,
+    )
     for epoch in range(2):
         train.set_epoch(epoch)
         batches = [b["crops"].shape for b in train]
@@ -78,17 +111,25 @@ def test_fused_adamw_on_cuda():
     fused = create_optimizer(model, lr=1e-3)
     assert fused.defaults.get("fused") is True
     params = dict(reference.named_parameters())
-    groups = [{"params": [params[n] for n in names], "weight_decay": g["weight_decay"]}
-              for g, names in zip(fused.param_groups, _group_names(model, fused))]
-    plain = torch.optim.AdamW(groups, lr=1e-3, betas=fused.defaults["betas"], eps=fused.defaults["eps"],
-                              foreach=False, fused=False)
+    groups = [
+        {"params": [params[n] for n in names], "weight_decay": g["weight_decay"]}
+        for g, names in zip(fused.param_groups, _group_names(model, fused), strict=True)
+    ]
+    plain = torch.optim.AdamW(
+        groups,
+        lr=1e-3,
+        betas=fused.defaults["betas"],
+        eps=fused.defaults["eps"],
+        foreach=False,
+        fused=False,
+    )
     for _ in range(3):  # the same gradients into both
-        for a, b in zip(model.parameters(), reference.parameters()):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
         fused.step()
         plain.step()
-    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -100,8 +141,16 @@ def _group_names(model, optimizer) -> list[list[str]]:
 @pytest.mark.parametrize("method", ["ssat", "fgcr", "scratch"])
 def test_compiled_bf16_training_steps(method):
     torch.manual_seed(0)
-    model = create_model("vit_tiny" if method == "scratch" else "mae_vit_tiny", num_classes=10,
-                         img_size=32, patch_size=4).cuda().to(memory_format=torch.channels_last)
+    model = (
+        create_model(
+            "vit_tiny" if method == "scratch" else "mae_vit_tiny",
+            num_classes=10,
+            img_size=32,
+            patch_size=4,
+        )
+        .cuda()
+        .to(memory_format=torch.channels_last)
+    )
     optimizer = create_optimizer(model, lr=5e-4)
     compiled = torch.compile(model)
     images = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -109,8 +158,11 @@ def test_compiled_bf16_training_steps(method):
     losses = []
     for _ in range(15):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compiled(images, mask_views=2 if method == "fgcr" else 1) if method != "scratch" \
+            out = (
+                compiled(images, mask_views=2 if method == "fgcr" else 1)
+                if method != "scratch"
                 else compiled(images)
+            )
             loss = ssat_objective(out, labels)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,9 +180,33 @@ def test_trainer_on_the_gpu(tmp_path, data, pipeline):
     from ssat.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
-    assert train.main(["--data_path", "digits", "--data_dir", str(data["digits"]), "--output_dir", str(out),
-                       "--model", "mae_vit_tiny", "--img_size", "32", "--patch_size", "4", "--batch_size", "32",
-                       "--epochs", "2", "--pipeline", pipeline, "--log_interval", "5"]) == 0
+    assert (
+        train.main(
+            [
+                "--data_path",
+                "digits",
+                "--data_dir",
+                str(data["digits"]),
+                "--output_dir",
+                str(out),
+                "--model",
+                "mae_vit_tiny",
+                "--img_size",
+                "32",
+                "--patch_size",
+                "4",
+                "--batch_size",
+                "32",
+                "--epochs",
+                "2",
+                "--pipeline",
+                pipeline,
+                "--log_interval",
+                "5",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["compile"] is True and config["amp"] == "bf16"
     epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]

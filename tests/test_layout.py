@@ -2,6 +2,7 @@
 may import `storage/`, which imports none of the project's other packages, and the method
 (`ssat/`) imports no loader and no converter. Checked in the source, and in a fresh interpreter
 for what importing a package really pulls in (the engines' libraries included)."""
+
 import ast
 import subprocess
 import sys
@@ -36,17 +37,21 @@ def imported_packages(path: Path, package: str) -> list[tuple[int, str]]:
 def test_packages_import_only_downstream(package):
     files = sorted((REPO / package).rglob("*.py"))
     assert files, f"no Python files in {package}/"
-    broken = [f"{path.relative_to(REPO)}:{line} imports {top}"
-              for path in files for line, top in imported_packages(path, package)
-              if top in FORBIDDEN[package]]
+    broken = [
+        f"{path.relative_to(REPO)}:{line} imports {top}"
+        for path in files
+        for line, top in imported_packages(path, package)
+        if top in FORBIDDEN[package]
+    ]
     assert not broken, "\n".join(broken)
 
 
 def _modules_after(statement: str) -> set[str]:
     """Every module loaded by `statement` in a fresh interpreter started in the repository."""
     code = f"import sys\n{statement}\nprint('\\n'.join(sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return set(done.stdout.split())
 

@@ -1,4 +1,5 @@
 """Every registered model, the FGCR masking and token placement, and the loss parts."""
+
 from functools import partial
 
 import numpy as np
@@ -33,19 +34,25 @@ def test_encoder_dimensions_match_timm(size):
     """Our encoder has exactly the parameter shapes of timm's model of the same name at 224/16."""
     with torch.device("meta"):
         ours = create_model(f"vit_{size}", num_classes=1000)
-        theirs = timm.create_model(TIMM_NAMES[size], pretrained=False, patch_size=16, num_classes=1000)
+        theirs = timm.create_model(
+            TIMM_NAMES[size], pretrained=False, patch_size=16, num_classes=1000
+        )
     ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
     theirs_shapes = {k: v.shape for k, v in theirs.state_dict().items()}
     assert ours_shapes == theirs_shapes
 
 
-# Every model with the cls-token head; global pooling (the same code for every size) on the tiny ones.
-@pytest.mark.parametrize("name, global_pool", [(n, False) for n in list_models()]
-                         + [("vit_tiny", True), ("mae_vit_tiny", True)])
+# Every model with the cls-token head; global pooling (the same code for every size) on the
+# tiny ones.
+@pytest.mark.parametrize(
+    "name, global_pool",
+    [(n, False) for n in list_models()] + [("vit_tiny", True), ("mae_vit_tiny", True)],
+)
 def test_every_model_shapes_and_gradients(name, global_pool):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=CLASSES, img_size=IMG, patch_size=PATCH,
-                         global_pool=global_pool)
+    model = create_model(
+        name, num_classes=CLASSES, img_size=IMG, patch_size=PATCH, global_pool=global_pool
+    )
     # the scratch baseline learns its position table (timm's ViT); SSAT/FGCR keep MAE's fixed one
     assert model.pos_embed.requires_grad == name.startswith("vit_")
     assert (model.fc_norm is not None) == global_pool
@@ -84,9 +91,17 @@ def test_timm_parity(name, global_pool):
     ours.eval()
     dim, heads = ours.cls_token.shape[-1], ours.blocks[0].attn.num_heads
     theirs = VisionTransformer(
-        img_size=32, patch_size=4, num_classes=7, embed_dim=dim, depth=len(ours.blocks),
-        num_heads=heads, qkv_bias=True, class_token=True, global_pool="avg" if global_pool else "token",
-        fc_norm=global_pool, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        img_size=32,
+        patch_size=4,
+        num_classes=7,
+        embed_dim=dim,
+        depth=len(ours.blocks),
+        num_heads=heads,
+        qkv_bias=True,
+        class_token=True,
+        global_pool="avg" if global_pool else "token",
+        fc_norm=global_pool,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
     ).eval()
     theirs.load_state_dict(ours.encoder_state_dict(), strict=True)
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -102,8 +117,9 @@ MASK_CASES = [(1, 0.75), (2, 0.75), (3, 0.75), (4, 0.75), (2, 0.5)]
 def _mae(mask_ratio=0.75, **kw):
     # 32 px, patch 4: L = 64 patches; k = 16 at ratio 0.75, 32 at 0.5.
     kw = {"depth": 2, "decoder_depth": 1, **kw}
-    return create_model("mae_vit_tiny", num_classes=10, img_size=32, patch_size=4,
-                        mask_ratio=mask_ratio, **kw)
+    return create_model(
+        "mae_vit_tiny", num_classes=10, img_size=32, patch_size=4, mask_ratio=mask_ratio, **kw
+    )
 
 
 @pytest.mark.parametrize("r,ratio", MASK_CASES)
@@ -130,6 +146,7 @@ def test_too_many_views_is_an_error(r, ratio):
 def _capture(module, store, key, pre=False):
     def hook(_mod, args, output=None):
         store.setdefault(key, []).append((args[0] if pre else output).detach().clone())
+
     if pre:
         return module.register_forward_pre_hook(hook)
     return module.register_forward_hook(hook)
@@ -163,7 +180,7 @@ def test_each_token_is_decoded_at_its_own_position(r, ratio):
     for i in range(r):
         for b in range(B):
             row = i * B + b
-            vis = order[b, i * k:(i + 1) * k]
+            vis = order[b, i * k : (i + 1) * k]
             for j, p in enumerate(vis):
                 torch.testing.assert_close(enc_in[row, 1 + j], tokens[b, p])
                 torch.testing.assert_close(placed[row, p], dec_embed[row, 1 + j])
@@ -192,12 +209,14 @@ def test_rec_matches_independent_computation(r, norm_pix):
     pred = seen["pred"][0].double().reshape(r, B, L, -1)
     target = _independent_patchify(images, 4).double()
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        target = (target - target.mean(-1, keepdim=True)) / (
+            target.var(-1, keepdim=True) + 1e-6
+        ).sqrt()
     order = noise.argsort(dim=1)
     per_view = []
     for i in range(r):
         masked = torch.ones(B, L, dtype=torch.bool)
-        masked[torch.arange(B)[:, None], order[:, i * k:(i + 1) * k]] = False
+        masked[torch.arange(B)[:, None], order[:, i * k : (i + 1) * k]] = False
         err = ((pred[i] - target) ** 2).mean(-1)
         per_view.append(err[masked].mean())
         assert torch.equal(out["mask"][i], masked)

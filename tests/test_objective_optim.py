@@ -1,4 +1,5 @@
 """The objective's weighting, the AdamW parameter groups and the learning-rate schedule."""
+
 import math
 
 import pytest
@@ -58,7 +59,9 @@ def test_param_groups():
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rule = {n for n, p in trainable.items() if p.ndim > 1 and not n.endswith(".bias")}
     optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.05)
-    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    groups = {
+        g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups
+    }
     assert set(groups) == {0.0, 0.05}
     assert groups[0.05] == rule and groups[0.0] == set(trainable) - rule
     assert {"pos_embed", "decoder_pos_embed"}.isdisjoint(trainable)
@@ -81,8 +84,9 @@ def test_layer_decay_groups_follow_maes_rule(name):
     """Every parameter's learning-rate scale is layer_decay ** (num_layers - MAE's layer id), and
     weight decay skips biases, norms, the cls token and the position table."""
     depth, decay = 4, 0.75
-    model = create_model(name, num_classes=10, img_size=32, patch_size=8, depth=depth,
-                         global_pool=True)
+    model = create_model(
+        name, num_classes=10, img_size=32, patch_size=8, depth=depth, global_pool=True
+    )
     optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=decay)
     set_lr(optimizer, 2e-3)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -129,6 +133,8 @@ def test_schedule():
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-6) / 2)
     assert lr_at(110, **kw) == pytest.approx(1e-6)
     after = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
-    assert lr_at(35, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+    assert lr_at(35, **kw) == pytest.approx(
+        1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.25))
+    )
     assert scaled_lr(1e-3, 64) == pytest.approx(2.5e-4)

@@ -1,4 +1,5 @@
 """The loader contract, for every engine, over .beton files written by the project's converters."""
+
 import gc
 import json
 import multiprocessing as mp
@@ -28,12 +29,30 @@ NO_AUG = dict(aa=None, reprob=0.0)
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipelines")
     make_image_folder(root / "photos" / "train", classes=3, per_class=20, size=(120, 90))
-    assert convert_folders(["--src", str(root / "photos"), "--out_dir", str(root / "out"),
-                            "--name", "photos", "--max_resolution", "96", "--num_workers", "2"]) == 0
+    assert (
+        convert_folders(
+            [
+                "--src",
+                str(root / "photos"),
+                "--out_dir",
+                str(root / "out"),
+                "--name",
+                "photos",
+                "--max_resolution",
+                "96",
+                "--num_workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert convert_digits(["--out_dir", str(root / "out"), "--num_workers", "2"]) == 0
-    return {"photos": root / "out" / "photos_train.beton", "photos_folder": root / "photos" / "train",
-            "digits": root / "out" / "digits_train.beton",
-            "digits_test": root / "out" / "digits_test.beton"}
+    return {
+        "photos": root / "out" / "photos_train.beton",
+        "photos_folder": root / "photos" / "train",
+        "digits": root / "out" / "digits_train.beton",
+        "digits_test": root / "out" / "digits_test.beton",
+    }
 
 
 def _epoch(loader) -> list[dict]:
@@ -44,15 +63,26 @@ def _epoch(loader) -> list[dict]:
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_contract(data, engine, dtype):
-    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, crops=2,
-                           device="cpu", num_workers=2, dtype=dtype)
+    loader = create_loader(
+        engine,
+        data["photos"],
+        train=True,
+        batch_size=8,
+        img_size=32,
+        crops=2,
+        device="cpu",
+        num_workers=2,
+        dtype=dtype,
+    )
     beton = BetonFile(data["photos"])
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 60 // 8
     seen = []
     for batch in batches:
         crops, labels, indices = batch["crops"], batch["labels"], batch["indices"]
-        assert crops.shape == (2, 8, 3, 32, 32) and crops.dtype == dtype and crops.device.type == "cpu"
+        assert (
+            crops.shape == (2, 8, 3, 32, 32) and crops.dtype == dtype and crops.device.type == "cpu"
+        )
         assert all(crops[v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
         assert labels.dtype == torch.int64 and indices.dtype == torch.int64
         assert torch.isfinite(crops.float()).all()
@@ -63,18 +93,30 @@ def test_contract(data, engine, dtype):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_crops_of_one_image_differ(data, engine):
-    loader = create_loader(engine, data["photos"], train=True, batch_size=8, img_size=32, crops=3,
-                           num_workers=2, **NO_AUG)
+    loader = create_loader(
+        engine,
+        data["photos"],
+        train=True,
+        batch_size=8,
+        img_size=32,
+        crops=3,
+        num_workers=2,
+        **NO_AUG,
+    )
     crops = next(iter(loader))["crops"]
     for i in range(8):
-        assert not torch.equal(crops[0, i], crops[1, i]) and not torch.equal(crops[1, i], crops[2, i])
+        assert not torch.equal(crops[0, i], crops[1, i]) and not torch.equal(
+            crops[1, i], crops[2, i]
+        )
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_normalised_statistics(data, engine):
     """Over all 1,347 digit scans the eval crops are close to zero mean and unit std per channel
     (stats from the metadata; resizing 8 -> 32 px smooths a little)."""
-    loader = create_loader(engine, data["digits"], train=False, batch_size=256, img_size=32, num_workers=2)
+    loader = create_loader(
+        engine, data["digits"], train=False, batch_size=256, img_size=32, num_workers=2
+    )
     crops = torch.cat([b["crops"][0] for b in _epoch(loader)])
     assert crops.shape == (1347, 3, 32, 32)
     mean, std = crops.mean(dim=(0, 2, 3)), crops.std(dim=(0, 2, 3))
@@ -85,12 +127,19 @@ def test_normalised_statistics(data, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_eval_pixels_equal_the_source(data, engine):
     """At the stored size with no crop margin, eval crops are the stored pixels, normalised."""
-    loader = create_loader(engine, data["digits_test"], train=False, batch_size=100, img_size=8,
-                           crop_pct=1.0, num_workers=2)
+    loader = create_loader(
+        engine,
+        data["digits_test"],
+        train=False,
+        batch_size=100,
+        img_size=8,
+        crop_pct=1.0,
+        num_workers=2,
+    )
     beton, info = open_dataset(data["digits_test"])
     mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
     for batch in _epoch(loader):
-        for crop, index in zip(batch["crops"][0], batch["indices"]):
+        for crop, index in zip(batch["crops"][0], batch["indices"], strict=True):
             source = torch.from_numpy(beton.decode(int(index))).permute(2, 0, 1).float()
             torch.testing.assert_close(crop, (source - mean) / std)
 
@@ -100,8 +149,15 @@ def test_a_batch_is_valid_until_the_next_is_requested(data, engine):
     """Each batch still equals its clone taken on arrival when the next one is requested, while
     the engine's threads and workers go on preparing later batches, and holds its own samples:
     at the stored size, the stored pixels of its indices, normalised."""
-    loader = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=8,
-                           crop_pct=1.0, num_workers=1)
+    loader = create_loader(
+        engine,
+        data["digits_test"],
+        train=False,
+        batch_size=64,
+        img_size=8,
+        crop_pct=1.0,
+        num_workers=1,
+    )
     beton, info = open_dataset(data["digits_test"])
     mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
     batches = 0
@@ -121,8 +177,9 @@ def test_cpu_batches_reuse_a_ring_of_host_buffers(data, engine):
     """On the CPU the crops are written into a fixed ring of host buffers (a fresh 100 MB batch
     costs tens of thousands of page faults): batches kept uncopied (against the rule), all alive
     at once, share their memory with the batch a ring later, as fresh allocations never could."""
-    loader = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=16,
-                           num_workers=1)
+    loader = create_loader(
+        engine, data["digits_test"], train=False, batch_size=64, img_size=16, num_workers=1
+    )
     held = list(loader)  # uncopied: all alive at once
     addresses = [batch["crops"].data_ptr() for batch in held]
     ring = HostRing.size
@@ -136,8 +193,16 @@ def test_eval_covers_every_sample_once(data, engine, world_size):
     beton = BetonFile(data["digits_test"])
     seen = []
     for rank in range(world_size):
-        loader = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=8,
-                               rank=rank, world_size=world_size, num_workers=1)
+        loader = create_loader(
+            engine,
+            data["digits_test"],
+            train=False,
+            batch_size=64,
+            img_size=8,
+            rank=rank,
+            world_size=world_size,
+            num_workers=1,
+        )
         batches = _epoch(loader)
         assert len(batches) == len(loader)
         for batch in batches:
@@ -149,8 +214,18 @@ def test_eval_covers_every_sample_once(data, engine, world_size):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_train_shards_are_disjoint_and_reshuffled(data, engine):
     def indices(rank, epoch, seed=0):
-        loader = create_loader(engine, data["digits"], train=True, batch_size=32, img_size=8,
-                               rank=rank, world_size=2, seed=seed, num_workers=1, **NO_AUG)
+        loader = create_loader(
+            engine,
+            data["digits"],
+            train=True,
+            batch_size=32,
+            img_size=8,
+            rank=rank,
+            world_size=2,
+            seed=seed,
+            num_workers=1,
+            **NO_AUG,
+        )
         loader.set_epoch(epoch)
         batches = _epoch(loader)
         assert len(batches) == len(loader) == (1347 // 2) // 32
@@ -167,8 +242,16 @@ def test_train_shards_are_disjoint_and_reshuffled(data, engine):
 def test_engines_agree_on_order_and_labels(data):
     orders = {}
     for engine in ENGINES:
-        loader = create_loader(engine, data["digits"], train=True, batch_size=64, img_size=8,
-                               num_workers=1, seed=3, **NO_AUG)
+        loader = create_loader(
+            engine,
+            data["digits"],
+            train=True,
+            batch_size=64,
+            img_size=8,
+            num_workers=1,
+            seed=3,
+            **NO_AUG,
+        )
         loader.set_epoch(2)
         orders[engine] = [(b["indices"].tolist(), b["labels"].tolist()) for b in loader]
     assert orders["ffcv"] == orders["torch"] == orders["dali"]
@@ -182,8 +265,16 @@ def test_a_pass_can_start_inside_an_epoch(data, engine):
     beton = BetonFile(data["digits"])
 
     def two_epochs(start_batch):
-        loader = create_loader(engine, data["digits"], train=True, batch_size=64, img_size=8,
-                               num_workers=1, seed=3, **NO_AUG)
+        loader = create_loader(
+            engine,
+            data["digits"],
+            train=True,
+            batch_size=64,
+            img_size=8,
+            num_workers=1,
+            seed=3,
+            **NO_AUG,
+        )
         epochs = []
         for epoch, start in ((2, start_batch), (3, 0)):
             loader.set_epoch(epoch, start_batch=start)
@@ -204,9 +295,19 @@ def test_torch_engine_crops_repeat_from_any_start(data, workers):
     """The torch engine's crops are a function of (seed, epoch, sample, crop): a pass started at
     batch k, read by any number of workers, cuts the uninterrupted pass's crops, and starting a
     pass draws nothing from the global generator."""
+
     def crops(start_batch, num_workers, epoch=1):
-        loader = create_loader("torch", data["photos"], train=True, batch_size=8, img_size=32,
-                               crops=2, num_workers=num_workers, seed=1, **NO_AUG)
+        loader = create_loader(
+            "torch",
+            data["photos"],
+            train=True,
+            batch_size=8,
+            img_size=32,
+            crops=2,
+            num_workers=num_workers,
+            seed=1,
+            **NO_AUG,
+        )
         loader.set_epoch(epoch, start_batch=start_batch)
         before = torch.get_rng_state()
         batches = [(b["indices"], b["crops"]) for b in _epoch(loader)]
@@ -217,20 +318,29 @@ def test_torch_engine_crops_repeat_from_any_start(data, workers):
     assert len(rest) == len(whole) - 3
     for (indices, expected), (got_indices, got) in zip(whole[3:], rest, strict=True):
         assert torch.equal(indices, got_indices) and torch.equal(expected, got)
-    other = {int(i): c for indices, batch in crops(0, 0, epoch=2)
-             for i, c in zip(indices, batch.transpose(0, 1))}
-    same = [torch.equal(other[int(i)], c) for indices, batch in whole
-            for i, c in zip(indices, batch.transpose(0, 1)) if int(i) in other]
+    other = {
+        int(i): c
+        for indices, batch in crops(0, 0, epoch=2)
+        for i, c in zip(indices, batch.transpose(0, 1), strict=True)
+    }
+    same = [
+        torch.equal(other[int(i)], c)
+        for indices, batch in whole
+        for i, c in zip(indices, batch.transpose(0, 1), strict=True)
+        if int(i) in other
+    ]
     assert len(same) > 40 and not any(same)  # another epoch cuts other crops of the same images
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_epochs_after_the_first_have_every_batch(data, engine):
     """Two epochs in a row, train and eval, each with its full batch count and a new order."""
-    train = create_loader(engine, data["digits"], train=True, batch_size=100, img_size=8,
-                          num_workers=1, **NO_AUG)
-    evaluate = create_loader(engine, data["digits_test"], train=False, batch_size=64, img_size=8,
-                             num_workers=1)
+    train = create_loader(
+        engine, data["digits"], train=True, batch_size=100, img_size=8, num_workers=1, **NO_AUG
+    )
+    evaluate = create_loader(
+        engine, data["digits_test"], train=False, batch_size=64, img_size=8, num_workers=1
+    )
     orders, counts = [], []
     for epoch in range(2):
         train.set_epoch(epoch)
@@ -244,8 +354,15 @@ def test_epochs_after_the_first_have_every_batch(data, engine):
 # ------------------------------------------------------------------ device augmentation
 def _augment(**kw):
     cfg = AugmentConfig.from_kwargs(**{**NO_AUG, **kw})
-    return DeviceAugment(cfg, train=True, mean=(100.0, 110.0, 120.0), std=(50.0, 55.0, 60.0),
-                         num_classes=4, device=torch.device("cpu"), dtype=torch.float32)
+    return DeviceAugment(
+        cfg,
+        train=True,
+        mean=(100.0, 110.0, 120.0),
+        std=(50.0, 55.0, 60.0),
+        num_classes=4,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
 
 
 def _raw(b=6, v=2, size=16, seed=0):
@@ -256,8 +373,9 @@ def _raw(b=6, v=2, size=16, seed=0):
 def test_normalisation_only():
     raw, labels = _raw(), torch.arange(6) % 4
     crops, targets = _augment()(raw, labels)
-    expected = (raw.permute(1, 0, 4, 2, 3).float() - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) \
-        / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
+    expected = (
+        raw.permute(1, 0, 4, 2, 3).float() - torch.tensor([100.0, 110, 120]).view(3, 1, 1)
+    ) / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
     torch.testing.assert_close(crops, expected)
     assert targets is None
 
@@ -265,6 +383,7 @@ def test_normalisation_only():
 @pytest.mark.parametrize("width", [1, 6, 7])
 def test_ffcv_flip_mirrors_rows(width):
     from pipelines.ffcv_engine import _flip_rows
+
     image = np.random.default_rng(width).integers(0, 256, (5, width, 3), dtype=np.uint8)
     flipped = image.copy()
     _flip_rows(flipped)
@@ -275,8 +394,9 @@ def test_normalisation_of_any_memory_layout():
     """The fast path (channels-last rows) and the general one give the same values."""
     augment = _augment()
     images = torch.rand(4, 3, 7, 5) * 255
-    expected = (images - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) \
-        / torch.tensor([50.0, 55, 60]).view(3, 1, 1)
+    expected = (images - torch.tensor([100.0, 110, 120]).view(3, 1, 1)) / torch.tensor(
+        [50.0, 55, 60]
+    ).view(3, 1, 1)
     for layout in (torch.contiguous_format, torch.channels_last):
         x = images.clone(memory_format=layout)
         out = augment._normalise(x)
@@ -292,7 +412,7 @@ def test_random_erasing_erases_a_rectangle_per_image():
     for mask in changed.reshape(-1, 16, 16):
         rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
         assert len(rows) and len(cols)
-        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert box.float().mean() > 0.9  # one filled rectangle
     assert changed.any(dim=(2, 3)).all()
 
@@ -300,7 +420,9 @@ def test_random_erasing_erases_a_rectangle_per_image():
 def test_mixup_mixes_all_crops_of_an_image_alike():
     raw, labels = _raw(b=6, v=3), torch.tensor([0, 1, 2, 3, 0, 1])
     clean, _ = _augment()(raw, labels)
-    mixed, targets = _augment(mixup=0.8, mixup_prob=1.0, mixup_switch_prob=0.0, smoothing=0.0)(raw, labels)
+    mixed, targets = _augment(mixup=0.8, mixup_prob=1.0, mixup_switch_prob=0.0, smoothing=0.0)(
+        raw, labels
+    )
     assert targets.shape == (6, 4)
     torch.testing.assert_close(targets.sum(1), torch.ones(6))
     lam = targets[0, 0].item()  # sample 0 (label 0) is mixed with sample 5 (label 1)
@@ -335,14 +457,23 @@ def _break(tmp_path: Path, source: Path, how: str) -> Path:
         meta["num_samples"] += 1
     elif how == "classes":
         meta["num_classes"], meta["class_names"] = 2, meta["class_names"][:2]
-    path.with_suffix(".json").write_text(json.dumps(meta)) if path.with_suffix(".json").exists() else None
+    path.with_suffix(".json").write_text(json.dumps(meta)) if path.with_suffix(
+        ".json"
+    ).exists() else None
     return path
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing", "no such dataset file"), ("truncated", "truncated"), ("foreign", "not a .beton"),
-    ("no metadata", "metadata missing"), ("count", "holds 60 samples"), ("classes", "outside the 2 classes"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "no such dataset file"),
+        ("truncated", "truncated"),
+        ("foreign", "not a .beton"),
+        ("no metadata", "metadata missing"),
+        ("count", "holds 60 samples"),
+        ("classes", "outside the 2 classes"),
+    ],
+)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bad_files_are_clear_errors(tmp_path, data, engine, how, message):
     path = _break(tmp_path, data["photos"], how)
@@ -375,7 +506,9 @@ def test_corrupt_jpeg_sample_names_file_and_index(tmp_path, data, engine):
     bad = 37
     start = int(beton.images["data_ptr"][bad])
     blob = bytearray(path.read_bytes())
-    blob[start + 2:start + int(beton.nbytes[bad])] = bytes(int(beton.nbytes[bad]) - 2)  # keep SOI only
+    blob[start + 2 : start + int(beton.nbytes[bad])] = bytes(
+        int(beton.nbytes[bad]) - 2
+    )  # keep SOI only
     path.write_bytes(bytes(blob))
     loader = create_loader(engine, path, train=False, batch_size=8, img_size=32, num_workers=1)
     error = _iterate_with_deadline(loader)
@@ -386,16 +519,33 @@ def test_corrupt_jpeg_sample_names_file_and_index(tmp_path, data, engine):
 # ------------------------------------------------------------------- DALI's own sources
 def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
     fabricate.image_folder(tmp_path / "src", {"train": 10}, classes=3)  # 40x32 photos
-    assert convert_folders(["--src", str(tmp_path / "src"), "--out_dir", str(tmp_path), "--name", "mixed",
-                            "--write_mode", "proportion", "--compress_probability", "0.5",
-                            "--num_workers", "1"]) == 0
+    assert (
+        convert_folders(
+            [
+                "--src",
+                str(tmp_path / "src"),
+                "--out_dir",
+                str(tmp_path),
+                "--name",
+                "mixed",
+                "--write_mode",
+                "proportion",
+                "--compress_probability",
+                "0.5",
+                "--num_workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     path = tmp_path / "mixed_train.beton"
     beton = BetonFile(path)
     assert set(beton.images["mode"]) == {JPEG, RAW}
     crops = {}
     for engine in ("dali", "torch"):  # at the stored height: a centre crop, no resampling
-        loader = create_loader(engine, path, train=False, batch_size=16, img_size=32, crop_pct=1.0,
-                               num_workers=1)
+        loader = create_loader(
+            engine, path, train=False, batch_size=16, img_size=32, crop_pct=1.0, num_workers=1
+        )
         crops[engine] = torch.cat([b["crops"][0] for b in _epoch(loader)])
     assert crops["dali"].shape == (30, 3, 32, 32)
     error = (crops["dali"] - crops["torch"]).abs().mean(dim=(1, 2, 3))
@@ -406,8 +556,9 @@ def test_dali_reads_a_file_mixing_raw_and_jpeg_samples(tmp_path):
 
 def test_dali_image_folder_contract(data):
     folder = BetonFile(data["photos"])  # converted from the same folder, in the same order
-    loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=32,
-                           crops=2, num_workers=2)
+    loader = create_loader(
+        "dali", data["photos_folder"], train=True, batch_size=8, img_size=32, crops=2, num_workers=2
+    )
     assert loader.info.num_samples == 60 and loader.info.num_classes == 3
     assert loader.info.class_names == ("class_00", "class_01", "class_02")
     batches = _epoch(loader)
@@ -415,7 +566,9 @@ def test_dali_image_folder_contract(data):
     seen = []
     for batch in batches:
         assert batch["crops"].shape == (2, 8, 3, 32, 32)
-        assert all(batch["crops"][v].is_contiguous(memory_format=torch.channels_last) for v in range(2))
+        assert all(
+            batch["crops"][v].is_contiguous(memory_format=torch.channels_last) for v in range(2)
+        )
         assert np.array_equal(batch["labels"].numpy(), folder.labels[batch["indices"].numpy()])
         seen += batch["indices"].tolist()
     assert len(set(seen)) == 56
@@ -426,14 +579,17 @@ def test_dali_image_folder_and_its_beton_give_the_same_samples(data):
     picture (the .beton's copy was shrunk to 96 px and re-encoded, so compare 8x8 blocks)."""
     pixels = {}
     for source in ("photos_folder", "photos"):
-        loader = create_loader("dali", data[source], train=False, batch_size=16, img_size=64,
-                               num_workers=1)
+        loader = create_loader(
+            "dali", data[source], train=False, batch_size=16, img_size=64, num_workers=1
+        )
         batches = _epoch(loader)
         mean = torch.tensor(loader.info.mean).view(1, 3, 1, 1)
         std = torch.tensor(loader.info.std).view(1, 3, 1, 1)
-        pixels[source] = (torch.cat([b["crops"][0] for b in batches]) * std + mean,
-                          torch.cat([b["labels"] for b in batches]),
-                          torch.cat([b["indices"] for b in batches]))
+        pixels[source] = (
+            torch.cat([b["crops"][0] for b in batches]) * std + mean,
+            torch.cat([b["labels"] for b in batches]),
+            torch.cat([b["indices"] for b in batches]),
+        )
     (a, labels_a, idx_a), (b, labels_b, idx_b) = pixels["photos_folder"], pixels["photos"]
     assert torch.equal(idx_a, torch.arange(60)) and torch.equal(idx_b, torch.arange(60))
     assert torch.equal(labels_a, labels_b)
@@ -446,8 +602,16 @@ def test_dali_image_folder_and_its_beton_give_the_same_samples(data):
 def test_dali_image_folder_eval_covers_every_sample_once(data, world_size):
     seen = []
     for rank in range(world_size):
-        loader = create_loader("dali", data["photos_folder"], train=False, batch_size=8, img_size=32,
-                               rank=rank, world_size=world_size, num_workers=1)
+        loader = create_loader(
+            "dali",
+            data["photos_folder"],
+            train=False,
+            batch_size=8,
+            img_size=32,
+            rank=rank,
+            world_size=world_size,
+            num_workers=1,
+        )
         batches = _epoch(loader)
         assert len(batches) == len(loader)
         seen += [i for b in batches for i in b["indices"].tolist()]
@@ -456,8 +620,17 @@ def test_dali_image_folder_eval_covers_every_sample_once(data, world_size):
 
 def test_dali_image_folder_shards_and_epochs(data):
     def indices(rank, epoch):
-        loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=16,
-                               rank=rank, world_size=2, num_workers=1, **NO_AUG)
+        loader = create_loader(
+            "dali",
+            data["photos_folder"],
+            train=True,
+            batch_size=8,
+            img_size=16,
+            rank=rank,
+            world_size=2,
+            num_workers=1,
+            **NO_AUG,
+        )
         loader.set_epoch(epoch)
         first = [i for b in _epoch(loader) for i in b["indices"].tolist()]
         assert [i for b in _epoch(loader) for i in b["indices"].tolist()] == first  # same epoch
@@ -469,8 +642,15 @@ def test_dali_image_folder_shards_and_epochs(data):
 
 
 def test_dali_image_folder_pass_can_start_inside_an_epoch(data):
-    loader = create_loader("dali", data["photos_folder"], train=True, batch_size=8, img_size=16,
-                           num_workers=1, **NO_AUG)
+    loader = create_loader(
+        "dali",
+        data["photos_folder"],
+        train=True,
+        batch_size=8,
+        img_size=16,
+        num_workers=1,
+        **NO_AUG,
+    )
     passes = []
     for epoch, start in ((1, 0), (2, 0), (1, 3), (2, 0)):
         loader.set_epoch(epoch, start_batch=start)
@@ -500,7 +680,9 @@ def test_forked_children_leave_the_parents_dali_pipelines_alone(data):
     """A DALI pipeline held by a reference cycle waits for the garbage collector; a forked child
     that collected it would wait forever for threads it does not have. Behind `forking()` (which
     the converters, the torch engine and the DALI engine fork behind) the child leaves it alone."""
-    loader = create_loader("dali", data["photos"], train=False, batch_size=8, img_size=32, num_workers=1)
+    loader = create_loader(
+        "dali", data["photos"], train=False, batch_size=8, img_size=32, num_workers=1
+    )
     next(iter(loader))
     loader.itself = loader  # a reference cycle, as an exception's traceback makes
     del loader

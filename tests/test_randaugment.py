@@ -4,6 +4,7 @@ Stated tolerance: colour and point ops within 1 grey level everywhere (PIL's int
 reproduced); geometric ops within 1 grey level everywhere, and within 0.35 on average (float32
 against PIL's float64 arithmetic).
 """
+
 import random
 
 import numpy as np
@@ -22,13 +23,22 @@ GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 @pytest.fixture(scope="module")
 def photos():
     china, flower = load_sample_images().images
-    return [china[100:196, 200:300], flower[150:246, 250:350], china[0:80, 0:120], flower[300:427, 500:640]]
+    return [
+        china[100:196, 200:300],
+        flower[150:246, 250:350],
+        china[0:80, 0:120],
+        flower[300:427, 500:640],
+    ]
 
 
 def _timm(name, image, argument):
     args = () if name in ("AutoContrast", "Equalize", "Invert") else (argument,)
-    out = NAME_TO_OP[name](Image.fromarray(np.ascontiguousarray(image)), *args,
-                           fillcolor=FILL, resample=Image.Resampling.BICUBIC)
+    out = NAME_TO_OP[name](
+        Image.fromarray(np.ascontiguousarray(image)),
+        *args,
+        fillcolor=FILL,
+        resample=Image.Resampling.BICUBIC,
+    )
     return np.asarray(out).astype(int)
 
 
@@ -36,8 +46,11 @@ def _timm(name, image, argument):
 @pytest.mark.parametrize("magnitude", [2.0, 5.5, 9.0, 10.0])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_op_matches_timm(photos, name, magnitude, sign):
-    argument = level_argument(name, torch.tensor([magnitude], dtype=torch.float64),
-                              torch.tensor([sign], dtype=torch.float64))
+    argument = level_argument(
+        name,
+        torch.tensor([magnitude], dtype=torch.float64),
+        torch.tensor([sign], dtype=torch.float64),
+    )
     value = argument.item()
     if name in ("PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd"):
         value = int(value)
@@ -93,8 +106,12 @@ def timm_ops() -> set:
 
 def test_batched_call_applies_chosen_ops_per_image(photos):
     """The batch call equals applying each image's own draws one op at a time."""
-    images = torch.stack([torch.from_numpy(np.ascontiguousarray(p[:64, :64]).astype(np.float32)).permute(2, 0, 1)
-                          for p in photos])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.ascontiguousarray(p[:64, :64]).astype(np.float32)).permute(2, 0, 1)
+            for p in photos
+        ]
+    )
     augment = RandAugment("rand-m9-mstd0.5-inc1", fill=FILL)
     draws = augment.draw(len(images), torch.Generator().manual_seed(5))
     batched = augment(images, torch.Generator().manual_seed(5))
@@ -105,5 +122,10 @@ def test_batched_call_applies_chosen_ops_per_image(photos):
         for layer in range(2):
             if applied[layer, i]:
                 name = OPS[ops[layer, i]]
-                x = apply_op(name, x, level_argument(name, magnitude[layer, i:i + 1], sign[layer, i:i + 1]), fill)
+                x = apply_op(
+                    name,
+                    x,
+                    level_argument(name, magnitude[layer, i : i + 1], sign[layer, i : i + 1]),
+                    fill,
+                )
         torch.testing.assert_close(batched[i], x[0])

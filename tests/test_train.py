@@ -1,6 +1,7 @@
 """The trainer end to end on a small .beton: every method with both engines, resume, kill -9,
 SIGTERM / SIGUSR1 mid-epoch, a full disk, eval, torchrun, compile, a non-finite loss, and the
 errors a user meets first."""
+
 import hashlib
 import json
 import os
@@ -20,8 +21,22 @@ from convert.digits_to_ffcv import main as convert_digits
 from ssat.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--img_size", "16", "--patch_size", "4", "--batch_size", "32", "--warmup_epochs", "0.5",
-         "--blr", "4e-3", "--log_interval", "2", "--num_workers", "0"]
+SMALL = [
+    "--img_size",
+    "16",
+    "--patch_size",
+    "4",
+    "--batch_size",
+    "32",
+    "--warmup_epochs",
+    "0.5",
+    "--blr",
+    "4e-3",
+    "--log_interval",
+    "2",
+    "--num_workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +48,16 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, out: Path, *extra) -> list[str]:
-    return ["--data_path", "digits", "--data_dir", str(data), "--output_dir", str(out), *SMALL, *map(str, extra)]
+    return [
+        "--data_path",
+        "digits",
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        *SMALL,
+        *map(str, extra),
+    ]
 
 
 def _log(out: Path) -> list[dict]:
@@ -52,7 +76,9 @@ METHODS = {
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_trains_and_logs(tmp_path, data, method, pipeline):
     out = tmp_path / "run"
-    assert train.main(_args(data, out, "--epochs", 3, "--pipeline", pipeline, *METHODS[method])) == 0
+    assert (
+        train.main(_args(data, out, "--epochs", 3, "--pipeline", pipeline, *METHODS[method])) == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method.rstrip("23") and config["pipeline"] == pipeline
     records = _log(out)
@@ -60,8 +86,21 @@ def test_trains_and_logs(tmp_path, data, method, pipeline):
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     for r in epochs:
-        assert {"lr", "loss", "cls", "rec", "fgc", "train_images_per_s", "data_wait", "val_acc1",
-                "val_acc5", "val_loss", "best_acc1", "epoch_seconds", "peak_memory_mb"} <= set(r)
+        assert {
+            "lr",
+            "loss",
+            "cls",
+            "rec",
+            "fgc",
+            "train_images_per_s",
+            "data_wait",
+            "val_acc1",
+            "val_acc5",
+            "val_loss",
+            "best_acc1",
+            "epoch_seconds",
+            "peak_memory_mb",
+        } <= set(r)
         assert r["val_num_samples"] == 320 and 0 <= r["data_wait"] <= 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     first, last = sum(r["loss"] for r in steps[:2]) / 2, sum(r["loss"] for r in steps[-2:]) / 2
@@ -78,8 +117,23 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     common = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 4]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(_args(data, straight, *common)) == 0
-    assert train.main(_args(data, split, "--model", "mae_vit_tiny", "--pipeline", "torch",
-                            "--epochs", 4, "--stop_after", 2)) == 0
+    assert (
+        train.main(
+            _args(
+                data,
+                split,
+                "--model",
+                "mae_vit_tiny",
+                "--pipeline",
+                "torch",
+                "--epochs",
+                4,
+                "--stop_after",
+                2,
+            )
+        )
+        == 0
+    )
     assert load_checkpoint(split / "checkpoint-last.pth")["epoch"] == 1
     assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
     a = load_checkpoint(straight / "checkpoint-last.pth")
@@ -91,12 +145,31 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
 
 def test_killed_run_finishes_when_rerun(tmp_path, data):
     out = tmp_path / "run"
-    command = [sys.executable, "train.py", *_args(data, out, "--pipeline", "torch", "--model", "vit_tiny",
-                                                  "--epochs", 3, "--resume", "auto")]
+    command = [
+        sys.executable,
+        "train.py",
+        *_args(
+            data,
+            out,
+            "--pipeline",
+            "torch",
+            "--model",
+            "vit_tiny",
+            "--epochs",
+            3,
+            "--resume",
+            "auto",
+        ),
+    ]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "log.jsonl").exists() or '"epoch": 1, "step": 14' not in (out / "log.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, "the first run ended before it could be killed"
+    while (
+        not (out / "log.jsonl").exists()
+        or '"epoch": 1, "step": 14' not in (out / "log.jsonl").read_text()
+    ):
+        assert proc.poll() is None and time.time() < deadline, (
+            "the first run ended before it could be killed"
+        )
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-way through epoch 1
     proc.wait()
@@ -186,9 +259,26 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data
     rank 0 would wait in the next gradient all-reduce until torchrun killed it, saving nothing),
     rank 0 saves both ranks' generators, and --resume auto finishes the epoch."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train.py", *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny",
-                                  "--epochs", 1, "--batch_size", 16)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *_args(
+            data,
+            out,
+            "--pipeline",
+            "torch",
+            "--model",
+            "mae_vit_tiny",
+            "--epochs",
+            1,
+            "--batch_size",
+            16,
+        ),
+    ]
     # 160 samples a rank: 10 steps of 16, logged every 2
     status = _stop(command, out, '"step": 2,', signal.SIGUSR1, tmp_path, rank=1)
     assert status != 0  # torchrun reports its workers' exit status 138 as a failure
@@ -200,8 +290,9 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data
     printed = (tmp_path / "stdout").read_text()
     assert f"stopped by SIGUSR1 after step {ckpt['step']}" in printed
     assert "exitcode  : 138" in (tmp_path / "stderr").read_text()
-    done = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load_checkpoint(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 0 and ckpt["step"] == 10 and ckpt["position"]["batch"] == 0
@@ -212,16 +303,23 @@ def test_full_disk_at_save_stops_with_one_clear_error(data, small_disk, capsys):
     one error line naming the file and the sizes, no traceback, no file left half-written."""
     out = small_disk("16m")
     capsys.readouterr()
-    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny",
-                            "--epochs", 1)) == 1
+    assert (
+        train.main(
+            _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1)
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"error: cannot save {out / 'checkpoint-last.pth'}: it needs about" in err
     assert "MiB available" in err and "Traceback" not in err
     assert not [name for name in os.listdir(out) if name.endswith((".pth", ".tmp"))]
 
 
-@pytest.mark.parametrize("model", [["--model", "mae_vit_tiny"], ["--model", "vit_tiny", "--global_pool"]],
-                         ids=["ssat", "scratch-global-pool"])
+@pytest.mark.parametrize(
+    "model",
+    [["--model", "mae_vit_tiny"], ["--model", "vit_tiny", "--global_pool"]],
+    ids=["ssat", "scratch-global-pool"],
+)
 def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
     """Also for MAE's fine-tuning format: a global-pool head (`fc_norm.*`, no final `norm.*`)."""
     out = tmp_path / "run"
@@ -231,8 +329,21 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
     if "--global_pool" in model:
         assert "fc_norm.weight" in weights and "norm.weight" not in weights
     capsys.readouterr()
-    assert train.main(_args(data, tmp_path / "eval", "--pipeline", "ffcv", *model, "--eval",
-                            "--resume", out / "checkpoint-last.pth")) == 0
+    assert (
+        train.main(
+            _args(
+                data,
+                tmp_path / "eval",
+                "--pipeline",
+                "ffcv",
+                *model,
+                "--eval",
+                "--resume",
+                out / "checkpoint-last.pth",
+            )
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     assert result["num_samples"] == 320
     assert result["acc1"] == pytest.approx(logged["val_acc1"])
@@ -241,8 +352,15 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
 
 def test_torchrun_two_processes(tmp_path, data):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train.py", *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
@@ -253,14 +371,22 @@ def test_torchrun_two_processes(tmp_path, data):
 def test_compiled_model_trains_an_epoch(tmp_path, data):
     torch._dynamo.reset()
     out = tmp_path / "run"
-    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "vit_tiny", "--epochs", 1,
-                            "--compile")) == 0
+    assert (
+        train.main(
+            _args(
+                data, out, "--pipeline", "torch", "--model", "vit_tiny", "--epochs", 1, "--compile"
+            )
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["compile"] is True
     ckpt = load_checkpoint(out / "checkpoint-last.pth")
     assert not any("_orig_mod" in k for k in ckpt["model"])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, data, monkeypatch, capsys
+):
     out = tmp_path / "run"
     args = _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 3)
     assert train.main(args[:] + ["--stop_after", "1"]) == 0
@@ -283,13 +409,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest() == good
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--nb_classes", "7"], "--nb_classes 7 disagrees with the 10 classes"),
-    (["--data_path", "nosuch"], "dataset 'nosuch' not found"),
-    (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
-    (["--model", "vit_tiny", "--method", "ssat"], "needs a decoder"),
-    (["--model", "mae_vit_tiny", "--views", "9"], "r=9, k=4, L=16"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--nb_classes", "7"], "--nb_classes 7 disagrees with the 10 classes"),
+        (["--data_path", "nosuch"], "dataset 'nosuch' not found"),
+        (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
+        (["--model", "vit_tiny", "--method", "ssat"], "needs a decoder"),
+        (["--model", "mae_vit_tiny", "--views", "9"], "r=9, k=4, L=16"),
+    ],
+)
 def test_clear_errors(tmp_path, data, capsys, extra, message):
     argv = _args(data, tmp_path / "run", "--pipeline", "torch", "--epochs", 1) + extra
     assert train.main(argv) == 1
@@ -302,7 +431,12 @@ def test_config_file_and_flags(tmp_path, data):
     from ssat.config import parse_config
 
     parsed = parse_config(["--config", str(cfg), "--epochs", "1", "--views", "3"])
-    assert (parsed.model, parsed.mask_views, parsed.epochs, parsed.smoothing) == ("mae_vit_tiny", 3, 1, 0.2)
+    assert (parsed.model, parsed.mask_views, parsed.epochs, parsed.smoothing) == (
+        "mae_vit_tiny",
+        3,
+        1,
+        0.2,
+    )
     assert parsed.resolve(cuda=False).method == "fgcr" and parsed.mixup == 0.0
     assert parse_config(["--model", "vit_small"]).resolve(cuda=False).mixup == 0.8
     # MAE's head flags: --global_pool, and --cls_token switching back (the later flag wins)
@@ -322,10 +456,18 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
     """DALI's CPU decoder, from the .beton files or from an image folder with train/ and val/."""
     if source == "folder":
         fabricate.image_folder(tmp_path / "folder", {"train": 32, "val": 8}, classes=4)
-        args = ["--data_path", str(tmp_path / "folder"), "--output_dir", str(tmp_path / "run"), *SMALL]
+        args = [
+            "--data_path",
+            str(tmp_path / "folder"),
+            "--output_dir",
+            str(tmp_path / "run"),
+            *SMALL,
+        ]
     else:
         args = _args(data, tmp_path / "run")
-    assert train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
+    assert (
+        train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
+    )
     epochs = [r for r in _log(tmp_path / "run") if r["type"] == "epoch"]
     steps = [r for r in _log(tmp_path / "run") if r["type"] == "step"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
@@ -336,34 +478,74 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
 
 def test_image_folders_need_dali(tmp_path, capsys):
     fabricate.image_folder(tmp_path / "folder", {"train": 2, "val": 1}, classes=2)
-    assert train.main(["--data_path", str(tmp_path / "folder"), "--pipeline", "torch",
-                       "--output_dir", str(tmp_path / "run"), *SMALL]) != 0
+    assert (
+        train.main(
+            [
+                "--data_path",
+                str(tmp_path / "folder"),
+                "--pipeline",
+                "torch",
+                "--output_dir",
+                str(tmp_path / "run"),
+                *SMALL,
+            ]
+        )
+        != 0
+    )
     assert "read it with --pipeline dali" in capsys.readouterr().err
 
 
 def test_tensorboard_event_files(tmp_path, data):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
     out = tmp_path / "run"
-    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 2)) == 0
+    assert (
+        train.main(
+            _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 2)
+        )
+        == 0
+    )
     board = event_accumulator.EventAccumulator(str(out / "tensorboard"))
     board.Reload()
     tags = set(board.Tags()["scalars"])
     assert {"step/loss", "step/rec", "step/lr", "epoch/val_acc1", "epoch/data_wait"} <= tags
     steps = [r for r in _log(out) if r["type"] == "step"]
     assert [e.step for e in board.Scalars("step/loss")] == [r["step"] for r in steps]
-    assert [round(e.value, 4) for e in board.Scalars("epoch/val_acc1")] == \
-        [round(r["val_acc1"], 4) for r in _log(out) if r["type"] == "epoch"]
+    assert [round(e.value, 4) for e in board.Scalars("epoch/val_acc1")] == [
+        round(r["val_acc1"], 4) for r in _log(out) if r["type"] == "epoch"
+    ]
 
 
 def test_finetune_uses_layer_decay(tmp_path, data):
     """A --finetune run trains with MAE's layer-wise rates: the embeddings at 0.75 ** 13 of the
     schedule's rate for a 12-block ViT, the head at the full rate."""
     pre = tmp_path / "pre"
-    assert train.main(_args(data, pre, "--pipeline", "torch", "--model", "mae_vit_tiny",
-                            "--epochs", 1)) == 0
+    assert (
+        train.main(
+            _args(data, pre, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1)
+        )
+        == 0
+    )
     out = tmp_path / "ft"
-    assert train.main(_args(data, out, "--pipeline", "torch", "--model", "vit_tiny", "--global_pool",
-                            "--finetune", pre / "checkpoint-last.pth", "--epochs", 1)) == 0
+    assert (
+        train.main(
+            _args(
+                data,
+                out,
+                "--pipeline",
+                "torch",
+                "--model",
+                "vit_tiny",
+                "--global_pool",
+                "--finetune",
+                pre / "checkpoint-last.pth",
+                "--epochs",
+                1,
+            )
+        )
+        == 0
+    )
     groups = load_checkpoint(out / "checkpoint-last.pth")["optimizer"]["param_groups"]
     scales = sorted({g["lr_scale"] for g in groups})
     assert scales[0] == pytest.approx(0.75**13) and scales[-1] == 1.0 and len(scales) == 14

@@ -1,4 +1,5 @@
 """`python visualize.py`: reconstruction grids from a checkpoint, curves from a log."""
+
 from pathlib import Path
 
 import matplotlib.image
@@ -16,11 +17,41 @@ from visualize import main as visualize
 def run(tmp_path_factory) -> dict[str, Path]:
     """Two epochs of FGCR (r = 2) on 320 digit scans."""
     root = tmp_path_factory.mktemp("visualize")
-    assert convert_digits(["--out_dir", str(root / "data"), "--limit", "320", "--num_workers", "1"]) == 0
-    assert train.main(["--data_path", "digits", "--data_dir", str(root / "data"), "--output_dir",
-                       str(root / "run"), "--model", "mae_vit_tiny", "--views", "2", "--img_size", "16",
-                       "--patch_size", "4", "--batch_size", "32", "--epochs", "2", "--pipeline", "torch",
-                       "--num_workers", "0", "--log_interval", "2"]) == 0
+    assert (
+        convert_digits(["--out_dir", str(root / "data"), "--limit", "320", "--num_workers", "1"])
+        == 0
+    )
+    assert (
+        train.main(
+            [
+                "--data_path",
+                "digits",
+                "--data_dir",
+                str(root / "data"),
+                "--output_dir",
+                str(root / "run"),
+                "--model",
+                "mae_vit_tiny",
+                "--views",
+                "2",
+                "--img_size",
+                "16",
+                "--patch_size",
+                "4",
+                "--batch_size",
+                "32",
+                "--epochs",
+                "2",
+                "--pipeline",
+                "torch",
+                "--num_workers",
+                "0",
+                "--log_interval",
+                "2",
+            ]
+        )
+        == 0
+    )
     return {"run": root / "run", "data": root / "data" / "digits_test.beton"}
 
 
@@ -31,8 +62,22 @@ def _picture(path: Path) -> np.ndarray:
 
 def test_reconstruction_pictures(run, tmp_path):
     out = tmp_path / "recon"
-    assert visualize(["recon", "--checkpoint", str(run["run"] / "checkpoint-last.pth"),
-                      "--data", str(run["data"]), "--num_images", "3", "--out", str(out)]) == 0
+    assert (
+        visualize(
+            [
+                "recon",
+                "--checkpoint",
+                str(run["run"] / "checkpoint-last.pth"),
+                "--data",
+                str(run["data"]),
+                "--num_images",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["recon_000000.png", "recon_000001.png", "recon_000002.png"]
     pictures = [_picture(f) for f in files]
@@ -40,14 +85,30 @@ def test_reconstruction_pictures(run, tmp_path):
     assert not np.array_equal(pictures[0], pictures[1])  # each its own image
     # r = 2 (the run's) gives three columns: the input and two views; r = 3 asked for, four
     three = tmp_path / "three"
-    assert visualize(["recon", "--checkpoint", str(run["run"] / "checkpoint-last.pth"),
-                      "--data", str(run["data"]), "--num_images", "1", "--mask_views", "3",
-                      "--out", str(three)]) == 0
+    assert (
+        visualize(
+            [
+                "recon",
+                "--checkpoint",
+                str(run["run"] / "checkpoint-last.pth"),
+                "--data",
+                str(run["data"]),
+                "--num_images",
+                "1",
+                "--mask_views",
+                "3",
+                "--out",
+                str(three),
+            ]
+        )
+        == 0
+    )
     assert _picture(next(three.glob("*.png"))).shape[1] > pictures[0].shape[1] * 1.2
 
 
 def test_reconstruct_keeps_the_visible_patches_apart():
-    """The masks of the r views are disjoint and hide 75%; a reconstruction has the input's shape."""
+    """The masks of the r views are disjoint and hide 75%; a reconstruction has the input's
+    shape."""
     model = create_model("mae_vit_tiny", num_classes=10, img_size=16, patch_size=4).eval()
     images = torch.randn(2, 3, 16, 16)
     recon, mask = model.reconstruct(images, mask_views=2)
@@ -56,7 +117,9 @@ def test_reconstruct_keeps_the_visible_patches_apart():
 
 
 def test_curves(run, tmp_path):
-    assert visualize(["curves", str(run["run"] / "log.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        visualize(["curves", str(run["run"] / "log.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+    )
     assert _picture(tmp_path / "c.png").std() > 0.05
 
 
@@ -64,6 +127,16 @@ def test_clear_errors(run, tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text("not json\n")
     assert visualize(["curves", str(tmp_path / "log.jsonl")]) == 1
     assert "not a readable log.jsonl" in capsys.readouterr().err
-    assert visualize(["recon", "--checkpoint", str(run["run"] / "checkpoint-last.pth"),
-                      "--data", str(tmp_path / "nosuch.beton")]) == 1
+    assert (
+        visualize(
+            [
+                "recon",
+                "--checkpoint",
+                str(run["run"] / "checkpoint-last.pth"),
+                "--data",
+                str(tmp_path / "nosuch.beton"),
+            ]
+        )
+        == 1
+    )
     assert "no such dataset file" in capsys.readouterr().err
