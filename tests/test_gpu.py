@@ -180,33 +180,12 @@ def test_trainer_on_the_gpu(tmp_path, data, pipeline):
     from ssat.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
-    assert (
-        train.main(
-            [
-                "--data_path",
-                "digits",
-                "--data_dir",
-                str(data["digits"]),
-                "--output_dir",
-                str(out),
-                "--model",
-                "mae_vit_tiny",
-                "--img_size",
-                "32",
-                "--patch_size",
-                "4",
-                "--batch_size",
-                "32",
-                "--epochs",
-                "2",
-                "--pipeline",
-                pipeline,
-                "--log_interval",
-                "5",
-            ]
-        )
-        == 0
+    argv = (
+        f"--data_path digits --data_dir {data['digits']} --output_dir {out} --model mae_vit_tiny "
+        f"--img_size 32 --patch_size 4 --batch_size 32 --epochs 2 --pipeline {pipeline} "
+        "--log_interval 5"
     )
+    assert train.main(argv.split()) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["compile"] is True and config["amp"] == "bf16"
     epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]

@@ -21,22 +21,12 @@ from convert.digits_to_ffcv import main as convert_digits
 from ssat.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "--img_size",
-    "16",
-    "--patch_size",
-    "4",
-    "--batch_size",
-    "32",
-    "--warmup_epochs",
-    "0.5",
-    "--blr",
-    "4e-3",
-    "--log_interval",
-    "2",
-    "--num_workers",
-    "0",
-]
+SMALL = (
+    "--img_size 16 --patch_size 4 --batch_size 32 --warmup_epochs 0.5 --blr 4e-3 "
+    "--log_interval 2 --num_workers 0"
+).split()
+# two processes on this machine, as torch.distributed.launch / torchrun start them
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +38,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, out: Path, *extra) -> list[str]:
+    """The command line of a small run on `data` into `out`; `extra` holds flags and values,
+    a string of several flags ("--epochs 3 --model vit_tiny") split at its spaces."""
+    flags = [word for e in extra for word in (e.split() if isinstance(e, str) else [str(e)])]
     return [
         "--data_path",
         "digits",
@@ -56,7 +49,7 @@ def _args(data: Path, out: Path, *extra) -> list[str]:
         "--output_dir",
         str(out),
         *SMALL,
-        *map(str, extra),
+        *flags,
     ]
 
 
@@ -119,18 +112,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     assert train.main(_args(data, straight, *common)) == 0
     assert (
         train.main(
-            _args(
-                data,
-                split,
-                "--model",
-                "mae_vit_tiny",
-                "--pipeline",
-                "torch",
-                "--epochs",
-                4,
-                "--stop_after",
-                2,
-            )
+            _args(data, split, "--model mae_vit_tiny --pipeline torch --epochs 4 --stop_after 2")
         )
         == 0
     )
@@ -148,18 +130,7 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
     command = [
         sys.executable,
         "train.py",
-        *_args(
-            data,
-            out,
-            "--pipeline",
-            "torch",
-            "--model",
-            "vit_tiny",
-            "--epochs",
-            3,
-            "--resume",
-            "auto",
-        ),
+        *_args(data, out, "--pipeline torch --model vit_tiny --epochs 3 --resume auto"),
     ]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -259,26 +230,8 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data
     rank 0 would wait in the next gradient all-reduce until torchrun killed it, saving nothing),
     rank 0 saves both ranks' generators, and --resume auto finishes the epoch."""
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *_args(
-            data,
-            out,
-            "--pipeline",
-            "torch",
-            "--model",
-            "mae_vit_tiny",
-            "--epochs",
-            1,
-            "--batch_size",
-            16,
-        ),
-    ]
+    flags = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1, "--batch_size", 16]
+    command = [*TORCHRUN, "train.py", *_args(data, out, *flags)]
     # 160 samples a rank: 10 steps of 16, logged every 2
     status = _stop(command, out, '"step": 2,', signal.SIGUSR1, tmp_path, rank=1)
     assert status != 0  # torchrun reports its workers' exit status 138 as a failure
@@ -334,11 +287,9 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
             _args(
                 data,
                 tmp_path / "eval",
-                "--pipeline",
-                "ffcv",
+                "--pipeline ffcv",
                 *model,
-                "--eval",
-                "--resume",
+                "--eval --resume",
                 out / "checkpoint-last.pth",
             )
         )
@@ -352,15 +303,8 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
 
 def test_torchrun_two_processes(tmp_path, data):
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *_args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1),
-    ]
+    flags = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1]
+    command = [*TORCHRUN, "train.py", *_args(data, out, *flags)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
@@ -533,15 +477,9 @@ def test_finetune_uses_layer_decay(tmp_path, data):
             _args(
                 data,
                 out,
-                "--pipeline",
-                "torch",
-                "--model",
-                "vit_tiny",
-                "--global_pool",
-                "--finetune",
+                "--pipeline torch --model vit_tiny --global_pool --finetune",
                 pre / "checkpoint-last.pth",
-                "--epochs",
-                1,
+                "--epochs 1",
             )
         )
         == 0

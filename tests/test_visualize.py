@@ -17,42 +17,20 @@ from visualize import main as visualize
 def run(tmp_path_factory) -> dict[str, Path]:
     """Two epochs of FGCR (r = 2) on 320 digit scans."""
     root = tmp_path_factory.mktemp("visualize")
-    assert (
-        convert_digits(["--out_dir", str(root / "data"), "--limit", "320", "--num_workers", "1"])
-        == 0
+    assert convert_digits(f"--out_dir {root / 'data'} --limit 320 --num_workers 1".split()) == 0
+    argv = (
+        f"--data_path digits --data_dir {root / 'data'} --output_dir {root / 'run'} "
+        "--model mae_vit_tiny --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
+        "--epochs 2 --pipeline torch --num_workers 0 --log_interval 2"
     )
-    assert (
-        train.main(
-            [
-                "--data_path",
-                "digits",
-                "--data_dir",
-                str(root / "data"),
-                "--output_dir",
-                str(root / "run"),
-                "--model",
-                "mae_vit_tiny",
-                "--views",
-                "2",
-                "--img_size",
-                "16",
-                "--patch_size",
-                "4",
-                "--batch_size",
-                "32",
-                "--epochs",
-                "2",
-                "--pipeline",
-                "torch",
-                "--num_workers",
-                "0",
-                "--log_interval",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert train.main(argv.split()) == 0
     return {"run": root / "run", "data": root / "data" / "digits_test.beton"}
+
+
+def _recon(run, *flags) -> int:
+    """`python visualize.py recon` on the run's last checkpoint, with `flags`."""
+    checkpoint = run["run"] / "checkpoint-last.pth"
+    return visualize(["recon", "--checkpoint", str(checkpoint), *map(str, flags)])
 
 
 def _picture(path: Path) -> np.ndarray:
@@ -62,22 +40,7 @@ def _picture(path: Path) -> np.ndarray:
 
 def test_reconstruction_pictures(run, tmp_path):
     out = tmp_path / "recon"
-    assert (
-        visualize(
-            [
-                "recon",
-                "--checkpoint",
-                str(run["run"] / "checkpoint-last.pth"),
-                "--data",
-                str(run["data"]),
-                "--num_images",
-                "3",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _recon(run, "--data", run["data"], "--num_images", 3, "--out", out) == 0
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["recon_000000.png", "recon_000001.png", "recon_000002.png"]
     pictures = [_picture(f) for f in files]
@@ -86,21 +49,7 @@ def test_reconstruction_pictures(run, tmp_path):
     # r = 2 (the run's) gives three columns: the input and two views; r = 3 asked for, four
     three = tmp_path / "three"
     assert (
-        visualize(
-            [
-                "recon",
-                "--checkpoint",
-                str(run["run"] / "checkpoint-last.pth"),
-                "--data",
-                str(run["data"]),
-                "--num_images",
-                "1",
-                "--mask_views",
-                "3",
-                "--out",
-                str(three),
-            ]
-        )
+        _recon(run, "--data", run["data"], "--num_images", 1, "--mask_views", 3, "--out", three)
         == 0
     )
     assert _picture(next(three.glob("*.png"))).shape[1] > pictures[0].shape[1] * 1.2
@@ -127,16 +76,5 @@ def test_clear_errors(run, tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text("not json\n")
     assert visualize(["curves", str(tmp_path / "log.jsonl")]) == 1
     assert "not a readable log.jsonl" in capsys.readouterr().err
-    assert (
-        visualize(
-            [
-                "recon",
-                "--checkpoint",
-                str(run["run"] / "checkpoint-last.pth"),
-                "--data",
-                str(tmp_path / "nosuch.beton"),
-            ]
-        )
-        == 1
-    )
+    assert _recon(run, "--data", tmp_path / "nosuch.beton") == 1
     assert "no such dataset file" in capsys.readouterr().err
