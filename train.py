@@ -268,6 +268,7 @@ def train_one_epoch(
     device, steps, first = dist_ctx.device, len(loader), state.batch
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     window = torch.zeros_like(sums)
+    window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     wait, window_images, window_steps = DataWait(device), 0, 0
     epoch_start = window_start = time.perf_counter()
@@ -285,6 +286,8 @@ def train_one_epoch(
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), state.step, first_bad)
         sums += parts
         window += parts
+        if step.grad_norm is not None:
+            window_norm += step.grad_norm.float()
         window_images += batch["labels"].shape[0]
         window_steps += 1
         state.step, state.batch = state.step + 1, i + 1
@@ -302,6 +305,8 @@ def train_one_epoch(
                 **dict(zip(LOSS_PARTS, means, strict=True)),
                 "images_per_s": window_images * dist_ctx.world_size / seconds,
             }
+            if step.grad_norm is not None:  # before clipping, averaged over the interval
+                record["grad_norm"] = window_norm.item() / window_steps
             log.write(record)
             bar.set_postfix(
                 loss=f"{means[0]:.4f}",
@@ -309,6 +314,7 @@ def train_one_epoch(
                 wait=f"{wait.seconds() / (time.perf_counter() - epoch_start):.0%}",
             )
             window.zero_()
+            window_norm.zero_()
             window_images, window_steps, window_start = 0, 0, time.perf_counter()
         # every rank asks after the same steps; the epoch's last step is left to its end
         if i + 1 < steps and stop.requested():

@@ -141,8 +141,12 @@ class TrainStep:
         lam: float = 0.1,
         beta: float = 0.001,
         smoothing: float = 0.1,
+        clip_grad: float | None = None,
     ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.clip_grad = clip_grad
+        # the global gradient norm before clipping, of the last update (a device tensor)
+        self.grad_norm: torch.Tensor | None = None
         self.mask_views = mask_views  # None: the scratch model (no decoder)
         self.amp, self.device = amp, device
         self.weights = dict(lam=lam, beta=beta, smoothing=smoothing)
@@ -160,6 +164,7 @@ class TrainStep:
             lam=cfg.lambda_weight,
             beta=cfg.sim_beta,
             smoothing=cfg.smoothing,
+            clip_grad=cfg.clip_grad,
         )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,6 +190,12 @@ class TrainStep:
         return {name: value.detach() for name, value in losses.items()}
 
     def update(self) -> None:
+        if self.clip_grad is not None:
+            # the bound is on the true gradients: undo the fp16 loss scale first (a no-op
+            # without fp16); the scaler then knows not to unscale again in `step`
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         # fused AdamW takes the scaler's inf check as a device tensor: no host sync with fp16
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -61,7 +61,7 @@ METHODS = {
     "ssat": ["--model", "mae_vit_tiny"],
     "fgcr2": ["--model", "mae_vit_tiny", "--views", "2"],
     "fgcr3": ["--model", "mae_vit_tiny", "--views", "3", "--crops", "2"],
-    "scratch": ["--model", "vit_tiny"],
+    "scratch": ["--model", "vit_tiny", "--clip_grad", "0.5"],
 }
 
 
@@ -100,6 +100,8 @@ def test_trains_and_logs(tmp_path, data, method, pipeline):
     assert last < first, (first, last)
     if method.startswith("fgcr"):
         assert all(r["fgc"] > 0 for r in steps)
+    # with --clip_grad, the gradient norm before clipping at every log interval
+    assert all(r.get("grad_norm", 0) > 0 for r in steps) == (method == "scratch")
     for name in ("checkpoint-last.pth", "checkpoint-best.pth"):
         ckpt = load_checkpoint(out / name)
         assert ckpt["config"]["model"] == config["model"]

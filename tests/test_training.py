@@ -1,0 +1,49 @@
+"""The training step shared by train.py and bench/train_step.py: gradient clipping."""
+
+import pytest
+import torch
+
+from ssat.models import create_model
+from ssat.optim import create_optimizer
+from ssat.training import TrainStep
+
+
+def _grad_norm(model) -> float:
+    return torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+    ).item()
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clipping_bounds_the_true_gradient_norm(amp):
+    """The update sees gradients of global norm exactly `clip_grad` (the norm before clipping
+    is larger and is kept for the log). Under fp16 the loss is scaled by 256 here: clipping the
+    scaled gradients instead of the true ones would leave them 256 times too small."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny", num_classes=10, img_size=16, patch_size=4, depth=1)
+    optimizer = create_optimizer(model, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, enabled=amp == "fp16")
+    step = TrainStep(
+        model, optimizer, scaler, mask_views=1, amp=amp, device=torch.device("cpu"), clip_grad=0.05
+    )
+    batch = {"crops": torch.randn(1, 8, 3, 16, 16), "labels": torch.randint(0, 10, (8,))}
+    before = model.head.weight.detach().clone()
+    step(batch)
+    assert step.grad_norm.item() > 0.05  # the clip was active
+    assert _grad_norm(model) == pytest.approx(0.05, rel=1e-3)
+    assert not torch.equal(before, model.head.weight)  # and the update happened
+
+
+def test_no_clipping_by_default():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", num_classes=10, img_size=16, patch_size=4, depth=1)
+    step = TrainStep(
+        model,
+        create_optimizer(model, lr=1e-3),
+        torch.amp.GradScaler("cpu", enabled=False),
+        mask_views=None,
+        amp="none",
+        device=torch.device("cpu"),
+    )
+    step({"crops": torch.randn(1, 8, 3, 16, 16), "labels": torch.randint(0, 10, (8,))})
+    assert step.grad_norm is None and _grad_norm(model) > 0
