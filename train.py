@@ -60,7 +60,7 @@ from ssat.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ssat.config import TrainConfig, parse_config
+from ssat.config import NO_EFFECT, TrainConfig, parse_config
 from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
@@ -506,6 +506,8 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
         print(json.dumps(cfg.to_dict(), indent=1), flush=True)
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
+            print(f"--{name}: accepted, no effect here ({NO_EFFECT[name]})", flush=True)
     return out
 
 

@@ -49,7 +49,7 @@ class TrainConfig:
         "fgcr with --mask_views > 1)",
         choices=METHODS,
     )
-    img_size: int = _flag("input resolution", 224)
+    img_size: int = _flag("input resolution", 224, aliases=("--input_size",))
     patch_size: int = _flag("patch size", 16)
     mask_ratio: float = _flag("fraction of patches masked in each view", 0.75)
     mask_views: int = _flag(
@@ -116,7 +116,15 @@ class TrainConfig:
     )
     save_every: int = _flag("also keep checkpoint-<epoch>.pth every N epochs (0: never)", 0)
     log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
+    version: str = _flag(
+        "run name, as the FGCR scripts take it: recorded in config.json, and the run's files go "
+        "to <output_dir>/<version>",
+        "",
+    )
     config: str = _flag("YAML or JSON file of these settings; command-line flags override it", "")
+
+    # published flags given on the command line that change nothing here (see NO_EFFECT)
+    no_effect: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def resolve(self, *, cuda: bool) -> "TrainConfig":
         """Fill the defaults that depend on other settings, and check the combination."""
@@ -176,6 +184,48 @@ EMBEDDED_DEFAULT = dict(
 )
 
 
+# Flags of the published MAE / SSAT / FGCR scripts that change nothing here, and why: accepted
+# (so their command lines run verbatim) and each explained in one log line.
+NO_EFFECT = {
+    "dist_eval": "evaluation is always distributed and exact (every sample counted once)",
+    "pin_mem": "the loaders place batches on the device themselves",
+    "no_pin_mem": "the loaders place batches on the device themselves",
+    "world_size": "torchrun's environment decides the number of processes",
+    "dist_url": "torchrun's environment decides the rendezvous",
+    "distributed": "torchrun's environment decides whether the run is distributed",
+    "dist_on_itp": "torchrun's environment decides the process group",
+    "local_rank": "torchrun's (or torch.distributed.launch's) environment decides the rank",
+}
+_NO_EFFECT_VALUES = {"world_size": int, "dist_url": str, "local_rank": int}
+# Flags of the published code's Swin / PVT backbones, which this project does not have.
+OTHER_BACKBONES = ("token_size", "vis_mask_ratio", "mask_regular")
+
+
+def _add_published_flags(parser: argparse.ArgumentParser) -> None:
+    """The published flags without an effect here, and those of the Swin/PVT backbones; both
+    leave a mark in the parsed namespace only when given (`_given_<name>`)."""
+    group = parser.add_argument_group("accepted from the published scripts, without effect here")
+    for name, why in NO_EFFECT.items():
+        names = [f"--{name}"] + (["--local-rank"] if name == "local_rank" else [])
+        kind = _NO_EFFECT_VALUES.get(name)
+        extra = {"type": kind} if kind else {"action": "store_true"}
+        group.add_argument(
+            *names,
+            dest=f"_given_{name}",
+            default=argparse.SUPPRESS,
+            help=f"no effect: {why}",
+            **extra,
+        )
+    for name in OTHER_BACKBONES:
+        parser.add_argument(
+            f"--{name}",
+            dest=f"_given_{name}",
+            nargs="?",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a ViT with the SSAT / FGCR auxiliary task, or the scratch baseline.",
@@ -183,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("internal"):
+            continue
         kind = hints[f.name]
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
         kwargs = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
@@ -197,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 negation, dest=f.name, action="store_false", help=f"the opposite of --{f.name}"
             )
+    _add_published_flags(parser)
     return parser
 
 
@@ -227,4 +280,16 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     first = parser.parse_args(argv)
     if first.config:
         parser.set_defaults(**load_file(first.config))
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    given = sorted(k.removeprefix("_given_") for k in values if k.startswith("_given_"))
+    other = [name for name in given if name in OTHER_BACKBONES]
+    if other:
+        raise ValueError(
+            f"--{other[0]} belongs to the Swin/PVT backbones of the published code; this project "
+            f"trains ViTs only (models: mae_vit_*, vit_*), so it has no such setting"
+        )
+    cfg = TrainConfig(**{k: v for k, v in values.items() if not k.startswith("_given_")})
+    cfg.no_effect = given
+    if cfg.version:  # each named run in its own folder, as the FGCR scripts file them
+        cfg.output_dir = str(Path(cfg.output_dir) / cfg.version)
+    return cfg

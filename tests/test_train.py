@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,12 +304,30 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
 
 
-def test_torchrun_two_processes(tmp_path, data):
-    out = tmp_path / "run"
-    flags = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1]
-    command = [*TORCHRUN, "train.py", *_args(data, out, *flags)]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
+    """The FGCR README's multi-GPU command shape, on the CPU: `python -m torch.distributed.launch
+    --nproc_per_node=2 train.py ...` (which passes --local-rank=N), with published flags that
+    change nothing here (each explained in one line) and --version naming the run's folder."""
+    flags = (
+        "--pipeline torch --model mae_vit_tiny --epochs 1 --input_size 16 --dist_eval --no_pin_mem"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2"]
+    command = [*launch, f"--master_port={_free_port()}", "train.py"]
+    command += [*_args(data, tmp_path, flags), "--version", "fgcr_digits"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "fgcr_digits"
+    config = json.loads((out / "config.json").read_text())
+    assert config["version"] == "fgcr_digits" and config["img_size"] == 16
+    assert config["no_effect"] == ["dist_eval", "local_rank", "no_pin_mem"]
+    for name in config["no_effect"]:
+        assert done.stdout.count(f"--{name}: accepted, no effect here (") == 1, done.stdout[-2000:]
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
     assert epoch["val_num_samples"] == 320  # every sample once across the two ranks
     assert epoch["step"] == (320 // 2) // 32  # each rank read half of the epoch
@@ -389,6 +408,13 @@ def test_config_file_and_flags(tmp_path, data):
     assert parse_config(["--global_pool"]).global_pool
     assert not parse_config(["--global_pool", "--cls_token"]).global_pool
     assert not parse_config(["--epochs", "1"]).global_pool
+    # the published scripts' names: --input_size, and flags accepted without effect
+    published = parse_config("--input_size 64 --pin_mem --world_size 8 --dist_url env://".split())
+    assert published.img_size == 64
+    assert published.no_effect == ["dist_url", "pin_mem", "world_size"]
+    for flag in ("--token_size 4", "--vis_mask_ratio 0.5", "--mask_regular"):
+        with pytest.raises(ValueError, match="Swin/PVT backbones"):
+            parse_config(flag.split())
     default = parse_config([])
     assert (default.data_path, default.img_size, default.patch_size) == ("digits", 32, 4)
     (tmp_path / "bad.json").write_text(json.dumps({"epoch": 3}))
