@@ -265,12 +265,13 @@ def train_one_epoch(
     the steps it ran, or None when a stop signal ended it early (`state.batch` then says where).
     The host waits on the device only at log intervals (and at the epoch's end)."""
     state.train_model.train()
-    device, steps, first = dist_ctx.device, len(loader), state.batch
+    device, first, accum = dist_ctx.device, state.batch, state.accum_iter
+    steps = len(loader) // accum * accum  # micro-batches of whole optimizer steps
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     window = torch.zeros_like(sums)
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    wait, window_images, window_steps = DataWait(device), 0, 0
+    wait, window_images, window_steps, window_updates = DataWait(device), 0, 0, 0
     epoch_start = window_start = time.perf_counter()
     bar = log.bar(steps, state.epoch, done=first)
     batches = iter(loader)
@@ -278,21 +279,25 @@ def train_one_epoch(
         fetch = time.perf_counter()
         batch = next(batches)
         wait.fetched(time.perf_counter() - fetch)
-        lr = state.lr()
-        set_lr(state.optimizer, lr)
-        losses = step(batch)
+        micro = i % accum
+        if micro == 0:
+            lr = state.lr()
+            set_lr(state.optimizer, lr)
+        losses = step(batch, micro)
+        updated = micro == accum - 1
         parts = torch.stack([losses[k].float() for k in LOSS_PARTS])
         wait.step_queued()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), state.step, first_bad)
         sums += parts
         window += parts
-        if step.grad_norm is not None:
+        if updated and step.grad_norm is not None:
             window_norm += step.grad_norm.float()
+            window_updates += 1
         window_images += batch["labels"].shape[0]
         window_steps += 1
-        state.step, state.batch = state.step + 1, i + 1
+        state.step, state.batch = state.step + updated, i + 1
         bar.update()
-        if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
+        if updated and (state.step % cfg.log_interval == 0 or i + 1 == steps):
             # the one host-device sync, at log intervals: loss values and the non-finite check
             check_finite(first_bad, state, cfg, bar)
             seconds = time.perf_counter() - window_start
@@ -306,7 +311,7 @@ def train_one_epoch(
                 "images_per_s": window_images * dist_ctx.world_size / seconds,
             }
             if step.grad_norm is not None:  # before clipping, averaged over the interval
-                record["grad_norm"] = window_norm.item() / window_steps
+                record["grad_norm"] = window_norm.item() / window_updates
             log.write(record)
             bar.set_postfix(
                 loss=f"{means[0]:.4f}",
@@ -315,9 +320,10 @@ def train_one_epoch(
             )
             window.zero_()
             window_norm.zero_()
-            window_images, window_steps, window_start = 0, 0, time.perf_counter()
-        # every rank asks after the same steps; the epoch's last step is left to its end
-        if i + 1 < steps and stop.requested():
+            window_images, window_steps, window_updates = 0, 0, 0
+            window_start = time.perf_counter()
+        # every rank asks after the same optimizer steps; the epoch's last is left to its end
+        if updated and i + 1 < steps and stop.requested():
             check_finite(first_bad, state, cfg, bar)  # never save weights after a bad step
             bar.close()
             return None
@@ -527,6 +533,11 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         raise TrainError(
             f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
             f"{train_loader.path.with_suffix('.json')}"
+        )
+    if len(train_loader) < cfg.accum_iter:
+        raise TrainError(
+            f"--accum_iter {cfg.accum_iter} needs that many batches per epoch; "
+            f"{train_loader.path} gives {len(train_loader)} of {cfg.batch_size} per process"
         )
     state = build_state(cfg, dist_ctx, classes, len(train_loader))
     if cfg.eval:

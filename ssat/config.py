@@ -81,6 +81,11 @@ class TrainConfig:
     min_lr: float = _flag("final learning rate of the cosine schedule", 1e-6)
     warmup_epochs: float = _flag("linear warmup, in epochs (per step)", 5.0)
     weight_decay: float = _flag("AdamW weight decay (not on biases and norms)", 0.05)
+    accum_iter: int = _flag(
+        "gradient accumulation: micro-batches per optimizer step (the effective batch is "
+        "batch_size x accum_iter x processes; the learning-rate rule and the schedule use it)",
+        1,
+    )
     clip_grad: float | None = _flag(
         "clip the global gradient norm to this (measured after undoing the fp16 loss scale); "
         "the norm before clipping is logged. Default: no clipping"

@@ -56,7 +56,8 @@ class TrainState:
     min_lr: float  # the schedule's end
     warmup_steps: int
     total_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # the loader's batches in an epoch (micro-batches with accumulation)
+    accum_iter: int = 1  # micro-batches per optimizer step
     step: int = 0  # optimizer steps taken, all epochs together
     epoch: int = 0  # the epoch under way, or the next to start
     batch: int = 0  # batches of `epoch` done
@@ -98,7 +99,10 @@ def create_state(
     """Move `model` to the device (channels-last), give it its optimizer and scaler, and wrap
     what trains (torch.compile with --compile, DistributedDataParallel with several ranks)."""
     model = model.to(dist_ctx.device, memory_format=torch.channels_last)
-    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * dist_ctx.world_size)
+    # the rule and the schedule count optimizer steps, of batch_size x accum_iter x processes
+    global_batch = cfg.batch_size * cfg.accum_iter * dist_ctx.world_size
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, global_batch)
+    updates_per_epoch = steps_per_epoch // cfg.accum_iter
     # MAE's layer-wise rates for fine-tuning (a --finetune run), unless --layer_decay 1
     layer_decay = cfg.layer_decay if cfg.finetune and cfg.layer_decay != 1 else None
     train_model = torch.compile(model) if cfg.compile else model
@@ -116,9 +120,10 @@ def create_state(
         scaler=grad_scaler(cfg.amp, dist_ctx.device),
         base_lr=lr,
         min_lr=cfg.min_lr,
-        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=int(round(cfg.warmup_epochs * updates_per_epoch)),
+        total_steps=cfg.epochs * updates_per_epoch,
         steps_per_epoch=steps_per_epoch,
+        accum_iter=cfg.accum_iter,
     )
 
 
@@ -142,9 +147,12 @@ class TrainStep:
         beta: float = 0.001,
         smoothing: float = 0.1,
         clip_grad: float | None = None,
+        accum_iter: int = 1,
     ):
+        if accum_iter < 1:
+            raise ValueError(f"accum_iter must be at least 1, got {accum_iter}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.clip_grad = clip_grad
+        self.clip_grad, self.accum_iter = clip_grad, accum_iter
         # the global gradient norm before clipping, of the last update (a device tensor)
         self.grad_norm: torch.Tensor | None = None
         self.mask_views = mask_views  # None: the scratch model (no decoder)
@@ -165,14 +173,25 @@ class TrainStep:
             beta=cfg.sim_beta,
             smoothing=cfg.smoothing,
             clip_grad=cfg.clip_grad,
+            accum_iter=cfg.accum_iter,
         )
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step on a loader batch (`crops` (V, B, 3, H, W), `labels` (B,), optionally soft
-        `targets` (B, C)); returns the loss parts, detached, on the device."""
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = self.backward(batch)
-        self.update()
+    def __call__(self, batch: dict[str, torch.Tensor], micro: int = 0) -> dict[str, torch.Tensor]:
+        """Micro-batch `micro` (0 .. accum_iter - 1) of one optimizer step, on a loader batch
+        (`crops` (V, B, 3, H, W), `labels` (B,), optionally soft `targets` (B, C)); the
+        optimizer updates after the last. Returns the loss parts, detached, on the device.
+
+        Each micro-batch's loss is divided by accum_iter, so the gradients add up to those of
+        one batch of accum_iter x B images; DistributedDataParallel all-reduces them only on
+        the last micro-batch."""
+        if micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        last = micro == self.accum_iter - 1
+        no_sync = getattr(self.model, "no_sync", None)  # DistributedDataParallel
+        with nullcontext() if last or no_sync is None else no_sync():
+            losses = self.backward(batch)
+        if last:
+            self.update()
         return losses
 
     def backward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,7 +205,7 @@ class TrainStep:
             else:
                 out = self.model(images, mask_views=self.mask_views)
             losses = ssat_objective(out, targets, **self.weights)
-        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.scale(losses["loss"] / self.accum_iter).backward()
         return {name: value.detach() for name, value in losses.items()}
 
     def update(self) -> None:

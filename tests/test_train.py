@@ -313,10 +313,10 @@ def _free_port() -> int:
 def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
     """The FGCR README's multi-GPU command shape, on the CPU: `python -m torch.distributed.launch
     --nproc_per_node=2 train.py ...` (which passes --local-rank=N), with published flags that
-    change nothing here (each explained in one line) and --version naming the run's folder."""
-    flags = (
-        "--pipeline torch --model mae_vit_tiny --epochs 1 --input_size 16 --dist_eval --no_pin_mem"
-    )
+    change nothing here (each explained in one line), --version naming the run's folder, and
+    gradient accumulation under DistributedDataParallel (the all-reduce skipped on inner steps)."""
+    flags = "--pipeline torch --model mae_vit_tiny --epochs 1 --input_size 16 --accum_iter 2"
+    flags += " --dist_eval --no_pin_mem"
     launch = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2"]
     command = [*launch, f"--master_port={_free_port()}", "train.py"]
     command += [*_args(data, tmp_path, flags), "--version", "fgcr_digits"]
@@ -330,7 +330,8 @@ def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
         assert done.stdout.count(f"--{name}: accepted, no effect here (") == 1, done.stdout[-2000:]
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
     assert epoch["val_num_samples"] == 320  # every sample once across the two ranks
-    assert epoch["step"] == (320 // 2) // 32  # each rank read half of the epoch
+    # each rank read half of the epoch: 5 batches of 32, so 2 optimizer steps of 2 batches
+    assert epoch["step"] == (320 // 2) // 32 // 2
 
 
 def test_compiled_model_trains_an_epoch(tmp_path, data):
@@ -517,3 +518,27 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     assert scales[0] == pytest.approx(0.75**13) and scales[-1] == 1.0 and len(scales) == 14
     lr = [r["lr"] for r in _log(out) if r["type"] == "epoch"][-1]
     assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
+
+
+def test_accumulation_equals_the_large_batch(tmp_path, data):
+    """--accum_iter 2 --batch_size 16 gives the weights of --batch_size 32 (same effective batch,
+    learning rate and schedule; no random augmentation on the device, SSAT with no dropout)."""
+    # a clip that never acts, for the logged gradient norms: equal only if each micro-batch's
+    # loss is divided by their number (Adam's steps alone would hide a factor of 2)
+    same = "--pipeline torch --model mae_vit_tiny --epochs 1 --aa none --reprob 0 --clip_grad 1e9"
+    big, small = tmp_path / "big", tmp_path / "small"
+    assert train.main(_args(data, big, same, "--batch_size 32")) == 0
+    assert train.main(_args(data, small, same, "--batch_size 16 --accum_iter 2")) == 0
+    a, b = (load_checkpoint(out / "checkpoint-last.pth") for out in (big, small))
+    assert a["step"] == b["step"] == 10  # optimizer steps: 320 samples / 32
+    for key, value in a["model"].items():
+        other = b["model"][key]
+        if key.endswith("attn.qkv.bias"):
+            # the key bias's true gradient is 0 (softmax ignores a shift shared by all keys), so
+            # its gradient is rounding noise that Adam scales up to steps: compare q and v only
+            q, _, v = value.chunk(3)
+            value, other = torch.cat([q, v]), torch.cat([other.chunk(3)[0], other.chunk(3)[2]])
+        torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=key)
+    for key in ("lr", "grad_norm", "loss"):
+        logged = [[r[key] for r in _log(out) if r["type"] == "step"] for out in (big, small)]
+        assert logged[0] == pytest.approx(logged[1], rel=1e-4), key
