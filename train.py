@@ -428,6 +428,8 @@ def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None:  # a file without an average starts it from the weights
+        state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
     position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
     state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
@@ -480,6 +482,7 @@ def save(
             best_metric=state.best,
             position=position,
             rng_ranks=rng_ranks,
+            model_ema=state.ema.module if state.ema is not None else None,
         )
 
 
@@ -578,6 +581,9 @@ def fit(
         if train is None:
             return stop_here(cfg, state, stop.requested(), dist_ctx)
         result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        averaged = {}  # the weights' moving average, evaluated beside them
+        if state.ema is not None:
+            averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
         improved = state.best is None or result["acc1"] > state.best
         state.best = max(result["acc1"], state.best or 0.0)
         state.epoch, state.batch = epoch + 1, 0
@@ -590,6 +596,7 @@ def fit(
                 "lr": max(g["lr"] for g in state.optimizer.param_groups),
                 **train,
                 **{f"val_{k}": v for k, v in result.items()},
+                **{f"ema_val_{k}": v for k, v in averaged.items()},
                 "best_acc1": state.best,
                 "epoch_seconds": train["train_seconds"],
                 "peak_memory_mb": peak_memory_mb(dist_ctx.device),
@@ -600,7 +607,8 @@ def fit(
             f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 "
             f"{result['acc1']:.2f}%  acc5 {result['acc5']:.2f}%  "
             f"({train['train_images_per_s']:.0f} img/s, "
-            f"data wait {train['data_wait']:.0%})",
+            f"data wait {train['data_wait']:.0%})"
+            + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
         )
         signum = stop.requested() if state.epoch < last else 0  # came during eval or saving
         if signum:

@@ -190,6 +190,7 @@ def save_checkpoint(
     best_metric: float | None = None,
     position: dict[str, int] | None = None,
     rng_ranks: list[dict[str, Any]] | None = None,
+    model_ema: nn.Module | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically. `model` may be wrapped (DDP, compiled): the
     plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file.
@@ -209,6 +210,8 @@ def save_checkpoint(
             "best_metric": best_metric,
             "position": position,
             **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
+            # timm's key for the weights' moving average
+            **({"model_ema": model_ema.state_dict()} if model_ema is not None else {}),
         },
         path,
     )

@@ -81,6 +81,14 @@ class TrainConfig:
     min_lr: float = _flag("final learning rate of the cosine schedule", 1e-6)
     warmup_epochs: float = _flag("linear warmup, in epochs (per step)", 5.0)
     weight_decay: float = _flag("AdamW weight decay (not on biases and norms)", 0.05)
+    model_ema: bool = _flag(
+        "keep an exponential moving average of the weights (timm's ModelEmaV3), evaluated each "
+        "epoch beside them and saved in the checkpoints",
+        False,
+    )
+    model_ema_decay: float = _flag(
+        "decay of the weights' moving average, per optimizer step", 0.9999
+    )
     accum_iter: int = _flag(
         "gradient accumulation: micro-batches per optimizer step (the effective batch is "
         "batch_size x accum_iter x processes; the learning-rate rule and the schedule use it)",

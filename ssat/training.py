@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from ssat.config import TrainConfig
@@ -58,6 +59,7 @@ class TrainState:
     total_steps: int
     steps_per_epoch: int  # the loader's batches in an epoch (micro-batches with accumulation)
     accum_iter: int = 1  # micro-batches per optimizer step
+    ema: ModelEmaV3 | None = None  # the weights' moving average (`ema.module`), with --model_ema
     step: int = 0  # optimizer steps taken, all epochs together
     epoch: int = 0  # the epoch under way, or the next to start
     batch: int = 0  # batches of `epoch` done
@@ -124,6 +126,7 @@ def create_state(
         total_steps=cfg.epochs * updates_per_epoch,
         steps_per_epoch=steps_per_epoch,
         accum_iter=cfg.accum_iter,
+        ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
     )
 
 
@@ -148,11 +151,16 @@ class TrainStep:
         smoothing: float = 0.1,
         clip_grad: float | None = None,
         accum_iter: int = 1,
+        ema: ModelEmaV3 | None = None,
+        ema_of: nn.Module | None = None,
     ):
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be at least 1, got {accum_iter}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.clip_grad, self.accum_iter = clip_grad, accum_iter
+        # after each update the average takes a step towards the plain module's weights (the
+        # trained model may be compiled or DDP-wrapped, whose parameter names differ)
+        self.ema, self.ema_of = ema, ema_of
         # the global gradient norm before clipping, of the last update (a device tensor)
         self.grad_norm: torch.Tensor | None = None
         self.mask_views = mask_views  # None: the scratch model (no decoder)
@@ -174,6 +182,8 @@ class TrainStep:
             smoothing=cfg.smoothing,
             clip_grad=cfg.clip_grad,
             accum_iter=cfg.accum_iter,
+            ema=state.ema,
+            ema_of=state.model,
         )
 
     def __call__(self, batch: dict[str, torch.Tensor], micro: int = 0) -> dict[str, torch.Tensor]:
@@ -218,3 +228,5 @@ class TrainStep:
         # fused AdamW takes the scaler's inf check as a device tensor: no host sync with fp16
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.ema_of)

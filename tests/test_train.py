@@ -110,22 +110,22 @@ def test_trains_and_logs(tmp_path, data, method, pipeline):
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
-    common = ["--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 4]
+    """Also the weights' moving average: saved, resumed, and evaluated each epoch."""
+    common = "--pipeline torch --model mae_vit_tiny --epochs 4 --model_ema --model_ema_decay 0.9"
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(_args(data, straight, *common)) == 0
-    assert (
-        train.main(
-            _args(data, split, "--model mae_vit_tiny --pipeline torch --epochs 4 --stop_after 2")
-        )
-        == 0
-    )
+    assert train.main(_args(data, straight, common)) == 0
+    assert train.main(_args(data, split, common, "--stop_after 2")) == 0
     assert load_checkpoint(split / "checkpoint-last.pth")["epoch"] == 1
-    assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
+    assert train.main(_args(data, split, common, "--resume", "auto")) == 0
     a = load_checkpoint(straight / "checkpoint-last.pth")
     b = load_checkpoint(split / "checkpoint-last.pth")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    for weights in ("model", "model_ema"):
+        for key, value in a[weights].items():
+            assert torch.equal(value, b[weights][key]), (weights, key)
+    assert not torch.equal(a["model"]["head.weight"], a["model_ema"]["head.weight"])
+    epochs = [r for r in _log(straight) if r["type"] == "epoch"]
+    assert all(0 <= r["ema_val_acc1"] <= 100 and r["ema_val_num_samples"] == 320 for r in epochs)
 
 
 def test_killed_run_finishes_when_rerun(tmp_path, data):

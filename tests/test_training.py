@@ -1,7 +1,9 @@
-"""The training step shared by train.py and bench/train_step.py: gradient clipping."""
+"""The training step shared by train.py and bench/train_step.py: gradient clipping and the
+weights' moving average."""
 
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 
 from ssat.models import create_model
 from ssat.optim import create_optimizer
@@ -47,3 +49,30 @@ def test_no_clipping_by_default():
     )
     step({"crops": torch.randn(1, 8, 3, 16, 16), "labels": torch.randint(0, 10, (8,))})
     assert step.grad_norm is None and _grad_norm(model) > 0
+
+
+def test_moving_average_equals_the_hand_computed_one():
+    """After three updates the average is e3 = d e2 + (1 - d) w3, e0 = w0, computed by hand
+    from the weights after each step."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", num_classes=10, img_size=16, patch_size=4, depth=1)
+    d = 0.9
+    ema = ModelEmaV3(model, decay=d)
+    step = TrainStep(
+        model,
+        create_optimizer(model, lr=1e-2),
+        torch.amp.GradScaler("cpu", enabled=False),
+        mask_views=None,
+        amp="none",
+        device=torch.device("cpu"),
+        ema=ema,
+        ema_of=model,
+    )
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        step({"crops": torch.randn(1, 8, 3, 16, 16), "labels": torch.randint(0, 10, (8,))})
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)
+    assert not torch.equal(ema.module.head.weight, model.head.weight)
