@@ -159,6 +159,7 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         mixup=cfg.mixup,
         cutmix=cfg.cutmix,
         smoothing=cfg.smoothing,
+        subset_size=cfg.subset_size,
         **common,
     )
     val = create_loader(cfg.pipeline, val_path, train=False, batch_size=cfg.batch_size, **common)
@@ -537,6 +538,13 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
             f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
             f"{train_loader.path.with_suffix('.json')}"
         )
+    if train_loader.subset is not None:
+        print0(
+            dist_ctx,
+            f"training on a fixed subset: {train_loader.num_samples} of "
+            f"{train_loader.info.num_samples} samples of {train_loader.path} "
+            f"(--subset_size {cfg.subset_size}, chosen by --seed {cfg.seed})",
+        )
     if len(train_loader) < cfg.accum_iter:
         raise TrainError(
             f"--accum_iter {cfg.accum_iter} needs that many batches per epoch; "
@@ -598,6 +606,8 @@ def fit(
                 **{f"val_{k}": v for k, v in result.items()},
                 **{f"ema_val_{k}": v for k, v in averaged.items()},
                 "best_acc1": state.best,
+                "train_samples": train_loader.num_samples,  # fewer with --subset_size
+                **({"subset_seed": cfg.seed} if train_loader.subset is not None else {}),
                 "epoch_seconds": train["train_seconds"],
                 "peak_memory_mb": peak_memory_mb(dist_ctx.device),
             }

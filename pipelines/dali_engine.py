@@ -62,10 +62,12 @@ class BetonSamples:
         first_epoch: int,
         length: int,
         first_skip: int = 0,
+        subset: np.ndarray | None = None,
     ):
         self.beton, self.train, self.batch_size = beton, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.first_epoch, self.length, self.first_skip = first_epoch, length, first_skip
+        self.subset = subset
         self._cached = (None, None)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -78,6 +80,7 @@ class BetonSamples:
                 world_size=self.world_size,
                 seed=self.seed,
                 epoch=epoch,
+                subset=self.subset,
             )
             self._cached = (epoch, padded(order, self.length))
         return self._cached[1]
@@ -159,6 +162,7 @@ class DALILoader(CropLoader):
                     first_epoch=self.epoch,
                     length=length,
                     first_skip=skip,
+                    subset=self.subset,
                 )
                 encoded, index = fn.external_source(
                     source=source,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import AugmentConfig, DeviceAugment
-from pipelines.sampling import epoch_order, num_batches
+from pipelines.sampling import epoch_order, num_batches, training_subset
 from storage import DatasetError
 from storage.metadata import open_dataset
 
@@ -58,6 +58,7 @@ class CropLoader:
         seed: int = 0,
         num_workers: int | None = None,
         dtype: torch.dtype = torch.float32,
+        subset_size: float = 1.0,
         **augmentation,
     ):
         self.source, self.info = self._open(path)
@@ -70,6 +71,9 @@ class CropLoader:
             )
         self.train, self.batch_size, self.img_size, self.crops = train, batch_size, img_size, crops
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        # a limited-data run: train on a fixed fraction of the samples (eval reads them all)
+        self.subset = training_subset(self.info.num_samples, subset_size, seed) if train else None
+        self.num_samples = self.info.num_samples if self.subset is None else len(self.subset)
         self.device = torch.device(device)
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.config = AugmentConfig.from_kwargs(**augmentation)
@@ -112,11 +116,12 @@ class CropLoader:
             world_size=self.world_size,
             seed=self.seed,
             epoch=self.epoch if epoch is None else epoch,
+            subset=self.subset,
         )
 
     def __len__(self) -> int:
         return num_batches(
-            self.info.num_samples,
+            self.num_samples,
             train=self.train,
             batch_size=self.batch_size,
             rank=self.rank,

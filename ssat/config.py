@@ -41,6 +41,11 @@ class TrainConfig:
         "loader engine: ffcv, dali (GPU JPEG decoding) or torch (default: ffcv when installed)",
         choices=PIPELINES,
     )
+    subset_size: float = _flag(
+        "train on a fixed random fraction of the training split (limited-data runs): the same "
+        "samples on every rank, every epoch and after a resume, chosen by --seed",
+        1.0,
+    )
     num_workers: int | None = _flag("loader threads/processes (default: all cores)")
     # model and method
     model: str = _flag("model name (ssat.models.list_models())", "mae_vit_tiny")

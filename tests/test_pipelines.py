@@ -695,3 +695,39 @@ def test_forked_children_leave_the_parents_dali_pipelines_alone(data):
     finally:
         if child.is_alive():
             child.kill()
+
+
+@pytest.mark.parametrize("engine", ["torch", "dali"])
+def test_training_subset_is_fixed_across_ranks_epochs_and_restarts(data, engine):
+    """--subset_size: a fixed half of the split, the same on both ranks and in a loader made
+    afresh (a resumed run); each epoch permutes it anew and the ranks read disjoint shards."""
+
+    def loader(rank):
+        return create_loader(
+            engine,
+            data["digits"],
+            train=True,
+            batch_size=16,
+            img_size=8,
+            rank=rank,
+            world_size=2,
+            subset_size=0.5,
+            num_workers=1,
+            **NO_AUG,
+        )
+
+    first, second, again = loader(0), loader(1), loader(0)
+    subset = first.subset
+    assert len(subset) == round(0.5 * 1347) and len(np.unique(subset)) == len(subset)
+    assert np.array_equal(second.subset, subset) and np.array_equal(again.subset, subset)
+    assert len(first) == (len(subset) // 2) // 16
+    orders = {}
+    for epoch in (0, 1):
+        for rank, one in ((0, first), (1, second)):
+            one.set_epoch(epoch)
+            orders[epoch, rank] = torch.cat([b["indices"] for b in one]).numpy()
+            assert set(orders[epoch, rank]) <= set(subset.tolist())
+        assert not set(orders[epoch, 0]) & set(orders[epoch, 1])
+    assert not np.array_equal(orders[0, 0], orders[1, 0])
+    again.set_epoch(1)
+    assert np.array_equal(torch.cat([b["indices"] for b in again]).numpy(), orders[1, 0])

@@ -508,7 +508,7 @@ def test_finetune_uses_layer_decay(tmp_path, data):
                 out,
                 "--pipeline torch --model vit_tiny --global_pool --finetune",
                 pre / "checkpoint-last.pth",
-                "--epochs 1",
+                "--epochs 1 --subset_size 0.5",
             )
         )
         == 0
@@ -516,7 +516,10 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     groups = load_checkpoint(out / "checkpoint-last.pth")["optimizer"]["param_groups"]
     scales = sorted({g["lr_scale"] for g in groups})
     assert scales[0] == pytest.approx(0.75**13) and scales[-1] == 1.0 and len(scales) == 14
-    lr = [r["lr"] for r in _log(out) if r["type"] == "epoch"][-1]
+    epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
+    # a limited-data run on half the split: 160 samples, 5 steps of 32, the subset's seed logged
+    assert epoch["train_samples"] == 160 and epoch["step"] == 5 and epoch["subset_seed"] == 0
+    lr = epoch["lr"]
     assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
 
 
