@@ -60,7 +60,7 @@ from ssat.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ssat.config import NO_EFFECT, TrainConfig, parse_config
+from ssat.config import NOTES, TrainConfig, parse_config
 from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
@@ -156,7 +156,13 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         aa=None if cfg.aa == "none" else cfg.aa,
         scale=(cfg.min_scale, 1.0),
         reprob=cfg.reprob,
+        remode=cfg.remode,
+        recount=cfg.recount,
         mixup=cfg.mixup,
+        mixup_prob=cfg.mixup_prob,
+        mixup_switch_prob=cfg.mixup_switch_prob,
+        mixup_mode=cfg.mixup_mode,
+        cutmix_minmax=tuple(cfg.cutmix_minmax) if cfg.cutmix_minmax else None,
         cutmix=cfg.cutmix,
         smoothing=cfg.smoothing,
         subset_size=cfg.subset_size,
@@ -171,7 +177,7 @@ class RunLog:
     """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
     progress bar; rank 0 only."""
 
-    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool):
+    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool, board: str = ""):
         self.active = dist_ctx.main
         self.path = out / "log.jsonl"
         self.board = None
@@ -181,7 +187,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.board = SummaryWriter(str(out / "tensorboard"))
+                self.board = SummaryWriter(board or str(out / "tensorboard"))
             except ImportError:
                 pass
 
@@ -402,6 +408,9 @@ def build_state(
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
     if cfg.resume:
         resume(cfg, state, dist_ctx)
+    elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
+        state.epoch = cfg.start_epoch
+        state.step = cfg.start_epoch * (steps_per_epoch // cfg.accum_iter)
     return state
 
 
@@ -517,7 +526,7 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
-            print(f"--{name}: accepted, no effect here ({NO_EFFECT[name]})", flush=True)
+            print(f"--{name}: accepted, no effect here ({NOTES[name]})", flush=True)
     return out
 
 
@@ -557,7 +566,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         result = evaluate(state.model, val_loader, cfg, dist_ctx)
         print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
-    log = RunLog(out, dist_ctx, fresh=state.step == 0)
+    log = RunLog(out, dist_ctx, fresh=state.step == 0, board=cfg.log_dir)
     try:
         with StopSignals(dist_ctx) as stop:
             return fit(cfg, state, train_loader, val_loader, log, dist_ctx, stop)

@@ -34,6 +34,7 @@ class AugmentConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
+    cutmix_minmax: tuple[float, float] | None = None  # cutmix box area range; overrides alpha
     smoothing: float = 0.1  # label smoothing carried by mixup's soft targets
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop img_size
 
@@ -92,6 +93,7 @@ class DeviceAugment:
                 prob=config.mixup_prob,
                 switch_prob=config.mixup_switch_prob,
                 mode=config.mixup_mode,
+                cutmix_minmax=config.cutmix_minmax,
                 label_smoothing=config.smoothing,
                 num_classes=num_classes,
             )

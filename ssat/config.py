@@ -116,11 +116,35 @@ class TrainConfig:
     )
     aa: str = _flag("RandAugment config, or 'none'", "rand-m9-mstd0.5-inc1")
     reprob: float = _flag("random erasing probability", 0.25)
+    remode: str = _flag(
+        "random erasing fill: pixel, rand or const (timm)",
+        "pixel",
+        choices=("pixel", "rand", "const"),
+    )
+    recount: int = _flag("random erasing: most boxes per image (timm)", 1)
+    cutmix_minmax: list[float] | None = _flag(
+        "cutmix box area range MIN MAX (fractions); overrides the cutmix alpha (timm)", nargs=2
+    )
+    mixup_prob: float = _flag("probability of mixing a batch (mixup or cutmix)", 1.0)
+    mixup_switch_prob: float = _flag("probability of cutmix instead of mixup, both on", 0.5)
+    mixup_mode: str = _flag(
+        "how mixup/cutmix draws: batch, pair or elem (timm)",
+        "batch",
+        choices=("batch", "pair", "elem"),
+    )
+    color_jitter: float | None = _flag(
+        "colour jitter; as in timm, RandAugment replaces it, so it acts only with --aa none, "
+        "where it is not implemented on the device (an error)"
+    )
     amp: str | None = _flag(
         "autocast dtype: bf16, fp16 or none (default: bf16 on CUDA, none on CPU)", choices=AMP
     )
     compile: bool | None = _flag("torch.compile the model (default: on with CUDA)")
     # run
+    log_dir: str = _flag("TensorBoard event files (default: <output_dir>/tensorboard)", "")
+    start_epoch: int = _flag(
+        "epoch to start at without --resume (the schedule goes on from there; MAE's flag)", 0
+    )
     output_dir: str = _flag("where config.json, log.jsonl and checkpoints go", "output")
     resume: str = _flag(
         "checkpoint to continue from, or 'auto' for <output_dir>/checkpoint-last.pth", ""
@@ -166,6 +190,13 @@ class TrainConfig:
             )
         if self.method == "fgcr" and self.mask_views < 2:
             raise ValueError("--method fgcr needs --mask_views (--views) of 2 or more")
+        if self.color_jitter and self.aa == "none":
+            raise ValueError(
+                "--color_jitter with --aa none: colour jitter is not implemented on the device; "
+                "with RandAugment on (the published default) timm ignores --color_jitter, as here"
+            )
+        if self.color_jitter and "color_jitter" not in self.no_effect:
+            self.no_effect.append("color_jitter")
         if self.mixup is None:
             self.mixup = 0.8 if self.method == "scratch" else 0.0
         if self.cutmix is None:
@@ -213,7 +244,10 @@ NO_EFFECT = {
     "distributed": "torchrun's environment decides whether the run is distributed",
     "dist_on_itp": "torchrun's environment decides the process group",
     "local_rank": "torchrun's (or torch.distributed.launch's) environment decides the rank",
+    "resplit": "it acts only on augmentation splits, which the published recipes do not use",
 }
+# Why a published setting that is a flag here too changes nothing in this run.
+NOTES = {**NO_EFFECT, "color_jitter": "RandAugment replaces colour jitter, as in timm"}
 _NO_EFFECT_VALUES = {"world_size": int, "dist_url": str, "local_rank": int}
 # Flags of the published code's Swin / PVT backbones, which this project does not have.
 OTHER_BACKBONES = ("token_size", "vis_mask_ratio", "mask_regular")
@@ -260,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = f.metadata["choices"]
         if kind in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif "nargs" in f.metadata:  # a list of floats
+            kwargs.update(nargs=f.metadata["nargs"], type=float)
         else:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
         parser.add_argument(*names, **kwargs)

@@ -731,3 +731,29 @@ def test_training_subset_is_fixed_across_ranks_epochs_and_restarts(data, engine)
     assert not np.array_equal(orders[0, 0], orders[1, 0])
     again.set_epoch(1)
     assert np.array_equal(torch.cat([b["indices"] for b in again]).numpy(), orders[1, 0])
+
+
+def test_mixing_options_reach_timms_mixup():
+    """The published mixup flags arrive in timm's Mixup as given."""
+    config = AugmentConfig(
+        cutmix=1.0,
+        cutmix_minmax=(0.2, 0.8),
+        mixup_prob=0.5,
+        mixup_switch_prob=0.3,
+        mixup_mode="pair",
+    )
+    mixup = DeviceAugment(
+        config,
+        train=True,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        num_classes=4,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    ).mixup
+    assert (mixup.cutmix_minmax, mixup.mix_prob, mixup.switch_prob, mixup.mode) == (
+        (0.2, 0.8),
+        0.5,
+        0.3,
+        "pair",
+    )

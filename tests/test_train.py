@@ -413,6 +413,16 @@ def test_config_file_and_flags(tmp_path, data):
     published = parse_config("--input_size 64 --pin_mem --world_size 8 --dist_url env://".split())
     assert published.img_size == 64
     assert published.no_effect == ["dist_url", "pin_mem", "world_size"]
+    aug = parse_config(
+        "--remode rand --recount 2 --cutmix_minmax 0.2 0.8 --mixup_prob 0.5 --mixup_mode pair "
+        "--mixup_switch_prob 0.3 --resplit --color_jitter 0.4 --log_dir tb --start_epoch 3".split()
+    ).resolve(cuda=False)
+    assert (aug.remode, aug.recount, aug.cutmix_minmax) == ("rand", 2, [0.2, 0.8])
+    assert (aug.mixup_prob, aug.mixup_switch_prob, aug.mixup_mode) == (0.5, 0.3, "pair")
+    assert (aug.log_dir, aug.start_epoch) == ("tb", 3)
+    assert aug.no_effect == ["resplit", "color_jitter"]  # RandAugment replaces colour jitter
+    with pytest.raises(ValueError, match="colour jitter is not implemented"):
+        parse_config("--color_jitter 0.4 --aa none".split()).resolve(cuda=False)
     for flag in ("--token_size 4", "--vis_mask_ratio 0.5", "--mask_regular"):
         with pytest.raises(ValueError, match="Swin/PVT backbones"):
             parse_config(flag.split())
@@ -545,3 +555,14 @@ def test_accumulation_equals_the_large_batch(tmp_path, data):
     for key in ("lr", "grad_norm", "loss"):
         logged = [[r[key] for r in _log(out) if r["type"] == "step"] for out in (big, small)]
         assert logged[0] == pytest.approx(logged[1], rel=1e-4), key
+
+
+def test_start_epoch_goes_on_from_there(tmp_path, data):
+    """MAE's --start_epoch without --resume: epochs before it are skipped and the schedule is
+    where it would be after them; TensorBoard files go to --log_dir."""
+    out = tmp_path / "run"
+    flags = f"--pipeline torch --model vit_tiny --epochs 2 --start_epoch 1 --log_dir {tmp_path}/tb"
+    assert train.main(_args(data, out, flags)) == 0
+    epochs = [r for r in _log(out) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1] and epochs[0]["step"] == 20
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
