@@ -273,7 +273,7 @@ def train_one_epoch(
     The host waits on the device only at log intervals (and at the epoch's end)."""
     state.train_model.train()
     device, first, accum = dist_ctx.device, state.batch, state.accum_iter
-    steps = len(loader) // accum * accum  # micro-batches of whole optimizer steps
+    steps = state.updates_per_epoch * accum  # micro-batches of whole optimizer steps
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     window = torch.zeros_like(sums)
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
@@ -410,7 +410,7 @@ def build_state(
         resume(cfg, state, dist_ctx)
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
         state.epoch = cfg.start_epoch
-        state.step = cfg.start_epoch * (steps_per_epoch // cfg.accum_iter)
+        state.step = cfg.start_epoch * state.updates_per_epoch
     return state
 
 

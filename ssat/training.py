@@ -66,6 +66,11 @@ class TrainState:
     best: float | None = None  # best validation top-1 so far
     rng: dict[str, Any] | None = None  # generator states to restore before the next step
 
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer steps in an epoch: whole groups of accum_iter batches."""
+        return self.steps_per_epoch // self.accum_iter
+
     def lr(self) -> float:
         """The learning rate for the next step."""
         return lr_at(
@@ -158,6 +163,8 @@ class TrainStep:
             raise ValueError(f"accum_iter must be at least 1, got {accum_iter}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.clip_grad, self.accum_iter = clip_grad, accum_iter
+        # what clipping measures and scales: every parameter the optimizer updates
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # after each update the average takes a step towards the plain module's weights (the
         # trained model may be compiled or DDP-wrapped, whose parameter names differ)
         self.ema, self.ema_of = ema, ema_of
@@ -223,8 +230,7 @@ class TrainStep:
             # the bound is on the true gradients: undo the fp16 loss scale first (a no-op
             # without fp16); the scaler then knows not to unscale again in `step`
             self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         # fused AdamW takes the scaler's inf check as a device tensor: no host sync with fp16
         self.scaler.step(self.optimizer)
         self.scaler.update()
