@@ -168,8 +168,19 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         subset_size=cfg.subset_size,
         **common,
     )
-    val = create_loader(cfg.pipeline, val_path, train=False, batch_size=cfg.batch_size, **common)
+    val = create_loader(
+        cfg.pipeline,
+        val_path,
+        train=False,
+        batch_size=cfg.batch_size,
+        perspective=PERTURBED_PERSPECTIVE if cfg.perturb_perspective else 0.0,
+        **common,
+    )
     return train, val
+
+
+# the published --perturb_perspective: RandomPerspective(distortion_scale=0.5, p=1.0)
+PERTURBED_PERSPECTIVE = 0.5
 
 
 # ----------------------------------------------------------------------------- logging
@@ -394,24 +405,44 @@ def build_state(
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes)
-    if cfg.finetune:
-        try:
-            result = load_pretrained(model, cfg.finetune)
-        except RuntimeError as err:
-            raise TrainError(f"cannot initialise from {cfg.finetune}: {err}") from err
+    weights = _weights_only_resume(cfg)
+    if weights:  # MAE's --resume of a file without a run in it: start from its weights
         print0(
             dist_ctx,
-            f"initialised from {cfg.finetune}: missing {len(result.missing_keys)} "
+            f"--resume {weights}: the file holds weights but no optimizer state, so the run "
+            f"starts at epoch 0 from those weights, as the published scripts do (--finetune "
+            f"adds MAE's layer-wise learning-rate decay)",
+        )
+    for source in filter(None, (cfg.finetune, weights)):
+        try:
+            result = load_pretrained(model, source)
+        except RuntimeError as err:
+            raise TrainError(f"cannot initialise from {source}: {err}") from err
+        print0(
+            dist_ctx,
+            f"initialised from {source}: missing {len(result.missing_keys)} "
             f"keys, unused {len(result.unexpected_keys)}, "
             f"head reset: {result.head_reset}",
         )
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
-    if cfg.resume:
+    if cfg.resume and not weights:
         resume(cfg, state, dist_ctx)
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
         state.epoch = cfg.start_epoch
         state.step = cfg.start_epoch * state.updates_per_epoch
     return state
+
+
+def _weights_only_resume(cfg: TrainConfig) -> str:
+    """The --resume path of a training run when that file holds weights alone (MAE's
+    pretrained or fine-tuned weights, say), else ""."""
+    if not cfg.resume or cfg.resume == "auto" or cfg.eval:
+        return ""
+    try:
+        ckpt = load_checkpoint(cfg.resume)
+    except RuntimeError as err:
+        raise TrainError(f"cannot resume from {cfg.resume}: {err}") from err
+    return cfg.resume if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None else ""
 
 
 def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
@@ -430,11 +461,8 @@ def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
         raise TrainError(f"cannot resume from {path}: {err}") from err
     if cfg.eval:
         return
-    if ckpt.get("optimizer") is None:
-        raise TrainError(
-            f"{path}: no optimizer state to resume from (use --finetune to "
-            f"initialise from pretrained weights)"
-        )
+    if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
+        raise TrainError(f"{path}: no optimizer state to resume from")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -526,7 +554,8 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
-            print(f"--{name}: accepted, no effect here ({NOTES[name]})", flush=True)
+            flag = "-u" if name == "u" else f"--{name}"
+            print(f"{flag}: accepted, no effect here ({NOTES[name]})", flush=True)
     return out
 
 
@@ -645,14 +674,17 @@ def fit(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    dist_ctx = distributed.setup()
+    dist_ctx = None
     try:
-        return run(parse_config(argv), dist_ctx)
+        cfg = parse_config(argv)
+        dist_ctx = distributed.setup(cfg.device)
+        return run(cfg, dist_ctx)
     except (TrainError, DatasetError, DiskSpaceError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
-        distributed.teardown(dist_ctx)
+        if dist_ctx is not None:
+            distributed.teardown(dist_ctx)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Train: RandAugment (per image, `pipelines/randaugment.py`), normalisation with the dataset's
 mean/std, random erasing (timm's `RandomErasing`, per image), and optionally mixup/cutmix
-(timm's `Mixup`, soft targets; all crops of an image get the same mix). Eval: normalisation.
+(timm's `Mixup`, soft targets; all crops of an image get the same mix). Eval: normalisation,
+after an optional random perspective warp of each image (the published robustness study).
 The crops and flips happen earlier, in the engine, where each image is decoded once.
 """
 
@@ -37,6 +38,7 @@ class AugmentConfig:
     cutmix_minmax: tuple[float, float] | None = None  # cutmix box area range; overrides alpha
     smoothing: float = 0.1  # label smoothing carried by mixup's soft targets
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop img_size
+    perspective: float = 0.0  # eval: random perspective distortion scale; 0 disables
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "AugmentConfig":
@@ -68,6 +70,7 @@ class DeviceAugment:
         num_classes: int,
         device: torch.device,
         dtype: torch.dtype,
+        seed: int = 0,
     ):
         self.dtype = dtype
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -86,6 +89,9 @@ class DeviceAugment:
             if train and config.reprob > 0
             else None
         )
+        self.perspective = config.perspective if not train else 0.0
+        if self.perspective:  # its own stream: the same warps for the same seed and rank
+            self.generator = torch.Generator(device=device).manual_seed(seed)
         self.mixup = (
             Mixup(
                 mixup_alpha=config.mixup,
@@ -115,6 +121,8 @@ class DeviceAugment:
         images = x.permute(0, 1, 4, 2, 3).reshape(v * b, 3, h, w)  # (V*B, 3, H, W), 0-255
         if self.randaugment is not None:
             images = self.randaugment(images)
+        if self.perspective:
+            images = random_perspective(images, self.perspective, self.generator)
         images = self._normalise(images)
         if self.erasing is not None:
             images = self.erasing(images)
@@ -140,6 +148,66 @@ class DeviceAugment:
         rows = images.permute(0, 2, 3, 1).view(n * h, w * c)
         torch.addcmul(shift, rows, scale, out=rows)
         return images
+
+
+def random_perspective(
+    images: torch.Tensor, distortion: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """torchvision's `RandomPerspective(distortion_scale, p=1)` on each image of a batch, as
+    the published evaluation applies it to PIL images after the centre crop. images:
+    (N, C, H, W), 0-255."""
+    n, _, h, w = images.shape
+    return warp_perspective(images, perspective_corners(n, h, w, distortion, generator))
+
+
+def perspective_corners(
+    n: int, h: int, w: int, distortion: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Where `RandomPerspective` sends the corners (top-left, top-right, bottom-right,
+    bottom-left) of n images: each moves inwards by a whole number of pixels, up to
+    `distortion` x half the side, independently along x and y. -> (N, 4, 2) as (x, y)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    reach = torch.tensor([distortion * (w // 2), distortion * (h // 2)], device=device).floor()
+    shift = (torch.rand(n, 4, 2, device=device, generator=generator) * (reach + 1)).floor()
+    inwards = torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]], device=device)
+    return _corners(h, w, device) + inwards * shift
+
+
+def _corners(h: int, w: int, device) -> torch.Tensor:
+    return torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], device=device)
+
+
+def warp_perspective(images: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Warp each image so that its corners land at `corners` (N, 4, 2), as torchvision's
+    `perspective` does to a PIL image: bilinear, with what falls outside the image black."""
+    n, _, h, w = images.shape
+    device = images.device
+    end, start = corners.to(device, torch.float64), _corners(h, w, device).double()
+    # the homography taking an output point (an end corner) to its input point (start corner)
+    x, y = end[..., 0], end[..., 1]
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    sx, sy = start[:, 0].expand(n, 4), start[:, 1].expand(n, 4)
+    rows_x = torch.stack([x, y, one, zero, zero, zero, -sx * x, -sx * y], -1)
+    rows_y = torch.stack([zero, zero, zero, x, y, one, -sy * x, -sy * y], -1)
+    coeffs = torch.linalg.solve(torch.cat([rows_x, rows_y], 1), torch.cat([sx, sy], 1))
+    coeffs = coeffs.float().double()  # as torchvision hands them to PIL: float32
+    homography = torch.cat([coeffs, torch.ones_like(coeffs[:, :1])], 1).view(n, 3, 3)
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float64) + 0.5,
+        torch.arange(w, device=device, dtype=torch.float64) + 0.5,
+        indexing="ij",
+    )
+    centres = torch.stack([xs, ys, torch.ones_like(xs)], -1)  # (H, W, 3) output pixel centres
+    src = torch.einsum("nij,hwj->nhwi", homography, centres)
+    src = src[..., :2] / src[..., 2:]  # (N, H, W, 2) input points, pixels
+    # PIL's bilinear sampling: a point outside the image is black, one inside reads its
+    # neighbours with the edges repeated
+    inside = (src[..., 0] >= 0) & (src[..., 0] < w) & (src[..., 1] >= 0) & (src[..., 1] < h)
+    grid = src / torch.tensor([w / 2, h / 2], device=device, dtype=torch.float64) - 1
+    warped = torch.nn.functional.grid_sample(
+        images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return warped * inside.unsqueeze(1)
 
 
 class HostRing:

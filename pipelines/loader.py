@@ -90,6 +90,7 @@ class CropLoader:
             num_classes=self.info.num_classes,
             device=self.device,
             dtype=dtype,
+            seed=seed + rank,
         )
         self.epoch, self.start_batch = 0, 0
         if train:  # a shard too small for one batch is an error now, not at the first epoch

@@ -75,6 +75,9 @@ class TrainConfig:
         "for the scratch baseline vit_*, as timm's ViT; sincos for mae_vit_*)",
         choices=("sincos", "learned"),
     )
+    frozen_emb: bool = _flag(
+        "freeze the patch projection at a random init (MoCo v3's; the FGCR model's option)", False
+    )
     lambda_weight: float = _flag("lam: weight of the classification loss", 0.1)
     sim_beta: float = _flag("beta: weight of the FGCR consistency loss", 0.001)
     drop_path: float = _flag("stochastic depth rate of the encoder", 0.0)
@@ -132,9 +135,18 @@ class TrainConfig:
         "batch",
         choices=("batch", "pair", "elem"),
     )
+    perturb_perspective: bool = _flag(
+        "evaluate on perspective-warped images (torchvision's RandomPerspective(0.5, p=1) after "
+        "the centre crop, as the published robustness study)",
+        False,
+    )
     color_jitter: float | None = _flag(
         "colour jitter; as in timm, RandAugment replaces it, so it acts only with --aa none, "
         "where it is not implemented on the device (an error)"
+    )
+    device: str | None = _flag(
+        "cuda, cuda:N (one process) or cpu (default: cuda where available); under torchrun the "
+        "local rank picks the GPU"
     )
     amp: str | None = _flag(
         "autocast dtype: bf16, fp16 or none (default: bf16 on CUDA, none on CPU)", choices=AMP
@@ -245,6 +257,7 @@ NO_EFFECT = {
     "dist_on_itp": "torchrun's environment decides the process group",
     "local_rank": "torchrun's (or torch.distributed.launch's) environment decides the rank",
     "resplit": "it acts only on augmentation splits, which the published recipes do not use",
+    "u": "python's unbuffered-output switch, given after the script name; every line is flushed",
 }
 # Why a published setting that is a flag here too changes nothing in this run.
 NOTES = {**NO_EFFECT, "color_jitter": "RandAugment replaces colour jitter, as in timm"}
@@ -258,7 +271,9 @@ def _add_published_flags(parser: argparse.ArgumentParser) -> None:
     leave a mark in the parsed namespace only when given (`_given_<name>`)."""
     group = parser.add_argument_group("accepted from the published scripts, without effect here")
     for name, why in NO_EFFECT.items():
-        names = [f"--{name}"] + (["--local-rank"] if name == "local_rank" else [])
+        names = {"local_rank": ["--local_rank", "--local-rank"], "u": ["-u"]}.get(
+            name, [f"--{name}"]
+        )
         kind = _NO_EFFECT_VALUES.get(name)
         extra = {"type": kind} if kind else {"action": "store_true"}
         group.add_argument(

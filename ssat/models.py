@@ -20,6 +20,7 @@ The model computes the loss parts; `ssat.objective` weighs them.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -99,6 +100,7 @@ class SSATViT(nn.Module):
         norm_pix_loss: bool = False,
         global_pool: bool = False,
         pos_embed: str = "sincos",
+        frozen_patch_embed: bool = False,
     ):
         super().__init__()
         if img_size % patch_size:
@@ -112,6 +114,7 @@ class SSATViT(nn.Module):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.learned_pos_embed = pos_embed == "learned"
         self.global_pool = global_pool
+        self.frozen_patch_embed = frozen_patch_embed
         self.has_decoder = decoder_embed_dim is not None
 
         # Encoder. The sin-cos table (cls slot included) is fixed, or the start of a learned one.
@@ -159,6 +162,20 @@ class SSATViT(nn.Module):
             nn.init.normal_(self.mask_token, std=0.02)
         for module in self.modules():
             self._init_module(module)
+        if self.frozen_patch_embed:
+            self.freeze_patch_embed()
+
+    def freeze_patch_embed(self) -> None:
+        """MoCo v3's random patch projection: uniform in +-sqrt(6 / (fan_in + fan_out)) over
+        the (3 x p x p) -> D map, zero bias, and never trained (its gradients are not kept, so
+        no optimizer group holds it)."""
+        proj = self.patch_embed.proj
+        fan_in = proj.weight[0].numel()  # in_chans x p x p
+        bound = math.sqrt(6.0 / (fan_in + proj.weight.shape[0]))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+        proj.weight.requires_grad_(False)
+        proj.bias.requires_grad_(False)
 
     @staticmethod
     def _init_module(module: nn.Module) -> None:

@@ -94,6 +94,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         drop_path_rate=cfg.drop_path,
         global_pool=cfg.global_pool,
         pos_embed=cfg.pos_embed,
+        frozen_patch_embed=cfg.frozen_emb,
     )
     if model.has_decoder:
         check_views(cfg.mask_views, model.num_visible, model.num_patches)

@@ -757,3 +757,57 @@ def test_mixing_options_reach_timms_mixup():
         0.3,
         "pair",
     )
+
+
+def test_perspective_warp_equals_torchvision_on_pil_images():
+    """--perturb_perspective: the published evaluation warps PIL images with torchvision's
+    RandomPerspective(0.5, p=1); the device warp gives the same pixels (to PIL's rounding) for
+    the same corners, and the corners are drawn from RandomPerspective's ranges."""
+    TF = pytest.importorskip("torchvision.transforms.functional")
+    from PIL import Image
+
+    from pipelines.augment import perspective_corners, warp_perspective
+
+    images = _raw(b=6, v=1, size=24)[:, 0, :, :20].permute(0, 3, 1, 2).float()  # 24 x 20
+    corners = perspective_corners(6, 24, 20, 0.5, torch.Generator().manual_seed(1))
+    warped = warp_perspective(images, corners)
+    start = [[0, 0], [19, 0], [19, 23], [0, 23]]
+    for image, ends, ours in zip(images, corners, warped, strict=True):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy().astype(np.uint8))
+        ref = TF.perspective(pil, start, ends.long().tolist(), TF.InterpolationMode.BILINEAR, 0)
+        ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
+        assert (ref - ours).abs().max() <= 1.0  # PIL rounds to uint8
+        assert (ours == 0).any()  # the moved-in corners leave black behind
+    # RandomPerspective.get_params: each corner moves inwards by 0..int(0.5 * half side) px
+    many = perspective_corners(4000, 24, 20, 0.5, torch.Generator().manual_seed(2))
+    shift = (many - torch.tensor(start)).abs()
+    assert shift[..., 0].min() == 0 and shift[..., 0].max() == 5  # x: int(0.5 * 10)
+    assert shift[..., 1].min() == 0 and shift[..., 1].max() == 6  # y: int(0.5 * 12)
+    still = warp_perspective(images, torch.tensor(start).expand(6, 4, 2))
+    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
+
+
+def test_eval_perspective_only_with_the_option():
+    raw, labels = _raw(b=4, v=1), torch.arange(4)
+    plain = DeviceAugment(
+        AugmentConfig(),
+        train=False,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        num_classes=4,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    warped = DeviceAugment(
+        AugmentConfig(perspective=0.5),
+        train=False,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        num_classes=4,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    same, _ = plain(raw, labels)
+    assert torch.equal(same[0], raw[:, 0].permute(0, 3, 1, 2).float())
+    moved, _ = warped(raw, labels)
+    assert (moved != same).flatten(1).any(1).all()  # every image warped

@@ -5,6 +5,7 @@ errors a user meets first."""
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -302,6 +303,19 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
     assert result["num_samples"] == 320
     assert result["acc1"] == pytest.approx(logged["val_acc1"])
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    if "--global_pool" in model:
+        return
+    # the published robustness study: the same weights on perspective-warped images
+    warped = _args(data, tmp_path / "warped", "--pipeline ffcv --device cpu", *model)
+    assert (
+        train.main(
+            warped
+            + ["--eval", "--perturb_perspective", "--resume", str(out / "checkpoint-last.pth")]
+        )
+        == 0
+    )
+    perturbed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
+    assert perturbed["num_samples"] == 320 and perturbed["loss"] != pytest.approx(result["loss"])
 
 
 def _free_port() -> int:
@@ -389,6 +403,13 @@ def test_clear_errors(tmp_path, data, capsys, extra, message):
     argv = _args(data, tmp_path / "run", "--pipeline", "torch", "--epochs", 1) + extra
     assert train.main(argv) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, data, capsys):
+    argv = _args(data, tmp_path / "run", "--pipeline torch --epochs 1 --device cuda")
+    assert train.main(argv) == 1
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
 
 
 def test_config_file_and_flags(tmp_path, data):
@@ -531,6 +552,28 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     assert epoch["train_samples"] == 160 and epoch["step"] == 5 and epoch["subset_seed"] == 0
     lr = epoch["lr"]
     assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
+    # the FGCR README's fine-tuning command: `main_scratch.py -u --resume mae_vit_tiny.pth`,
+    # a file of weights alone: the run starts from them at epoch 0 (no layer decay: as there)
+    weights = tmp_path / "mae_vit_tiny.pth"
+    torch.save({"model": load_checkpoint(pre / "checkpoint-last.pth")["model"]}, weights)
+    published = tmp_path / "published"
+    argv = _args(data, published, "-u --pipeline torch --model vit_tiny --epochs 1 --resume")
+    done = subprocess.run(
+        [sys.executable, "train.py", *argv, weights, "--subset_size", "0.5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "-u: accepted, no effect here" in done.stdout
+    assert f"--resume {weights}: the file holds weights but no optimizer state" in done.stdout
+    loaded = rf"initialised from {re.escape(str(weights))}: missing 0 keys, unused [1-9]"
+    assert re.search(loaded, done.stdout)  # the encoder and head, not the decoder
+    epochs = [r for r in _log(published) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0]
+    groups = load_checkpoint(published / "checkpoint-last.pth")["optimizer"]["param_groups"]
+    assert {g.get("lr_scale", 1.0) for g in groups} == {1.0}
 
 
 def test_accumulation_equals_the_large_batch(tmp_path, data):

@@ -76,3 +76,38 @@ def test_moving_average_equals_the_hand_computed_one():
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], msg=k)
     assert not torch.equal(ema.module.head.weight, model.head.weight)
+
+
+def test_frozen_patch_embedding_never_moves():
+    """--frozen_emb (MoCo v3's random patch projection): uniform within
+    sqrt(6 / (fan_in + fan_out)), zero bias, held by no optimizer group and unchanged by
+    training steps that move everything else."""
+    from ssat.config import parse_config
+    from ssat.training import build_model
+
+    cfg = parse_config("--model mae_vit_tiny --img_size 16 --patch_size 4 --frozen_emb".split())
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=10)
+    proj = model.patch_embed.proj
+    bound = (6 / (3 * 4 * 4 + 192)) ** 0.5
+    assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.9 * bound
+    assert not proj.bias.any() and not proj.weight.requires_grad
+    optimizer = create_optimizer(model, lr=1e-2)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(proj.weight) not in held and id(proj.bias) not in held
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(
+        model,
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        mask_views=1,
+        amp="none",
+        device=torch.device("cpu"),
+    )
+    for _ in range(2):
+        step({"crops": torch.randn(1, 8, 3, 16, 16), "labels": torch.randint(0, 10, (8,))})
+    after = model.state_dict()
+    assert torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    assert not torch.equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    trained = parse_config("--model mae_vit_tiny --img_size 16 --patch_size 4".split())
+    assert build_model(trained, num_classes=10).patch_embed.proj.weight.requires_grad
