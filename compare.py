@@ -465,12 +465,14 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
     """Left: top-1 per epoch, mean over seeds with a band of one standard deviation. Right:
     the final and best top-1 of each method (mean, and a bar of one standard deviation)."""
     fig, (curves, finals) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m in summary["methods"]:
+    methods = summary["methods"]
+    for i, m in enumerate(methods):
         mine = np.array([r.curve for r in results if r.run.method == m["method"]])  # (S, E)
         mean, std = mine.mean(0), mine.std(0, ddof=1) if len(mine) > 1 else 0 * mine[0]
         epochs = np.arange(1, mine.shape[1] + 1)
-        if len(epochs) == 1:  # a band needs two epochs: a bar instead
-            curves.errorbar(epochs, mean, yerr=std, fmt="o", capsize=4, label=m["method"])
+        if len(epochs) == 1:  # a band needs two epochs: bars instead, side by side
+            shift = 0.05 * (i - (len(methods) - 1) / 2)
+            curves.errorbar(epochs + shift, mean, yerr=std, fmt="o", capsize=4, label=m["method"])
         else:
             curves.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, label=m["method"])
             curves.fill_between(epochs, mean - std, mean + std, alpha=0.2)
@@ -479,17 +481,19 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
         xlabel="epoch",
         ylabel="top-1 (%)",
     )
-    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if len(epochs) == 1:
+        curves.set(xticks=[1], xlim=(0.5, 1.5))
     curves.legend()
-    cols, x = summary["columns"], np.arange(len(summary["methods"]))
+    cols, x = summary["columns"], np.arange(len(methods))
     for offset, key, label in (
         (-0.1, "final_top1", cols["final"]),
         (0.1, "best_top1", cols["best"]),
     ):
-        means = [m[key]["mean"] for m in summary["methods"]]
-        stds = [m[key]["std"] or 0.0 for m in summary["methods"]]
+        means = [m[key]["mean"] for m in methods]
+        stds = [m[key]["std"] or 0.0 for m in methods]
         finals.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=label)
-    finals.set_xticks(x, [m["method"] for m in summary["methods"]])
+    finals.set_xticks(x, [m["method"] for m in methods])
     finals.set(title="final numbers (mean ± std over seeds)", ylabel="top-1 (%)")
     finals.legend()
     fig.suptitle(title, fontsize=9, wrap=True)
