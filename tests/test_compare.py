@@ -1,0 +1,231 @@
+"""`python compare.py`: scratch and FGCR over two seeds on a fabricated photo folder, stopped
+part-way by SIGTERM and continued, then skipped when finished; the test split's numbers where a
+log holds them; the errors a user meets first."""
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+import compare
+import fabricate
+from convert.imagenet_to_ffcv import main as convert_folders
+
+# 8 steps of 8 images an epoch; --log_interval 1, so a step shows in log.jsonl as it ends
+TRAIN_FLAGS = (
+    "--img_size 16 --patch_size 4 --batch_size 8 --epochs 1 --warmup_epochs 0.5 "
+    "--pipeline torch --num_workers 0 --log_interval 1"
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two classes of 40x32 photo crops: 64 in train/, 16 in val/, as .beton files."""
+    root = tmp_path_factory.mktemp("compare_data")
+    fabricate.image_folder(root / "src", {"train": 32, "val": 8}, classes=2)
+    argv = f"--src {root / 'src'} --out_dir {root / 'data'} --name photos --num_workers 1"
+    assert convert_folders(argv.split()) == 0
+    return root / "data"
+
+
+def _compare(data: Path, out: Path, *flags: str) -> list[str]:
+    """compare.py's command line: scratch and fgcr, seeds 0 and 1, on `data`, into `out`."""
+    head = f"--data_path photos --methods scratch fgcr --seeds 0 1 --output_dir {out}"
+    return [*head.split(), *flags, "--", "--data_dir", str(data), *TRAIN_FLAGS.split()]
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def _stop_when(log: Path, text: str, seen: dict) -> None:
+    """Once `text` is in `log`, SIGTERM this process's main thread, where compare.py waits on
+    its run (as a scheduler's signal would reach it); `seen` records whether compare.py had a
+    handler in place to pass it on (without one the signal would end the test session, so the
+    run is stopped directly instead)."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text():
+            seen["handled"] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            if seen["handled"]:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            return
+        time.sleep(0.02)
+
+
+def test_compare_stops_continues_skips_and_reports(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two cores shared: one thread per run
+    out = tmp_path / "cmp"
+    first = out / "scratch" / "seed0"
+
+    # 1. SIGTERM two steps into the first run: it saves where it stopped, nothing else starts
+    seen = {}
+    watcher = threading.Thread(target=_stop_when, args=(first / "log.jsonl", '"step": 2,', seen))
+    watcher.start()
+    status = compare.main(_compare(data, out))
+    watcher.join()
+    assert seen == {"handled": True}
+    assert status == 128 + signal.SIGTERM
+    printed = capsys.readouterr().out
+    assert "[1/4] scratch seed 0: stopped; run the same command again to continue" in printed
+    config = json.loads((first / "config.json").read_text())
+    assert (config["model"], config["method"], config["seed"]) == ("vit_tiny", "scratch", 0)
+    assert not (out / "fgcr").exists() and not (out / "results.md").exists()
+    before = _log(first)
+    stopped_at = max(r["step"] for r in before)
+    assert 2 <= stopped_at < 8 and all(r["type"] == "step" for r in before)
+
+    # 2. the same command: the stopped run continues from its step, the other three train
+    assert compare.main(_compare(data, out)) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {first / 'checkpoint-last.pth'}: epoch 0 at batch" in printed
+    assert printed.count("starting afresh") == 3
+    after = _log(first)  # continued, not begun again: the records before the stop stay
+    assert after[: len(before)] == before
+    assert [r["step"] for r in after if r["type"] == "step"] == list(range(1, 9))
+    fgcr = json.loads((out / "fgcr" / "seed1" / "config.json").read_text())
+    assert (fgcr["model"], fgcr["method"], fgcr["mask_views"]) == ("mae_vit_tiny", "fgcr", 3)
+    table = printed[printed.index("photos: 1 epoch") :].split("\nwrote ")[0]
+    assert (out / "results.md").read_text() == table
+    assert "| final top-1, val (%) | best top-1, val (%) | training time per run (s) |" in table
+    assert "| scratch | vit_tiny | 2 |" in table and "| fgcr (r = 3) | mae_vit_tiny | 2 |" in table
+    results = json.loads((out / "results.json").read_text())
+    assert [m["method"] for m in results["methods"]] == ["scratch", "fgcr"]
+    for m in results["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == m["method"]]
+        finals = [_log(Path(r["folder"]))[-1]["val_acc1"] for r in runs]
+        assert [r["final_top1"] for r in runs] == finals
+        assert m["final_top1"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert m["final_top1"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+        assert m["train_seconds"]["mean"] > 0
+    picture = matplotlib.image.imread(out / "comparison.png")
+    assert picture.std() > 0.05  # drawn, not blank
+
+    # 3. again: every run is finished, so none starts; the same table
+    logs = {p: p.read_bytes() for p in out.glob("*/seed*/log.jsonl")}
+    assert compare.main(_compare(data, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 4 and "] epoch 0:" not in printed
+    assert {p: p.read_bytes() for p in logs} == logs
+    assert table in printed
+
+    # 4. a larger budget in the same folder would mix budgets in one table
+    assert compare.main([*_compare(data, out), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{first} was trained with other settings (epochs=1, now 2)" in err
+
+
+def _write_log(folder: Path, val: list[float], test: dict | None) -> None:
+    """An epoch record per value, a line cut short (as a killed run can leave one), then the
+    test record."""
+    folder.mkdir(parents=True)
+    best, lines = 0.0, []
+    for epoch, acc in enumerate(val):
+        best = max(best, acc)
+        record = {"type": "epoch", "epoch": epoch, "val_acc1": acc, "best_acc1": best}
+        lines.append(json.dumps({**record, "train_seconds": 10.0}))
+    lines.insert(1, lines[1][:20])
+    if test is not None:
+        lines.append(json.dumps({"split": "test", "epoch": len(val) - 1, **test}))
+    (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_test_record_gives_the_final_and_best_val_numbers(tmp_path):
+    """With a val and a test split: final = test top-1 of the last weights, best = test top-1
+    of the best-val weights (never the highest test top-1 over the epochs); where a run has no
+    test record, every column reports the val split."""
+    args, shared = compare.parse_args(
+        f"--methods ssat --seeds 0 1 --output_dir {tmp_path} -- --epochs 3".split()
+    )
+    runs = compare.plan(args, shared)
+    tests = [
+        {"test_acc1": 61.0, "test_acc1_at_best_val": 64.0, "best_val_epoch": 1},
+        {"test_acc1": 63.0, "test_acc1_at_best_val": 66.0, "best_val_epoch": 1},
+    ]
+    for run, test in zip(runs, tests, strict=True):
+        _write_log(run.folder, [50.0, 70.0, 60.0], test)
+    results = [compare.result(run) for run in runs]
+    assert results[0].curve == [50.0, 70.0, 60.0] and results[0].train_seconds == 30.0
+    summary = compare.summarize(results, "val")
+    ssat = summary["methods"][0]
+    assert ssat["final_top1"]["mean"] == 62.0 and ssat["best_top1"]["mean"] == 65.0
+    assert summary["columns"]["best"] == "best-val top-1, test (%)"
+    compare.report(runs, args, shared, "val")
+    table = (tmp_path / "results.md").read_text()
+    assert "| ssat | mae_vit_tiny | 2 | 62.00 ± 1.41 | 65.00 ± 1.41 | 30.0 ± 0.0 |" in table
+    assert "test top-1 of the weights with the best val top-1" in table
+
+    (runs[1].folder / "log.jsonl").write_text(
+        "\n".join((runs[1].folder / "log.jsonl").read_text().splitlines()[:-1]) + "\n"
+    )
+    summary = compare.summarize([compare.result(run) for run in runs], "val")
+    assert summary["columns"]["final"] == "final top-1, val (%)"
+    assert summary["methods"][0]["final_top1"]["mean"] == 60.0
+    assert summary["methods"][0]["best_top1"]["mean"] == 70.0
+    assert summary["note"] == "1 of 2 runs have no test record, so every column reports val"
+
+
+def test_each_method_trains_its_model(tmp_path):
+    """scratch: vit_<size>; ssat: mae_vit_<size>, one mask view; fgcr: r = --views; every
+    run with the shared flags, its own seed and folder, resumed automatically."""
+    args, shared = compare.parse_args(
+        f"--seeds 5 --size small --output_dir {tmp_path} -- --epochs 7 --pipeline torch".split()
+    )
+    runs = compare.plan(args, shared)
+    got = []
+    for run in runs:
+        cfg = run.config.resolve(cuda=False)
+        assert (cfg.seed, cfg.epochs, cfg.resume) == (5, 7, "auto")
+        assert cfg.output_dir == str(tmp_path / run.method / "seed5")
+        got.append((cfg.method, cfg.model, cfg.mask_views))
+    assert got == [
+        ("scratch", "vit_small", 1),
+        ("ssat", "mae_vit_small", 1),
+        ("fgcr", "mae_vit_small", 3),
+    ]
+
+
+def test_unfinished_run_has_no_result(tmp_path):
+    args, shared = compare.parse_args(
+        f"--methods scratch --seeds 0 --output_dir {tmp_path} -- --epochs 4".split()
+    )
+    (run,) = compare.plan(args, shared)
+    _write_log(run.folder, [10.0, 20.0, 30.0], None)
+    assert compare.result(run) is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--methods scratch mae", "argument --methods: invalid choice: 'mae'"),
+        ("--seeds", "argument --seeds: expected at least one argument"),
+        ("--seeds 0 0", "--methods and --seeds each name a method or a seed once"),
+        ("--views 1", "--views 1: FGCR needs 2 or more"),
+        ("-- --bogus 1", "unrecognized arguments: --bogus 1"),
+    ],
+)
+def test_clear_usage_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        compare.main(flags.split())
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "own, train, message",
+    [
+        ("--data_path nosuch", "", "dataset 'nosuch' not found"),
+        ("", "--seed 3", "--seed after --: compare.py trains each of --seeds"),
+        ("", "--views 2", "--mask_views / --views after --: compare.py gives it to the fgcr"),
+        ("", "--output_dir x", "--output_dir after --"),
+        ("--size small", "--model mae_vit_tiny", "--size small and --model mae_vit_tiny name"),
+    ],
+)
+def test_clear_errors(tmp_path, capsys, own, train, message):
+    argv = [*own.split(), "--output_dir", str(tmp_path / "out"), "--", *train.split()]
+    assert compare.main([*argv, "--data_dir", str(tmp_path)]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
