@@ -136,7 +136,10 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
         "train.py",
         *_args(data, out, "--pipeline torch --model vit_tiny --epochs 3 --resume auto"),
     ]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny steps: one thread each, as in-process
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.time() + 300
     while (
         not (out / "log.jsonl").exists()
@@ -149,7 +152,7 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
     proc.send_signal(signal.SIGKILL)  # mid-way through epoch 1
     proc.wait()
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0
-    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    assert subprocess.run(command, cwd=REPO, capture_output=True, env=env).returncode == 0
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 2
     assert [r["epoch"] for r in _log(out) if r["type"] == "epoch"] == [0, 1, 2]
 
@@ -561,6 +564,7 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     done = subprocess.run(
         [sys.executable, "train.py", *argv, weights, "--subset_size", "0.5"],
         cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
