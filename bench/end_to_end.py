@@ -14,7 +14,9 @@ published  torchvision `ImageFolder` over the JPEG folder (PIL decoding), timm's
 ours       the same JPEGs converted once by the image-folder converter (not timed here;
            bench/photos.py records its rate), the ffcv engine with the device-side augmentation
            (the same RandAugment, erasing and crops), and the trainer's compiled bf16 step
-           (`bench.train_step.build_step`, as train.py builds it).
+           (`bench.train_step.build_step`, as train.py builds it): what bench.train_step
+           measures as its ViT-T SSAT row fed by the ffcv loader, so the GPU check takes it from
+           there (`--sides published` here).
 
 Both sides use the same batch size and image size. Each figure is the median images/s of
 `--repeats` timed rounds after a warm-up round; the published warm-up is long enough to drain the
@@ -180,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="ours compiled, as train.py runs it (--no-compile: eager, e.g. a quick CPU run)",
     )
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "published"],
+        choices=["ours", "published"],
+        help="what to measure (the GPU check takes ours from bench.train_step's ViT-T SSAT "
+        "row fed by the ffcv loader, the same measurement)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     for side, measure in (("ours", measure_ours), ("published", measure_published)):
+        if side not in args.sides:
+            continue
         if side in result["skipped"]:
             print(f"{side}: skipped: {result['skipped'][side]}", flush=True)
             continue

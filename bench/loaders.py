@@ -191,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         help="read (or first write) the photos and their .beton here (bench/photos.py); "
         "default: a temporary folder",
     )
+    p.add_argument(
+        "--workers", type=int, default=None, help="threads or processes (default: all cores)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    workers = len(os.sched_getaffinity(0))
+    workers = args.workers or len(os.sched_getaffinity(0))
     if args.data:
         run(args, args.data, workers)
     else:

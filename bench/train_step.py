@@ -200,7 +200,32 @@ def real_loader(args, device: torch.device):
         batch_size=args.batch_size,
         img_size=args.img_size,
         device=device,
+        num_workers=args.workers,
     )
+
+
+def synthetic(args, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch of random images already on the device, as a loader gives it."""
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(
+        args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g
+    )
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
+    return {"crops": images[None], "labels": labels}  # one crop: (1, B, 3, H, W)
+
+
+def compile_only(args, device: torch.device, synthetic_batch) -> int:
+    """Compile every pair's step (and run it once), for the kernel cache."""
+    for name, method in pairs(args):
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        step = build_step(name, method, args, device, compiled=True)
+        step(synthetic_batch)
+        sync(device)
+        print(f"{name} {method}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+        del step
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,15 +255,34 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also time the compiled step (--no-compile: eager only, e.g. a quick CPU run)",
     )
+    p.add_argument(
+        "--fed_steps",
+        type=int,
+        default=None,
+        help="steps per round of the real-loader run (default: --steps): in longer rounds the "
+        "batches a loader buffers while the device finishes the previous round count less",
+    )
+    p.add_argument(
+        "--compile_only",
+        action="store_true",
+        help="compile each pair's step (one step on the synthetic batch) and stop: fills the "
+        "compiled-kernel cache (TORCHINDUCTOR_CACHE_DIR) that a later run then loads",
+    )
     p.add_argument("--pipeline", choices=["ffcv", "torch", "none"], default="ffcv")
     p.add_argument(
         "--data",
         default="data/digits_train.beton",
         help="a converted .beton for the real-loader row",
     )
+    p.add_argument(
+        "--workers", type=int, default=None, help="the real loader's threads (default: all cores)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
+    synthetic_batch = synthetic(args, device)
+    if args.compile_only:
+        return compile_only(args, device, synthetic_batch)
     amp = _config(device).amp
     print(
         f"{device} {torch.cuda.get_device_name(device) if cuda else ''} {args.img_size} px / patch "
@@ -250,15 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6}",
         flush=True,
     )
-    g = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(
-        args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g
-    )
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
-    synthetic_batch = {"crops": images[None], "labels": labels}  # one crop: (1, B, 3, H, W)
     results, loader = [], None
-    fed_too = args.pipeline != "none" and Path(args.data).exists()
+    if args.pipeline != "none" and Path(args.data).exists():
+        loader = real_loader(args, device)
+        # one batch first, as in train.py: ffcv sets torch's CPU thread count when a pass
+        # starts, and a compiled step made under another count would compile again when fed
+        first = Endless(loader)
+        first(0)
+        first.close()
     for name, method in pairs(args):
         row, step = measure(name, method, args, device, synthetic_batch)
         compiled, ratio = "-", "-"
@@ -271,20 +314,18 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         results.append(row)
-        if fed_too:  # the same step fed by the loader, pass after pass
-            if loader is None:  # made after the first synthetic timing, as importing ffcv
-                loader = real_loader(args, device)  # sets torch's CPU threads to 1
+        if loader is not None:  # the same step fed by the loader, pass after pass
             batches = Endless(loader)
-            fed = images_per_s(step, batches, device, args.steps, args.repeats)
+            fed = images_per_s(step, batches, device, args.fed_steps or args.steps, args.repeats)
             batches.close()
-            synthetic = row["compiled"] or row["eager"]
+            unfed = row["compiled"] or row["eager"]
             print(
                 f"{'':<14} {method:<8} pipeline efficiency ({args.pipeline} loader / "
                 f"synthetic, {'compiled' if row['compiled'] else 'eager'}): "
-                f"{fed / synthetic:.2f}",
+                f"{fed / unfed:.2f}",
                 flush=True,
             )
-            row.update(pipeline=args.pipeline, fed=fed, efficiency=fed / synthetic)
+            row.update(pipeline=args.pipeline, fed=fed, efficiency=fed / unfed)
         del step
         if args.json:  # after every pair: a run cut short keeps what it measured
             args.json.write_text(
