@@ -143,6 +143,7 @@ def measure_ours(photos: dict, args, device: torch.device) -> float:
         batch_size=args.batch_size,
         img_size=args.img_size,
         device=device,
+        num_workers=args.workers,
         aa=AA,
         reprob=REPROB,
     )
@@ -175,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50 if cuda else 3, help="ours, per round")
     p.add_argument("--published_steps", type=int, default=20 if cuda else 3, help="per round")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="the DataLoader's worker processes, and ours' loader threads (default: all cores)",
+    )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
