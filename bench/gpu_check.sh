@@ -39,7 +39,7 @@ WORK=${WORK:-/tmp/ssat_gpu_check$([ $DRY = 1 ] && echo -dry)}
 mkdir -p "$OUT" "$WORK"
 : >"$OUT/steps.tsv"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NUMBA_THREADING_LAYER=${NUMBA_THREADING_LAYER:-omp} TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
 # a dry run: the CPU alone, one thread per process (tiny tensors; and on a busy machine
 # several OpenMP threads per process wait on each other far longer than they compute), and
 # time limits three times as long (they are sized for the GPU machine's 16 cores)
@@ -77,6 +77,12 @@ if [ -n "$WHEELS" ]; then
     --disable-pip-version-check ffcv
 fi
 
+# numba's OpenMP threads for ffcv, as the Docker image has them, where its OpenMP layer loads
+# (it needs libgomp); else numba picks its own
+if [ -z "${NUMBA_THREADING_LAYER:-}" ] && "$PYTHON" -c "import numba.np.ufunc.omppool" 2>/dev/null
+then
+  export NUMBA_THREADING_LAYER=omp
+fi
 read -r CUDA FFCV DALI PYTEST <<<"$("$PYTHON" -m bench.gpu_table probe "$OUT" | tr ' ' '\n' |
   cut -d= -f2 | tr '\n' ' ')"
 [ -n "${CUDA:-}" ] || { echo "gpu_check: $PYTHON cannot import torch and the project" >&2; exit 1; }
@@ -84,7 +90,8 @@ if [ "$CUDA" != yes ] && [ $DRY = 0 ]; then
   echo "gpu_check: no CUDA device visible to $PYTHON (--dry-run runs the steps on the CPU)" >&2
   exit 1
 fi
-echo "gpu_check: $(tr -d '\n' <"$OUT/env.json"); logs in $OUT, photos in $WORK"
+echo "gpu_check: $(tr -d '\n' <"$OUT/env.json"); numba threading layer" \
+  "${NUMBA_THREADING_LAYER:-the default}; logs in $OUT, photos in $WORK"
 df -h /dev/shm 2>/dev/null | tail -1  # the DataLoader's workers pass batches through it
 
 if [ $DRY = 1 ]; then
