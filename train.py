@@ -155,6 +155,7 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         crops=cfg.crops,
         aa=None if cfg.aa == "none" else cfg.aa,
         scale=(cfg.min_scale, 1.0),
+        hflip=cfg.hflip,
         reprob=cfg.reprob,
         remode=cfg.remode,
         recount=cfg.recount,

@@ -114,6 +114,11 @@ class TrainConfig:
     min_scale: float = _flag(
         "smallest crop area of RandomResizedCrop (fraction of the image)", 0.08
     )
+    hflip: float = _flag(
+        "probability of flipping a train crop left-right (timm's flag; 0 for images whose "
+        "mirror is another thing, such as digits)",
+        0.5,
+    )
     aa: str = _flag("RandAugment config, or 'none'", "rand-m9-mstd0.5-inc1")
     reprob: float = _flag("random erasing probability", 0.25)
     remode: str = _flag(
