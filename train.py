@@ -38,6 +38,7 @@ continue the same sample order but draw the rest of that epoch's crops afresh.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sys
@@ -90,11 +91,22 @@ def seed_everything(seed: int, rank: int, epoch: int) -> None:
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def use_all_cores(dist_ctx: DistContext) -> None:
+    """Train on every core of a CPU: importing ffcv sets torch's threads to 1. OMP_NUM_THREADS
+    still decides where it is set (torchrun sets it to 1 when it starts several processes)."""
+    if dist_ctx.device.type != "cpu":
+        return
+    given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(int(given) if given.isdigit() and int(given) > 0 else cores)
+
+
 # ------------------------------------------------------------------------------ data
-def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
-    """--data_path (a name in --data_dir, or a folder) -> the train and val/test .beton files,
-    or, for the dali pipeline, an image folder's train/ and val/ (or test/) class folders.
-    The bundled digits are converted on first use."""
+def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, Path | None]:
+    """--data_path (a name in --data_dir, or a folder) -> the train .beton, the split evaluated
+    every epoch (val, or test when there is no val) and, when the dataset has both, the test
+    split, evaluated once at the end; for the dali pipeline, an image folder's train/, val/ and
+    test/ class folders the same way. The bundled digits are converted on first use."""
     given = Path(cfg.data_path)
     if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
         if cfg.pipeline != "dali":
@@ -102,10 +114,10 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
                 f"{given}: an image folder (train/ holds class folders): read it with "
                 f"--pipeline dali, or convert it first with convert/imagenet_to_ffcv.py"
             )
-        val = next((given / s for s in ("val", "test") if (given / s).is_dir()), None)
-        if val is None:
+        evals = [given / s for s in ("val", "test") if (given / s).is_dir()]
+        if not evals:
             raise TrainError(f"{given}: image folder with train/ but neither val/ nor test/")
-        return given / "train", val
+        return given / "train", evals[0], evals[1] if len(evals) == 2 else None
     if given.is_dir():
         found = sorted(given.glob("*_train.beton"))
         if len(found) != 1:
@@ -116,29 +128,37 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path]:
     else:
         folder, name = Path(cfg.data_dir), cfg.data_path
     train = folder / f"{name}_train.beton"
-    if name == "digits" and not train.exists():
+    evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
+    # converted on first use, and again over a copy from before it had a validation split
+    if name == "digits" and not all(p.exists() for p in (train, *evals)):
         if dist_ctx.main:
             from convert.digits_to_ffcv import main as convert_digits
 
-            print0(dist_ctx, f"converting the bundled digits to {folder} (first use)")
+            print0(dist_ctx, f"converting the bundled digits to {folder}")
             if convert_digits(["--out_dir", str(folder)]) != 0:
                 raise TrainError("converting the bundled digits failed")
         distributed.barrier(dist_ctx)
-    evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
     if not train.exists():
         raise TrainError(
             f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
             f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ..."
         )
-    val = next((p for p in evals if p.exists()), None)
-    if val is None:
+    found = [p for p in evals if p.exists()]
+    if not found:
         raise TrainError(
             f"dataset {name!r} has no evaluation split: neither {evals[0]} nor {evals[1]}"
         )
-    return train, val
+    return train, found[0], found[1] if len(found) == 2 else None
 
 
-def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val_path: Path):
+def build_loaders(
+    cfg: TrainConfig,
+    dist_ctx: DistContext,
+    train_path: Path,
+    val_path: Path,
+    test_path: Path | None = None,
+):
+    """The train loader, the loader evaluated every epoch, and the test split's (or None)."""
     common = dict(
         img_size=cfg.img_size,
         device=dist_ctx.device,
@@ -155,6 +175,7 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         crops=cfg.crops,
         aa=None if cfg.aa == "none" else cfg.aa,
         scale=(cfg.min_scale, 1.0),
+        hflip=cfg.hflip,
         reprob=cfg.reprob,
         remode=cfg.remode,
         recount=cfg.recount,
@@ -168,15 +189,17 @@ def build_loaders(cfg: TrainConfig, dist_ctx: DistContext, train_path: Path, val
         subset_size=cfg.subset_size,
         **common,
     )
-    val = create_loader(
-        cfg.pipeline,
-        val_path,
+    evaluation = dict(
         train=False,
         batch_size=cfg.batch_size,
         perspective=PERTURBED_PERSPECTIVE if cfg.perturb_perspective else 0.0,
         **common,
     )
-    return train, val
+    val = create_loader(cfg.pipeline, val_path, **evaluation)
+    test = None
+    if test_path is not None:  # read once, at the end of the schedule
+        test = create_loader(cfg.pipeline, test_path, **evaluation)
+    return train, val, test
 
 
 # the published --perturb_perspective: RandomPerspective(distortion_scale=0.5, p=1.0)
@@ -224,7 +247,7 @@ class RunLog:
             total=total,
             initial=done,
             desc=f"epoch {epoch}",
-            disable=not self.active,
+            disable=True if not self.active else None,  # None: shown on a terminal only
             leave=False,
             dynamic_ncols=True,
         )
@@ -564,13 +587,16 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     cfg.resolve(cuda=dist_ctx.device.type == "cuda")
     out = start(cfg, dist_ctx)
     seed_everything(cfg.seed, dist_ctx.rank, 0)
-    train_loader, val_loader = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
+    use_all_cores(dist_ctx)
+    loaders = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
+    train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
-    if val_loader.info.class_names != train_loader.info.class_names:
-        raise TrainError(
-            f"{val_loader.path} and {train_loader.path} name different classes "
-            f"({val_loader.info.num_classes} and {classes}); labels would not match"
-        )
+    for other in (val_loader, test_loader):
+        if other is not None and other.info.class_names != train_loader.info.class_names:
+            raise TrainError(
+                f"{other.path} and {train_loader.path} name different classes "
+                f"({other.info.num_classes} and {classes}); labels would not match"
+            )
     if cfg.nb_classes is not None and cfg.nb_classes != classes:
         raise TrainError(
             f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
@@ -598,7 +624,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     log = RunLog(out, dist_ctx, fresh=state.step == 0, board=cfg.log_dir)
     try:
         with StopSignals(dist_ctx) as stop:
-            return fit(cfg, state, train_loader, val_loader, log, dist_ctx, stop)
+            return fit(cfg, state, train_loader, val_loader, log, dist_ctx, stop, test_loader)
     finally:
         log.close()
 
@@ -611,9 +637,12 @@ def fit(
     log: RunLog,
     dist_ctx: DistContext,
     stop: StopSignals,
+    test_loader=None,
 ) -> int:
     """Train from where `state` stands to the last epoch of this invocation, evaluating and
-    saving after each; returns the exit status: 0, or 128 + the signal that stopped it."""
+    saving after each; when the schedule ends here, evaluate the test split once (with a
+    `test_loader`) and draw the pictures (with --pictures). Returns the exit status: 0, or
+    128 + the signal that stopped it."""
     step, began, result = TrainStep.from_config(cfg, state), time.perf_counter(), None
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     while state.epoch < last:
@@ -669,7 +698,70 @@ def fit(
             f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
             f"best {state.best:.2f}%",
         )
+    if result is not None and state.epoch == cfg.epochs:
+        if test_loader is not None:
+            test_once(cfg, state, test_loader, log, dist_ctx)
+        if cfg.pictures and dist_ctx.main:
+            draw_pictures(cfg, state, val_loader.path)
     return 0
+
+
+def test_once(cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx: DistContext):
+    """The test split, read once when the schedule is done: with the final weights, and with
+    those of the best validation epoch (checkpoint-best.pth). Recipes are chosen on the
+    validation split; these numbers only report how the chosen one does."""
+    done = state.epoch - 1
+    final = evaluate(state.model, loader, cfg, dist_ctx)
+    record = {
+        "type": "test",
+        "split": "test",
+        "epoch": done,
+        "step": state.step,
+        **{f"test_{k}": final[k] for k in ("acc1", "acc5", "loss")},
+        "test_samples": final["num_samples"],
+    }
+    lines = [
+        f"test acc1 (final weights): {final['acc1']:.2f}%  acc5 {final['acc5']:.2f}%  "
+        f"({final['num_samples']} images of {loader.path})"
+    ]
+    distributed.barrier(dist_ctx)  # rank 0 has written checkpoint-best.pth
+    best_path = Path(cfg.output_dir) / "checkpoint-best.pth"
+    if best_path.exists():
+        best = load_checkpoint(best_path, map_location=dist_ctx.device)
+        at_best = final
+        if int(best["epoch"]) != done:  # the final weights are in checkpoint-last.pth already
+            state.model.load_state_dict(best["model"])
+            at_best = evaluate(state.model, loader, cfg, dist_ctx)
+        record.update(best_val_epoch=int(best["epoch"]), test_acc1_at_best_val=at_best["acc1"])
+        lines.append(
+            f"test acc1 (best-val weights, epoch {best['epoch']}): {at_best['acc1']:.2f}%  "
+            f"acc5 {at_best['acc5']:.2f}%"
+        )
+    else:
+        lines.append(f"test acc1 (best-val weights): no {best_path} (resumed from elsewhere)")
+    log.write(record)
+    print0(dist_ctx, "\n".join(lines))
+
+
+def draw_pictures(cfg: TrainConfig, state: TrainState, data: Path) -> None:
+    """The run's pictures in --output_dir (visualize.py's): the training curves and, for a
+    model with a decoder, its reconstructions of the first validation images by the final
+    weights. Drawing is the run's last act: a failure is reported, not fatal."""
+    import visualize  # matplotlib: imported only by runs that draw
+
+    out = Path(cfg.output_dir)
+    try:
+        drawn = [("training curves", visualize.curves(out / "log.jsonl", out / "curves.png"))]
+        if state.model.has_decoder:
+            grid = visualize.reconstruction_grid(
+                out / "checkpoint-last.pth", data, out / "reconstructions.png"
+            )
+            drawn.append(("reconstructions", grid))
+    except (ValueError, OSError, DatasetError) as err:
+        print(f"pictures: not drawn ({err})", flush=True)
+        return
+    for what, path in drawn:
+        print(f"{what}: {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,14 @@
 
     python visualize.py recon --checkpoint runs/c10/checkpoint-best.pth \\
         --data data/c10_test.beton [--mask_views 3] [--num_images 8] --out runs/c10/recon
+    python visualize.py recon --grid ... --out runs/c10/reconstructions.png
     python visualize.py curves runs/c10/log.jsonl [--out runs/c10/curves.png]
 
 `recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
 FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
-visible patches pasted back. `curves` draws the loss parts, the learning rate, validation
-accuracy and training images/s from a `log.jsonl` written by train.py.
+visible patches pasted back; with `--grid`, one PNG of them all, a row per image. `curves` draws
+the loss parts, the learning rate, validation accuracy and training images/s from a `log.jsonl`
+written by train.py (`train.py --pictures` draws both at the end of a run).
 
 A command beside train.py, not part of the method package: a reconstruction needs a loader.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -46,16 +49,24 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def reconstructions(
-    checkpoint: Path,
-    data: Path,
-    out: Path,
-    *,
-    mask_views: int | None = None,
-    num_images: int = 8,
-    seed: int = 0,
-) -> list[Path]:
-    """One PNG per image of the first `num_images` of `data` (eval crops); returns the paths."""
+@dataclass
+class Reconstructions:
+    """What the decoder made of a batch: pictures as uint8 (..., H, W, 3) arrays."""
+
+    title: str  # the model, mask ratio and r
+    views: int  # r
+    indices: list[int]  # the images' sample indices in the file
+    labels: list[int]
+    input: np.ndarray  # (B, H, W, 3)
+    # (r, B, H, W, 3) each: "visible" (what the encoder saw, hidden patches at the mean),
+    # "reconstruction", "with visible" (the visible patches pasted back)
+    per_view: dict[str, np.ndarray]
+
+
+def reconstruct(
+    checkpoint: Path, data: Path, *, mask_views: int | None = None, num_images: int, seed: int
+) -> Reconstructions:
+    """The first `num_images` of `data` (eval crops) through the checkpoint's model."""
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}
     missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
@@ -85,7 +96,7 @@ def reconstructions(
     model.eval()
     r = mask_views or cfg.get("mask_views") or 1
     batch = next(iter(loader))
-    images, indices = batch["crops"][0], batch["indices"].tolist()
+    images = batch["crops"][0]
     torch.manual_seed(seed)
     recon, mask = model.reconstruct(images, mask_views=r)  # (r, B, 3, H, W), (r, B, L)
     # 1 where the encoder saw the patch, as (r, B, 3, H, W) pixels
@@ -95,31 +106,84 @@ def reconstructions(
     masked = images * visible  # hidden patches at 0: the dataset mean, not black
     pasted = images * visible + recon * (1 - visible)
     mean, std = loader.info.mean, loader.info.std
-    shown = {
-        "input": _pixels(images, mean, std),
-        "visible": _pixels(masked, mean, std),
-        "reconstruction": _pixels(recon, mean, std),
-        "with visible": _pixels(pasted, mean, std),
-    }
+    return Reconstructions(
+        title=f"{cfg['model']}, mask ratio {cfg.get('mask_ratio', 0.75)}, r = {r}",
+        views=r,
+        indices=batch["indices"].tolist(),
+        labels=batch["labels"].tolist(),
+        input=_pixels(images, mean, std),
+        per_view={
+            "visible": _pixels(masked, mean, std),
+            "reconstruction": _pixels(recon, mean, std),
+            "with visible": _pixels(pasted, mean, std),
+        },
+    )
+
+
+def reconstructions(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    mask_views: int | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+) -> list[Path]:
+    """One PNG per image of the first `num_images` of `data` (eval crops); returns the paths."""
+    shown = reconstruct(checkpoint, data, mask_views=mask_views, num_images=num_images, seed=seed)
+    r = shown.views
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for b, index in enumerate(indices):
+    for b, index in enumerate(shown.indices):
         fig, axes = plt.subplots(3, r + 1, figsize=(2.2 * (r + 1), 6.6), squeeze=False)
-        axes[0, 0].imshow(shown["input"][b])
-        axes[0, 0].set_title(f"sample {index}\nlabel {int(batch['labels'][b])}", fontsize=9)
-        for row, name in enumerate(("visible", "reconstruction", "with visible")):
+        axes[0, 0].imshow(shown.input[b])
+        axes[0, 0].set_title(f"sample {index}\nlabel {shown.labels[b]}", fontsize=9)
+        for row, (name, pictures) in enumerate(shown.per_view.items()):
             for v in range(r):
-                axes[row, v + 1].imshow(shown[name][v, b])
+                axes[row, v + 1].imshow(pictures[v, b])
                 axes[row, v + 1].set_title(f"view {v + 1}: {name}", fontsize=9)
         for ax in axes.flat:
             ax.axis("off")
-        fig.suptitle(
-            f"{cfg['model']}, mask ratio {cfg.get('mask_ratio', 0.75)}, r = {r}", fontsize=10
-        )
+        fig.suptitle(shown.title, fontsize=10)
         path = out / f"recon_{index:06d}.png"
         _save(fig, path)
         written.append(path)
     return written
+
+
+def reconstruction_grid(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    mask_views: int | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+) -> Path:
+    """One PNG of the first `num_images` of `data`: a row per image, the input, then for each
+    mask view what the encoder saw, the reconstruction, and the visible patches pasted back."""
+    shown = reconstruct(checkpoint, data, mask_views=mask_views, num_images=num_images, seed=seed)
+    kinds = len(shown.per_view)
+    rows, cols = len(shown.indices), 1 + kinds * shown.views
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.6), squeeze=False)
+    for b, index in enumerate(shown.indices):
+        axes[b, 0].imshow(shown.input[b])
+        axes[b, 0].set_ylabel(f"sample {index}\nlabel {shown.labels[b]}", fontsize=8)
+        for v in range(shown.views):
+            for k, pictures in enumerate(shown.per_view.values()):
+                axes[b, 1 + v * kinds + k].imshow(pictures[v, b])
+    axes[0, 0].set_title("input", fontsize=9)
+    for v in range(shown.views):
+        for k, name in enumerate(shown.per_view):
+            view = f"view {v + 1}: " if shown.views > 1 else ""
+            axes[0, 1 + v * kinds + k].set_title(view + name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(shown.title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
 
 
 def curves(log: Path, out: Path) -> Path:
@@ -170,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--mask_views", type=int, default=None, help="r (default: the run's)")
     rec.add_argument("--num_images", type=int, default=8)
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument(
+        "--grid",
+        action="store_true",
+        help="one PNG of all the images, a row each (--out names the file)",
+    )
     cur = sub.add_parser("curves", help="loss, lr, accuracy and images/s from a log.jsonl")
     cur.add_argument("log", type=Path)
     cur.add_argument("--out", type=Path, default=None, help="default: curves.png beside the log")
     args = p.parse_args(argv)
     try:
         if args.command == "recon":
-            paths = reconstructions(
+            draw = reconstruction_grid if args.grid else reconstructions
+            drawn = draw(
                 args.checkpoint,
                 args.data,
                 args.out,
@@ -184,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 num_images=args.num_images,
                 seed=args.seed,
             )
-            print(f"wrote {len(paths)} pictures to {args.out}")
+            if args.grid:
+                print(f"wrote {drawn}")
+            else:
+                print(f"wrote {len(drawn)} pictures to {args.out}")
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))
             print(f"wrote {path}")

@@ -160,7 +160,9 @@ class _Loader(Loader):
         return self.indices
 
     def __iter__(self):
-        Compiler.set_num_threads(self.num_workers)
+        threads = torch.get_num_threads()
+        Compiler.set_num_threads(self.num_workers)  # numba's threads; it sets torch's too,
+        torch.set_num_threads(threads)  # which stay the consumer's
         order = self.next_traversal_order()[: len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
@@ -183,6 +185,7 @@ class FFCVLoader(CropLoader):
             crop_pct=cfg.crop_pct,
         )
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        threads = torch.get_num_threads()  # ffcv's Loader sets torch's to its worker count
         self._ffcv = _Loader(
             str(self.path),
             batch_size=self.batch_size,
@@ -197,6 +200,7 @@ class FFCVLoader(CropLoader):
                 "label": [IntDecoder(), ToTensor(), *to_device],
             },
         )
+        torch.set_num_threads(threads)
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._ffcv.set_order(order)

@@ -36,6 +36,8 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 # name -> dimensions. A `decoder_*` entry makes an SSAT/FGCR model; without one it is the
 # scratch baseline (encoder + head only).
 _SIZES = {
+    # sized for a CPU and small images (the embedded default trains it on 8x8 digit scans)
+    "micro": dict(embed_dim=128, depth=3, num_heads=4, decoder=(64, 1, 4)),
     "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder=(128, 2, 16)),
     "small": dict(embed_dim=384, depth=12, num_heads=6, decoder=(128, 2, 16)),
     "base": dict(embed_dim=768, depth=12, num_heads=12, decoder=(512, 8, 16)),

@@ -1,8 +1,15 @@
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+# The trainer runs on every core of a CPU unless OMP_NUM_THREADS says otherwise. The suite's
+# runs, in this process and in the ones it starts, take one thread: their tiny steps gain little
+# from a second one, and on a machine busy with other work, threads that wait for each other
+# at every operation make them many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,6 +21,7 @@ from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from medmnist import INFO
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import fabricate
 from convert.writer import ConvertError, verify
@@ -224,27 +225,41 @@ def test_digits_is_real_stratified_and_fixed(tmp_path):
     assert convert("digits", "--out_dir", tmp_path / "a") == 0
     assert convert("digits", "--out_dir", tmp_path / "b") == 0
     digits = load_digits()
-    train, test = (read_back(tmp_path / "a" / f"digits_{s}.beton") for s in ("train", "test"))
-    assert len(train[1]) + len(test[1]) == len(digits.target) == 1797
-    assert len(test[1]) == 450
-    # stratified: each class's share of the test split matches its share of the data
-    np.testing.assert_allclose(
-        np.bincount(test[1]) / 450, np.bincount(digits.target) / 1797, atol=0.01
-    )
-    # real pixels: every written image is one of the scans, scaled 0..16 -> 0..255
+    splits = {s: read_back(tmp_path / "a" / f"digits_{s}.beton") for s in ("train", "val", "test")}
+    sizes = {s: len(labels) for s, (_, labels) in splits.items()}
+    assert sizes == {"train": 1077, "val": 270, "test": 450}
+    assert sum(sizes.values()) == len(digits.target) == 1797
+    # stratified: each class's share of the val and test splits matches its share of the data
+    for split in ("val", "test"):
+        np.testing.assert_allclose(
+            np.bincount(splits[split][1]) / sizes[split],
+            np.bincount(digits.target) / 1797,
+            atol=0.01,
+        )
+    # real pixels: every written image is one of the scans, scaled 0..16 -> 0..255, and no scan
+    # is in two splits
     scans = {
         np.rint(im * 255 / 16).astype(np.uint8).tobytes(): t
         for im, t in zip(digits.images, digits.target, strict=True)
     }
-    for image, label in zip(*test, strict=True):
-        assert (
-            image.shape == (8, 8, 3)
-            and scans[np.ascontiguousarray(image[..., 0]).tobytes()] == label
-        )
-    for split in ("train", "test"):  # fixed: a second run writes the same samples
+    seen = {}
+    for split, (images, labels) in splits.items():
+        for image, label in zip(images, labels, strict=True):
+            key = np.ascontiguousarray(image[..., 0]).tobytes()
+            assert image.shape == (8, 8, 3) and scans[key] == label
+            seen.setdefault(key, set()).add(split)
+    assert all(len(where) == 1 for where in seen.values())
+    # the test split is the one carved before the validation split existed: the same 450 scans
+    _, test_index = train_test_split(
+        np.arange(1797), test_size=0.25, stratify=digits.target, random_state=0
+    )
+    test_index = np.sort(test_index)
+    assert np.array_equal(splits["test"][1], digits.target[test_index])
+    expected = np.rint(digits.images[test_index] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(splits["test"][0][..., 0], expected)
+    for split in ("train", "val", "test"):  # fixed: a second run writes the same samples
         assert np.array_equal(
-            read_back(tmp_path / "b" / f"digits_{split}.beton")[1],
-            (train if split == "train" else test)[1],
+            read_back(tmp_path / "b" / f"digits_{split}.beton")[1], splits[split][1]
         )
 
 

@@ -23,7 +23,7 @@ TIMM_NAMES = {
 
 
 def test_registry_names():
-    sizes = ["tiny", "small", "base", "large", "huge"]
+    sizes = ["micro", "tiny", "small", "base", "large", "huge"]
     assert set(list_models()) == {f"{p}_{s}" for p in ("mae_vit", "vit") for s in sizes}
     with pytest.raises(ValueError, match="unknown model 'vit_gigantic'"):
         create_model("vit_gigantic", num_classes=10)

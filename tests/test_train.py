@@ -2,7 +2,9 @@
 SIGTERM / SIGUSR1 mid-epoch, a full disk, eval, torchrun, compile, a non-finite loss, and the
 errors a user meets first."""
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -21,19 +24,22 @@ import ssat.training
 import train
 from convert.digits_to_ffcv import main as convert_digits
 from ssat.checkpoint import load_checkpoint
+from ssat.config import parse_config
+from ssat.distributed import DistContext
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
     "--img_size 16 --patch_size 4 --batch_size 32 --warmup_epochs 0.5 --blr 4e-3 "
     "--log_interval 2 --num_workers 0"
 ).split()
+VAL = 270  # the digits' validation split: evaluated every epoch
 # two processes on this machine, as torch.distributed.launch / torchrun start them
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Digits, 320 scans per split (10 steps of 32)."""
+    """Digits, 320 scans of train and test (10 steps of 32) and the whole val split (270)."""
     out = tmp_path_factory.mktemp("train_data")
     assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
     return out
@@ -96,7 +102,7 @@ def test_trains_and_logs(tmp_path, data, method, pipeline):
             "epoch_seconds",
             "peak_memory_mb",
         } <= set(r)
-        assert r["val_num_samples"] == 320 and 0 <= r["data_wait"] <= 1
+        assert r["val_num_samples"] == VAL and 0 <= r["data_wait"] <= 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     first, last = sum(r["loss"] for r in steps[:2]) / 2, sum(r["loss"] for r in steps[-2:]) / 2
     assert last < first, (first, last)
@@ -108,6 +114,81 @@ def test_trains_and_logs(tmp_path, data, method, pipeline):
         ckpt = load_checkpoint(out / name)
         assert ckpt["config"]["model"] == config["model"]
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+
+
+def test_test_split_is_read_once_at_the_end(tmp_path, data, capsys):
+    """With val and test splits, val is evaluated every epoch and test once, when the schedule
+    is done: with the final weights and with checkpoint-best.pth's, the numbers `--eval` gives
+    for those files on the test split. A dataset with one evaluation split has no test record."""
+    out, flags = tmp_path / "run", "--pipeline torch --model mae_vit_micro --epochs 3"
+    assert train.main(_args(data, out, flags, "--stop_after 2")) == 0
+    assert not [r for r in _log(out) if r["type"] == "test"]  # the schedule is not done
+    # a best no later epoch can beat: checkpoint-best.pth stays before the last epoch
+    best_epoch = load_checkpoint(out / "checkpoint-best.pth")["epoch"]
+    last = load_checkpoint(out / "checkpoint-last.pth")
+    torch.save({**last, "best_metric": 101.0}, out / "checkpoint-last.pth")
+    capsys.readouterr()
+    assert train.main(_args(data, out, flags, "--resume auto")) == 0
+    printed = capsys.readouterr().out
+    (record,) = [r for r in _log(out) if r["type"] == "test"]
+    assert record["split"] == "test" and record["epoch"] == 2 and record["test_samples"] == 320
+    assert record["best_val_epoch"] == best_epoch < 2
+    assert {"test_acc1", "test_acc5", "test_loss", "test_acc1_at_best_val"} <= set(record)
+    assert "epoch 2: loss" in printed and "val acc1" in printed
+    assert f"test acc1 (final weights): {record['test_acc1']:.2f}%" in printed
+    at_best = f"test acc1 (best-val weights, epoch {best_epoch}): "
+    assert at_best + f"{record['test_acc1_at_best_val']:.2f}%" in printed
+    # the same scans without their val split (under another name: the digits would be
+    # converted again): the test split is the one evaluation split
+    one = tmp_path / "one"
+    one.mkdir()
+    for split, suffix in itertools.product(("train", "test"), (".beton", ".json")):
+        (one / f"scans_{split}{suffix}").symlink_to(data / f"digits_{split}{suffix}")
+    flags += " --data_path scans"
+    for weights, key in (("last", "test_acc1"), ("best", "test_acc1_at_best_val")):
+        checkpoint = out / f"checkpoint-{weights}.pth"
+        capsys.readouterr()
+        assert train.main(_args(one, tmp_path / "eval", flags, "--eval --resume", checkpoint)) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
+        assert result["num_samples"] == 320 and result["acc1"] == pytest.approx(record[key])
+    assert train.main(_args(one, tmp_path / "alone", flags, "--epochs 1")) == 0
+    records = _log(tmp_path / "alone")
+    assert [r["type"] for r in records if r["type"] != "step"] == ["epoch"]
+    assert records[-1]["val_num_samples"] == 320
+
+
+def test_embedded_default_learns_the_digits(tmp_path, capsys):
+    """`python train.py`'s recipe on all the digits, its schedule shortened to 6 epochs: well
+    above chance (10%) on the validation split, and its pictures drawn and named last."""
+    cfg = dataclasses.replace(
+        parse_config([]),
+        data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "demo"),
+        epochs=6,
+    )
+    assert train.run(cfg, DistContext()) == 0
+    epochs = [r for r in _log(tmp_path / "demo") if r["type"] == "epoch"]
+    assert len(epochs) == 6 and epochs[-1]["val_num_samples"] == VAL
+    assert epochs[-1]["val_acc1"] > 50, [round(r["val_acc1"], 1) for r in epochs]
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    for line, name in zip(last, ("curves.png", "reconstructions.png"), strict=True):
+        assert line.endswith(str(tmp_path / "demo" / name)), line
+        assert matplotlib.image.imread(tmp_path / "demo" / name).std() > 0.05  # drawn, not blank
+
+
+def test_cpu_runs_take_every_core_unless_told_otherwise(monkeypatch):
+    """Importing ffcv set torch's threads to 1; a CPU run takes every core, or OMP_NUM_THREADS."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(1)
+        train.use_all_cores(DistContext())
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        train.use_all_cores(DistContext())
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
@@ -126,7 +207,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
             assert torch.equal(value, b[weights][key]), (weights, key)
     assert not torch.equal(a["model"]["head.weight"], a["model_ema"]["head.weight"])
     epochs = [r for r in _log(straight) if r["type"] == "epoch"]
-    assert all(0 <= r["ema_val_acc1"] <= 100 and r["ema_val_num_samples"] == 320 for r in epochs)
+    assert all(0 <= r["ema_val_acc1"] <= 100 and r["ema_val_num_samples"] == VAL for r in epochs)
 
 
 def test_killed_run_finishes_when_rerun(tmp_path, data):
@@ -168,11 +249,10 @@ def _wait_for_log(out: Path, text: str, proc: subprocess.Popen, seconds: float =
 def _stop(command: list[str], out: Path, when: str, signum: int, logs: Path, rank=None) -> int:
     """Run `command`, send `signum` once `when` is in its log (to the process, or to the
     torchrun worker of rank `rank`), and return its exit status; its output goes to `logs`.
-    The command runs with this process's number of torch threads (importing ffcv here set it
-    to 1), so that both sum in the same order and their weights can be compared exactly."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    The trainer sets its own number of CPU threads (all cores, or OMP_NUM_THREADS), so a run
+    here and one in this process sum in the same order and their weights compare exactly."""
     with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr, env=env)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
         try:
             _wait_for_log(out, when, proc)
             os.kill(proc.pid if rank is None else _workers(proc.pid)[rank], signum)
@@ -303,7 +383,7 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
         == 0
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
-    assert result["num_samples"] == 320
+    assert result["num_samples"] == VAL
     assert result["acc1"] == pytest.approx(logged["val_acc1"])
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     if "--global_pool" in model:
@@ -346,7 +426,7 @@ def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
     for name in config["no_effect"]:
         assert done.stdout.count(f"--{name}: accepted, no effect here (") == 1, done.stdout[-2000:]
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
-    assert epoch["val_num_samples"] == 320  # every sample once across the two ranks
+    assert epoch["val_num_samples"] == VAL  # every sample once across the two ranks
     # each rank read half of the epoch: 5 batches of 32, so 2 optimizer steps of 2 batches
     assert epoch["step"] == (320 // 2) // 32 // 2
 
@@ -418,7 +498,6 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, data, capsys):
 def test_config_file_and_flags(tmp_path, data):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: mae_vit_tiny\nmask_views: 2\nepochs: 7\nsmoothing: 0.2\n")
-    from ssat.config import parse_config
 
     parsed = parse_config(["--config", str(cfg), "--epochs", "1", "--views", "3"])
     assert (parsed.model, parsed.mask_views, parsed.epochs, parsed.smoothing) == (
@@ -451,7 +530,8 @@ def test_config_file_and_flags(tmp_path, data):
         with pytest.raises(ValueError, match="Swin/PVT backbones"):
             parse_config(flag.split())
     default = parse_config([])
-    assert (default.data_path, default.img_size, default.patch_size) == ("digits", 32, 4)
+    assert (default.data_path, default.model, default.img_size) == ("digits", "mae_vit_micro", 16)
+    assert default.pictures and not parse_config(["--epochs", "1"]).pictures
     (tmp_path / "bad.json").write_text(json.dumps({"epoch": 3}))
     with pytest.raises(ValueError, match="unknown setting"):
         parse_config(["--config", str(tmp_path / "bad.json")])
@@ -478,7 +558,7 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
     epochs = [r for r in _log(tmp_path / "run") if r["type"] == "epoch"]
     steps = [r for r in _log(tmp_path / "run") if r["type"] == "step"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
-    assert all(r["val_num_samples"] == (32 if source == "folder" else 320) for r in epochs)
+    assert all(r["val_num_samples"] == (32 if source == "folder" else VAL) for r in epochs)
     assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])
     assert (tmp_path / "run" / "checkpoint-best.pth").is_file()
 

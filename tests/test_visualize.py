@@ -55,6 +55,18 @@ def test_reconstruction_pictures(run, tmp_path):
     assert _picture(next(three.glob("*.png"))).shape[1] > pictures[0].shape[1] * 1.2
 
 
+def test_reconstruction_grid(run, tmp_path):
+    """--grid: one PNG, a row per image; r = 2 views of three pictures each, beside the input."""
+    one = tmp_path / "one.png"
+    assert _recon(run, "--data", run["data"], "--num_images", 1, "--grid", "--out", one) == 0
+    four = tmp_path / "four.png"
+    assert _recon(run, "--data", run["data"], "--num_images", 4, "--grid", "--out", four) == 0
+    single, grid = _picture(one), _picture(four)
+    assert grid.std() > 0.05 and grid.shape[0] > 2.5 * single.shape[0]  # rows of images
+    assert grid.shape[1] == single.shape[1]
+    assert single.shape[1] > 5 * single.shape[0]  # 1 + 2 x 3 pictures across
+
+
 def test_reconstruct_keeps_the_visible_patches_apart():
     """The masks of the r views are disjoint and hide 75%; a reconstruction has the input's
     shape."""
