@@ -7,9 +7,10 @@
         --output_dir runs/in1k_compare -- --data_dir /data/ffcv --pipeline ffcv ...
 
 Everything after `--` is train.py's flags, given to every run alike (epochs, batch, recipe);
-with nothing after it, every run uses the recipe `python train.py` runs alone (32 px, patch 4,
-10 epochs, batch 64). Each method trains its model of `--size`: scratch `vit_<size>`, ssat and
-fgcr `mae_vit_<size>` (fgcr with `--mask_views`, r = `--views`, default 3).
+with nothing after it, every run uses the recipe `python train.py` runs alone (the micro size,
+16 px, patch 4, 20 epochs, batch 16), without mixup or cutmix for the scratch baseline either.
+Each method trains its model of `--size`: scratch `vit_<size>`, ssat and fgcr `mae_vit_<size>`
+(fgcr with `--mask_views`, r = `--views`, default 3).
 
 Each (method, seed) is a `train.py` process (under torchrun with `--nproc_per_node` above 1)
 writing to `<output_dir>/<method>/seed<k>` with `--resume auto`: the same command run again
@@ -142,14 +143,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.nproc_per_node < 1:
         p.error("--nproc_per_node must be 1 or more")
     shared = argv[cut + 1 :]
-    if not shared:  # the recipe of `python train.py` alone, without its model and folder
+    if not shared:  # the recipe of `python train.py` alone (its model's size), not its pictures
         recipe = {
             k: v
             for k, v in EMBEDDED_DEFAULT.items()
-            if k not in ("data_path", "model", "output_dir")
+            if k not in ("data_path", "output_dir", "pictures")
         }
-        shared = [word for k, v in recipe.items() for word in (f"--{k}", str(v))]
+        recipe.update(mixup=0.0, cutmix=0.0)  # the scratch baseline's too: one recipe for all
+        shared = [word for k, v in recipe.items() for word in _flag_words(k, v)]
     return args, shared
+
+
+def _flag_words(name: str, value: Any) -> list[str]:
+    if isinstance(value, bool):  # train.py's switches: --name / --no-name
+        return [f"--{name}" if value else f"--no-{name}"]
+    return [f"--{name}", str(value)]
 
 
 def given_settings(shared: list[str]) -> dict[str, Any]:
