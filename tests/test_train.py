@@ -398,7 +398,7 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
         == 0
     )
     perturbed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
-    assert perturbed["num_samples"] == 320 and perturbed["loss"] != pytest.approx(result["loss"])
+    assert perturbed["num_samples"] == VAL and perturbed["loss"] != pytest.approx(result["loss"])
 
 
 def _free_port() -> int:
