@@ -44,6 +44,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ from ssat.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ssat.config import NOTES, TrainConfig, parse_config
+from ssat.config import NOTES, TrainConfig, flag_names, parse_config
 from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
@@ -428,15 +429,18 @@ def build_state(
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes)
-    weights = _weights_only_resume(cfg)
-    if weights:  # MAE's --resume of a file without a run in it: start from its weights
+    path, ckpt = _resume_checkpoint(cfg, dist_ctx)
+    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone)
+    weights = ckpt is not None and cfg.resume != "auto" and not cfg.eval
+    weights = weights and (not isinstance(ckpt, dict) or ckpt.get("optimizer") is None)
+    if weights:
         print0(
             dist_ctx,
-            f"--resume {weights}: the file holds weights but no optimizer state, so the run "
+            f"--resume {path}: the file holds weights but no optimizer state, so the run "
             f"starts at epoch 0 from those weights, as the published scripts do (--finetune "
             f"adds MAE's layer-wise learning-rate decay)",
         )
-    for source in filter(None, (cfg.finetune, weights)):
+    for source in filter(None, (cfg.finetune, weights and path)):
         try:
             result = load_pretrained(model, source)
         except RuntimeError as err:
@@ -448,39 +452,39 @@ def build_state(
             f"head reset: {result.head_reset}",
         )
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
-    if cfg.resume and not weights:
-        resume(cfg, state, dist_ctx)
+    if ckpt is not None and not weights:
+        resume(cfg, state, dist_ctx, path, ckpt)
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
         state.epoch = cfg.start_epoch
         state.step = cfg.start_epoch * state.updates_per_epoch
     return state
 
 
-def _weights_only_resume(cfg: TrainConfig) -> str:
-    """The --resume path of a training run when that file holds weights alone (MAE's
-    pretrained or fine-tuned weights, say), else ""."""
-    if not cfg.resume or cfg.resume == "auto" or cfg.eval:
-        return ""
-    try:
-        ckpt = load_checkpoint(cfg.resume)
-    except RuntimeError as err:
-        raise TrainError(f"cannot resume from {cfg.resume}: {err}") from err
-    return cfg.resume if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None else ""
-
-
-def resume(cfg: TrainConfig, state: TrainState, dist_ctx: DistContext) -> None:
-    """Load a checkpoint into `state`: weights, and to train on, the optimizer, the scaler and
-    where to continue (inside an epoch: with this rank's saved generator states)."""
-    path = (
-        Path(cfg.output_dir) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    )
-    if cfg.resume == "auto" and not path.exists():
+def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | None, Any]:
+    """The --resume file and its contents, read once; (None, None) without one (with --resume
+    auto: before the first checkpoint)."""
+    if not cfg.resume:
+        return None, None
+    auto = cfg.resume == "auto"
+    path = Path(cfg.output_dir) / "checkpoint-last.pth" if auto else Path(cfg.resume)
+    if auto and not path.exists():
         print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
-        return
+        return None, None
     try:
-        ckpt = load_checkpoint(path, map_location=dist_ctx.device)
+        return path, load_checkpoint(path, map_location=dist_ctx.device)
+    except RuntimeError as err:  # unreadable file
+        raise TrainError(f"cannot resume from {path}: {err}") from err
+
+
+def resume(
+    cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, path: Path, ckpt: dict
+) -> None:
+    """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
+    optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
+    generator states)."""
+    try:
         state.model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:  # unreadable file, or weights of another model
+    except RuntimeError as err:  # weights of another model
         raise TrainError(f"cannot resume from {path}: {err}") from err
     if cfg.eval:
         return
@@ -577,8 +581,7 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
-            flag = "-u" if name == "u" else f"--{name}"
-            print(f"{flag}: accepted, no effect here ({NOTES[name]})", flush=True)
+            print(f"{flag_names(name)[0]}: accepted, no effect here ({NOTES[name]})", flush=True)
     return out
 
 

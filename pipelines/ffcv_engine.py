@@ -10,6 +10,7 @@ loader thread (which would leave the consumer waiting forever) is passed on to t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
@@ -119,6 +120,16 @@ class MultiCrop(Operation):
         return multi_crop
 
 
+@contextmanager
+def _torch_threads_kept():
+    """ffcv sets torch's thread count to its own worker count; the consumer's count stays."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Epoch(EpochIterator):
     """ffcv's epoch thread, which passes its exception on instead of dying silently."""
 
@@ -160,9 +171,8 @@ class _Loader(Loader):
         return self.indices
 
     def __iter__(self):
-        threads = torch.get_num_threads()
-        Compiler.set_num_threads(self.num_workers)  # numba's threads; it sets torch's too,
-        torch.set_num_threads(threads)  # which stay the consumer's
+        with _torch_threads_kept():
+            Compiler.set_num_threads(self.num_workers)  # numba's threads (it sets torch's too)
         order = self.next_traversal_order()[: len(self) * self.batch_size]
         if self.code is None or self.recompile:
             self.generate_code()
@@ -185,22 +195,23 @@ class FFCVLoader(CropLoader):
             crop_pct=cfg.crop_pct,
         )
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
-        threads = torch.get_num_threads()  # ffcv's Loader sets torch's to its worker count
-        self._ffcv = _Loader(
-            str(self.path),
-            batch_size=self.batch_size,
-            num_workers=max(1, self.num_workers),
-            order=OrderOption.SEQUENTIAL,
-            drop_last=self.train,
-            os_cache=True,
-            indices=self.order(),
-            batches_ahead=3,
-            pipelines={
-                "image": PipelineSpec("image", decoder=crop, transforms=[ToTensor(), *to_device]),
-                "label": [IntDecoder(), ToTensor(), *to_device],
-            },
-        )
-        torch.set_num_threads(threads)
+        with _torch_threads_kept():  # ffcv's Loader sets torch's to its worker count
+            self._ffcv = _Loader(
+                str(self.path),
+                batch_size=self.batch_size,
+                num_workers=max(1, self.num_workers),
+                order=OrderOption.SEQUENTIAL,
+                drop_last=self.train,
+                os_cache=True,
+                indices=self.order(),
+                batches_ahead=3,
+                pipelines={
+                    "image": PipelineSpec(
+                        "image", decoder=crop, transforms=[ToTensor(), *to_device]
+                    ),
+                    "label": [IntDecoder(), ToTensor(), *to_device],
+                },
+            )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._ffcv.set_order(order)

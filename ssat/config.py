@@ -284,14 +284,17 @@ _NO_EFFECT_VALUES = {"world_size": int, "dist_url": str, "local_rank": int}
 OTHER_BACKBONES = ("token_size", "vis_mask_ratio", "mask_regular")
 
 
+def flag_names(name: str) -> list[str]:
+    """The command-line spellings of a published flag without effect, the usual one first."""
+    return {"local_rank": ["--local_rank", "--local-rank"], "u": ["-u"]}.get(name, [f"--{name}"])
+
+
 def _add_published_flags(parser: argparse.ArgumentParser) -> None:
     """The published flags without an effect here, and those of the Swin/PVT backbones; both
     leave a mark in the parsed namespace only when given (`_given_<name>`)."""
     group = parser.add_argument_group("accepted from the published scripts, without effect here")
     for name, why in NO_EFFECT.items():
-        names = {"local_rank": ["--local_rank", "--local-rank"], "u": ["-u"]}.get(
-            name, [f"--{name}"]
-        )
+        names = flag_names(name)
         kind = _NO_EFFECT_VALUES.get(name)
         extra = {"type": kind} if kind else {"action": "store_true"}
         group.add_argument(

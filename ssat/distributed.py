@@ -35,20 +35,20 @@ def setup(device: str | None = None) -> DistContext:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU), or run alone.
     `device` is MAE's `--device`: "cuda" (the default where CUDA is available), "cpu", or
     "cuda:N" for one process; under torchrun the local rank picks the GPU."""
-    kind = _device_kind(device)
+    chosen = _checked_device(device)
     if int(os.environ.get("RANK", -1)) == -1:
-        if kind == "cpu":
+        if chosen.type == "cpu":
             return DistContext()
-        index = torch.device(device or "cuda").index or 0
+        index = chosen.index or 0
         torch.cuda.set_device(index)
         return DistContext(device=torch.device("cuda", index))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if device and ":" in device and torch.device(device).index != local:
+    if chosen.index is not None and chosen.index != local:
         raise ValueError(
             f"--device {device}: with several processes each one's GPU is its local rank "
             f"({local} here); pass --device cuda"
         )
-    cuda = kind == "cuda"
+    cuda = chosen.type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -56,25 +56,24 @@ def setup(device: str | None = None) -> DistContext:
     return DistContext(rank, world, local, where, host_group=dist.new_group(backend="gloo"))
 
 
-def _device_kind(device: str | None) -> str:
-    """ "cuda" or "cpu" for a `--device` value, checked against what this machine has."""
+def _checked_device(device: str | None) -> torch.device:
+    """A `--device` value as a torch.device, checked against what this machine has."""
     available = torch.cuda.is_available()
     if device is None:
-        return "cuda" if available else "cpu"
+        return torch.device("cuda" if available else "cpu")
     try:
-        kind = torch.device(device).type
+        chosen = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: expected cuda, cuda:N or cpu") from None
-    if kind not in ("cuda", "cpu"):
+    if chosen.type not in ("cuda", "cpu"):
         raise ValueError(f"--device {device!r}: expected cuda, cuda:N or cpu")
-    if kind == "cuda" and not available:
+    if chosen.type == "cuda" and not available:
         raise ValueError(f"--device {device}: no CUDA device is visible to this process")
-    if kind == "cuda" and torch.device(device).index is not None:
-        if torch.device(device).index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-    return kind
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+        )
+    return chosen
 
 
 def teardown(dist_ctx: DistContext) -> None:
