@@ -1,12 +1,24 @@
-"""Conversion speed: ImageNet-like JPEGs -> .beton (jpg q90, longer side 256).
+"""Conversion speed: JPEG folders -> .beton (jpg q90, longer side 256), ours against stock ffcv.
 
-    python bench/conversion.py [--images 2000] [--repeats 3]
+    python -m bench.conversion [--images 1000] [--repeats 3]
 
-Makes N photo-like JPEGs (about 500x375, about 110 KB at q90; convert/synthetic.py), then converts
-them with this project's converter and, as the baseline in the same process, with ffcv-imagenet's
-recipe (torchvision ImageFolder + PIL loader into the same ffcv DatasetWriter, RGBImageField
-resizing). Prints the median of the repeats for 1 worker and for all cores, and the ratio.
+Three sets of photo-like JPEGs (`convert/synthetic.py`, quality 90, 10 classes):
+- photos: N of about 500x375 (about 110 KB each, like ImageNet's);
+- large: N/10 of about 3000x2000 (about 3 MB each, like Flowers-102's or a phone's);
+- fitting: N of about 256x192 (about 30 KB each, like many small-data sets), which already fit.
+Each set is converted by this project's converter (`convert/imagenet_to_ffcv.py`'s source, the
+metadata, the read-back verification and the atomic rename included) and, as the baseline in
+the same process, by ffcv-imagenet's recipe: torchvision's `ImageFolder` with its PIL loader into
+ffcv's `DatasetWriter` with an `RGBImageField` resizing (chunks of 100 samples, fewer where a set
+would otherwise leave a worker without work). Runs alternate between the two, and the median
+of the repeats is printed for 1 worker and for all cores. The last lines, one per set:
+
+    RATIO convert/stock <set>: 1 worker <r1>, <n> workers <rn>, scaling <s>
+
+r1 and rn are ours / stock images per second; s is ours at n workers / ours at 1 worker.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
@@ -20,54 +32,79 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from torchvision.datasets import ImageFolder
 
+from bench.photos import make_jpegs
 from convert.imagenet_to_ffcv import read_source
-from convert.synthetic import make_image_folder
 from convert.writer import WriteOptions, write_source
+
+MAX_RESOLUTION, QUALITY = 256, 90
+# name: (width, height), share of --images
+SETS = {"photos": ((500, 375), 1.0), "large": ((3000, 2000), 0.1), "fitting": ((256, 192), 1.0)}
 
 
 def ours(src: Path, out: Path, workers: int) -> None:
     args = argparse.Namespace(src=src, name="bench")
-    write_source(read_source(args), WriteOptions(out_dir=out, num_workers=workers))
+    opts = WriteOptions(
+        out_dir=out, num_workers=workers, max_resolution=MAX_RESOLUTION, jpeg_quality=QUALITY
+    )
+    write_source(read_source(args), opts)
 
 
-def baseline(src: Path, out: Path, workers: int) -> None:
+def stock(src: Path, out: Path, workers: int) -> None:
     fields = {
-        "image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90),
+        "image": RGBImageField(
+            write_mode="jpg", max_resolution=MAX_RESOLUTION, jpeg_quality=QUALITY
+        ),
         "label": IntField(),
     }
-    DatasetWriter(str(out / "baseline.beton"), fields, num_workers=workers).from_indexed_dataset(
-        ImageFolder(str(src / "train")), chunksize=100
+    dataset = ImageFolder(str(src))
+    chunk = max(1, min(100, len(dataset) // (4 * workers)))
+    DatasetWriter(str(out / "stock.beton"), fields, num_workers=workers).from_indexed_dataset(
+        dataset, chunksize=chunk
     )
 
 
-def timed(fn, src, out, workers, repeats) -> float:
-    rates = []
+def rates(src: Path, out: Path, count: int, workers: int, repeats: int) -> tuple[float, float]:
+    """Median images/s of ours and of stock, runs alternating so both see the same load."""
+    mine, base = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(src, out, workers)
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for fn, into in ((ours, mine), (stock, base)):
+            start = time.perf_counter()
+            fn(src, out, workers)
+            into.append(count / (time.perf_counter() - start))
+    return statistics.median(mine), statistics.median(base)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=1000, help="images of the photos set")
     p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    a = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
+    counts = sorted({1, cores})
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp, "src"), Path(tmp, "out")
-        files = make_image_folder(src / "train", classes=10, per_class=a.images // 10)
-        count = len(files)
-        sizes = [f.stat().st_size for f in files]
-        print(f"{count} JPEGs, median {np.median(sizes) / 1e3:.0f} KB, {cores} cores")
-        print(
-            f"{'workers':>8} {'ssat img/s':>11} {'per core':>9} {'baseline img/s':>15} {'ratio':>6}"
-        )
-        for workers in sorted({1, cores}):
-            mine = timed(ours, src, out, workers, a.repeats)
-            base = timed(baseline, src, out, workers, a.repeats)
-            per_worker, ratio = mine / workers, mine / base
-            print(f"{workers:>8} {mine:>11.0f} {per_worker:>9.0f} {base:>15.0f} {ratio:>6.2f}")
+        for name in a.sets:
+            size, share = SETS[name]
+            src, out = Path(tmp, name, "train"), Path(tmp, name, "out")
+            count = make_jpegs(src, max(10, round(a.images * share)), size, cores)
+            kb = np.median([f.stat().st_size for f in src.glob("*/*.JPEG")]) / 1e3
+            print(f"{name}: {count} JPEGs of about {size[0]}x{size[1]}, median {kb:.0f} KB")
+            measured = {w: rates(src, out, count, w, a.repeats) for w in counts}
+            print(f"{'workers':>8} {'ours img/s':>11} {'stock img/s':>12} {'ours/stock':>11}")
+            for w, (mine, base) in measured.items():
+                print(f"{w:>8} {mine:>11.0f} {base:>12.0f} {mine / base:>11.2f}")
+            (one, one_base), (n, n_base) = measured[1], measured[cores]
+            lines.append(
+                f"RATIO convert/stock {name}: 1 worker {one / one_base:.2f}, "
+                f"{cores} workers {n / n_base:.2f}, scaling {n / one:.2f}"
+            )
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

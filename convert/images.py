@@ -7,6 +7,7 @@ truncated, empty or undecodable files into a `BadImage` that names the reason.
 
 from __future__ import annotations
 
+import io
 import os
 
 import cv2
@@ -45,18 +46,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-def _target_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+def target_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     if max_side is None or max(width, height) <= max_side:
         return width, height
     scale = max_side / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _shrink(image: np.ndarray, max_side: int | None) -> np.ndarray:
+def shrink(image: np.ndarray, max_side: int | None) -> np.ndarray:
     """Downscale (never up) so the longer side is at most `max_side`. Area interpolation averages
     every source pixel into the output (no aliasing), at a third of Lanczos' cost."""
     height, width = image.shape[:2]
-    size = _target_size(width, height, max_side)
+    size = target_size(width, height, max_side)
     if size == (width, height):
         return image
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
@@ -65,19 +66,30 @@ def _shrink(image: np.ndarray, max_side: int | None) -> np.ndarray:
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
     """Decode `path` into an (H, W, 3) uint8 RGB array whose longer side is at most `max_side`."""
     try:
-        with Image.open(path) as img:
-            size = _target_size(*img.size, max_side)
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as err:
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+    return decode_rgb(data, max_side)
+
+
+def decode_rgb(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """An image file's bytes -> an (H, W, 3) uint8 RGB array whose longer side is at most
+    `max_side`."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            size = target_size(*img.size, max_side)
             if img.format == "JPEG" and size != img.size:
                 # Let libjpeg decode at a reduced scale (never below the target size).
                 img.draft("RGB", size)
             img.load()
             img = _to_rgb(ImageOps.exif_transpose(img))
-            return _shrink(np.asarray(img, dtype=np.uint8), max_side)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
+            return shrink(np.asarray(img, dtype=np.uint8), max_side)
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise BadImage("empty file") from None
         raise BadImage(f"{type(err).__name__}: {err}") from None
 
 
@@ -91,4 +103,4 @@ def array_to_rgb(image: np.ndarray, max_side: int | None = None) -> np.ndarray:
         image = np.repeat(image, 3, axis=2)
     elif image.ndim != 3 or image.shape[2] != 3:
         raise BadImage(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
-    return _shrink(np.ascontiguousarray(image), max_side)
+    return shrink(np.ascontiguousarray(image), max_side)

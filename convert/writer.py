@@ -1,42 +1,42 @@
 """The one writing module behind every converter: a `Source` of splits -> `.beton` + `.json`.
 
-Each split is written by ffcv's `DatasetWriter` (decoding, resizing and encoding run in its worker
-processes) into a temporary file in the output folder, verified (sample count through ffcv's
-reader; layout, metadata and the first and last samples through the loaders' reader in
-`storage/`), and only then renamed into place, with its metadata beside it. A bad source image
-never reaches ffcv's writer as an exception (its workers would die and the writer would wait
-forever): it is recorded in shared memory and written as a placeholder; `--on_error fail` then
-stops early and reports the file, `skip` writes the split again without it.
+Worker processes turn chunks of source images into stored records (`convert.stored`: the bytes
+the file will hold, a JPEG often as it came, and pixel statistics), and the parent appends them
+in index order to a temporary file in the output folder (`storage.beton.BetonWriter`), in one
+pass: a bad source image comes back as its reason, and `--on_error fail` stops at the first one
+in index order and names it, `skip` leaves it out and lists it. The file is then verified
+(sample count through ffcv's reader; layout, metadata and the first and last samples through the
+loaders' reader in `storage/`), and only then renamed into place, with its metadata beside it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
 from ffcv.reader import Reader
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from ffcv.writer import MIN_PAGE_SIZE
+from tqdm import tqdm
 
-from convert.images import array_to_rgb, load_rgb
+from convert.images import BadImage
+from convert.stored import STATS, Storage, Stored, store_array, store_file
 from storage import DatasetError
 from storage.atomic import atomic_path
-from storage.beton import BetonFile
+from storage.beton import BetonFile, BetonWriter
 from storage.forking import forking
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
 CONVERTER_VERSION = "ssat-convert 1.0"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
-_PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
-_STATS = 7  # per sample: pixel count, 3 channel sums, 3 channel sums of squares
 
 
 class ConvertError(DatasetError):
@@ -92,66 +92,74 @@ class WriteOptions:
     on_error: str = "fail"
     limit: int | None = None
 
+    @property
+    def storage(self) -> Storage:
+        return Storage(
+            self.write_mode,
+            self.max_resolution,
+            self.jpeg_quality,
+            self.smart_threshold,
+            self.compress_probability,
+        )
+
 
 # ---------------------------------------------------------------------------- samples
-class _Samples:
-    """The indexable ffcv's writer reads: decodes one sample per call, in its worker processes.
+_WORK: tuple[Split, Storage] | None = None  # what a worker process stores (inherited by fork)
 
-    Failures and per-sample pixel statistics go to shared memory (inherited by the workers), so
-    the parent learns which samples failed and the channel mean/std without a second pass."""
 
-    def __init__(self, split: Split, max_side: int | None, stop_on_error: bool):
-        self.split = split
-        self.max_side = max_side
-        self.stop_on_error = stop_on_error
-        self._failed = mp.RawArray(ctypes.c_bool, len(split))
-        self._stats = mp.RawArray(ctypes.c_double, len(split) * _STATS)
-        self._stop = mp.RawValue(ctypes.c_bool, False)
+def _store(split: Split, storage: Storage, i: int) -> Stored | str:
+    """Sample i's stored record, or why it cannot be stored."""
+    try:
+        if split.files is not None:
+            return store_file(split.files[i], storage, i)
+        return store_array(split.arrays[i], storage, i)
+    except BadImage as err:
+        return str(err)
+    except Exception as err:  # a bad file must not stop the other workers
+        return f"{type(err).__name__}: {err}"
 
-    def __len__(self) -> int:
-        return len(self.split)
 
-    @property
-    def failed(self) -> np.ndarray:
-        return np.frombuffer(self._failed, dtype=np.bool_)
+def _store_chunk(bounds: tuple[int, int]) -> list[Stored | str]:
+    split, storage = _WORK
+    return [_store(split, storage, i) for i in range(*bounds)]
 
-    @property
-    def stats(self) -> np.ndarray:
-        return np.frombuffer(self._stats, dtype=np.float64).reshape(-1, _STATS)
 
-    def load(self, i: int) -> np.ndarray:
-        if self.split.files is not None:
-            return load_rgb(self.split.files[i], self.max_side)
-        return array_to_rgb(self.split.arrays[i], self.max_side)
+def _start_worker(work: tuple[Split, Storage]) -> None:
+    global _WORK
+    _WORK = work
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the pool
+    cv2.setNumThreads(1)  # one core per worker process: the processes are the parallelism
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        if self._stop.value:
-            return _PLACEHOLDER, 0
-        try:
-            image = self.load(i)
-        except Exception:  # recorded, and reported by the parent with its reason
-            self.failed[i] = True
-            if self.stop_on_error:
-                self._stop.value = True
-            return _PLACEHOLDER, 0
-        mean, std = cv2.meanStdDev(image)  # (3, 1) each, float64
-        count = image.shape[0] * image.shape[1]
-        mean, std = mean.ravel(), std.ravel()
-        self.stats[i] = [count, *(mean * count), *((std**2 + mean**2) * count)]
-        return image, int(self.split.labels[i])
 
-    def reason(self, i: int) -> str:
-        """Why sample i failed, found again in this process (the workers only flag it)."""
-        try:
-            self.load(i)
-        except Exception as err:
-            return str(err)
-        return "failed in a writer process"
+@contextmanager
+def _records(
+    split: Split, storage: Storage, workers: int
+) -> Iterator[Iterator[tuple[int, Stored | str]]]:
+    """(index, record or reason) of every sample, in index order. With several workers, forked
+    processes store chunks of samples and send back their records (encoded bytes, small); with
+    one, this process stores them."""
+    n = len(split)
+    if workers == 1:
+        yield ((i, _store(split, storage, i)) for i in range(n))
+        return
+    chunk = int(np.clip(n // (workers * 8), 1, 64))  # several chunks per worker: even finish
+    bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    context = mp.get_context("fork")
+    with forking():
+        pool = context.Pool(workers, _start_worker, ((split, storage),))
+    with pool:  # leaving it (done, a failure, Ctrl-C) ends the workers
+        results = pool.imap(_store_chunk, bounds)
+        yield (
+            (i, record)
+            for (start, stop), records in zip(bounds, results, strict=True)
+            for i, record in zip(range(start, stop), records, strict=True)
+        )
 
 
 def channel_stats(stats: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0-255 scale) over all pixels of the given samples."""
-    total = stats.sum(axis=0)
+    """Per-channel mean and std (0-255 scale) over all pixels of the given samples: `stats`
+    (N, STATS) rows of `convert.stored.pixel_stats`, or their sum."""
+    total = np.asarray(stats).reshape(-1, STATS).sum(axis=0)
     count = total[0]
     mean = total[1:4] / count
     std = np.sqrt(np.maximum(total[4:7] / count - mean**2, 0.0))
@@ -173,24 +181,46 @@ def _page_size(split: Split, opts: WriteOptions) -> int:
     return size
 
 
-def _write(path: Path, samples: _Samples, opts: WriteOptions, indices: np.ndarray) -> None:
-    fields = {
-        "image": RGBImageField(
-            write_mode=opts.write_mode,
-            max_resolution=opts.max_resolution,
-            smart_threshold=opts.smart_threshold,
-            jpeg_quality=opts.jpeg_quality,
-            compress_probability=opts.compress_probability,
-        ),
-        "label": IntField(),
-    }
-    workers = max(1, min(opts.num_workers, len(indices)))
-    writer = DatasetWriter(
-        str(path), fields, page_size=_page_size(samples.split, opts), num_workers=workers
-    )
-    chunk = int(np.clip(len(indices) // (workers * 8), 1, 100))
-    with forking():  # ffcv forks its workers
-        writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
+@dataclass
+class _Written:
+    """What `_write` stored: the samples kept (indices into the split), the sum of their pixel
+    statistics, how many JPEGs were stored as they were, the files skipped and why."""
+
+    kept: np.ndarray
+    stats: np.ndarray
+    passed_through: int
+    skipped: list[dict]
+
+
+def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
+    """Store every sample of `split` in a new .beton at `path`, in index order, in one pass: a
+    bad file stops the write (`on_error` fail, naming the first in index order) or is left out
+    and listed (skip)."""
+    storage = opts.storage
+    workers = max(1, min(opts.num_workers, len(split)))
+    kept, skipped, passed = [], [], 0
+    stats = np.zeros(STATS)
+    with (
+        _records(split, storage, workers) as records,
+        BetonWriter(path, len(split), _page_size(split, opts)) as out,
+        tqdm(total=len(split), desc=f"{split.name} split", mininterval=1.0) as bar,
+    ):
+        for i, record in records:
+            bar.update()
+            if isinstance(record, str):
+                if opts.on_error == "fail":
+                    raise ConvertError(f"{split.describe(i)}: {record}")
+                skipped.append({"path": split.describe(i), "reason": record})
+                continue
+            try:
+                out.append(int(split.labels[i]), *record[:4])
+            except ValueError as err:  # larger than a page
+                raise ConvertError(f"{split.describe(i)}: {err}; set --max_resolution") from None
+            # (a running content fingerprint of the file sees each stored record here, in order)
+            stats += record.stats
+            passed += record.passed_through
+            kept.append(i)
+    return _Written(np.asarray(kept, dtype=np.int64), stats, passed, skipped)
 
 
 def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
@@ -237,32 +267,17 @@ def write_split(
     """Write one split; returns its metadata (also written as JSON beside the .beton).
     `stats_from`: the train split's metadata, whose mean/std the other splits carry."""
     final = opts.out_dir / f"{source.name}_{split.name}.beton"
-    samples = _Samples(split, opts.max_resolution, stop_on_error=opts.on_error == "fail")
     start = time.perf_counter()
-    skipped: list[dict] = []
     with atomic_path(final) as tmp:
-        keep = np.arange(len(split))
-        _write(tmp, samples, opts, keep)
-        failed = np.nonzero(samples.failed)[0]
-        if len(failed) and opts.on_error == "fail":
-            i = failed[0]
-            raise ConvertError(f"{split.describe(i)}: {samples.reason(i)}")
-        if len(failed):
-            skipped = [{"path": split.describe(i), "reason": samples.reason(i)} for i in failed]
-            keep = np.setdiff1d(keep, failed)
-            if len(keep) == 0:
-                raise ConvertError(
-                    f"{source.location}: every sample of split '{split.name}' failed"
-                )
-            _write(tmp, samples, opts, keep)  # again, without the bad samples
-            if samples.failed[keep].any():
-                raise ConvertError(f"{final}: samples failed on the second pass")
-        mean, std = channel_stats(samples.stats[keep])
+        written = _write(tmp, split, opts)
+        if len(written.kept) == 0:
+            raise ConvertError(f"{source.location}: every sample of split '{split.name}' failed")
+        mean, std = channel_stats(written.stats)
         stats = stats_from or {"split": split.name, "mean": mean, "std": std}
         meta = build_metadata(
             dataset=source.name,
             split=split.name,
-            labels=split.labels[keep],
+            labels=split.labels[written.kept],
             class_names=source.class_names,
             mean=stats["mean"],
             std=stats["std"],
@@ -271,21 +286,24 @@ def write_split(
                 "write_mode": opts.write_mode,
                 "max_resolution": opts.max_resolution,
                 "jpeg_quality": opts.jpeg_quality,
+                "passed_through": written.passed_through,
             },
             source=source.location,
-            skipped=skipped,
+            skipped=written.skipped,
             converter_version=CONVERTER_VERSION,
         )
-        verify(tmp, split.labels[keep], meta)
+        verify(tmp, split.labels[written.kept], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start
 
     with atomic_path(metadata_path(final)) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
+    kept, skipped = len(written.kept), written.skipped
+    as_they_were = f" ({written.passed_through} JPEGs stored as they were)"
     print(
-        f"{final}: {len(keep)} samples, {nbytes / 1e6:.1f} MB, {seconds:.1f} s, "
-        f"{len(keep) / seconds:.0f} images/s"
+        f"{final}: {kept} samples, {nbytes / 1e6:.1f} MB, {seconds:.1f} s, "
+        f"{kept / seconds:.0f} images/s{as_they_were if written.passed_through else ''}"
     )
     if skipped:
         print(f"{final}: skipped {len(skipped)} bad files (listed in {metadata_path(final)}):")

@@ -1,4 +1,4 @@
-"""The `.beton` layout that `convert/` writes through ffcv, and a numpy reader for it.
+"""The `.beton` layout that `convert/` writes, a numpy reader for it and its sequential writer.
 
 The file is ffcv's format, version 2: a header, one descriptor per field, a sample table (one row
 per sample: each field's per-sample metadata), the samples' bytes in pages, and an allocation
@@ -7,6 +7,11 @@ the layout below is all a reader needs: `BetonFile` reads the table with numpy a
 memory-maps the file, so the PyTorch and DALI engines need no ffcv, and the converters check
 what they wrote through the same reader the loaders use. The checks at open time turn a missing,
 truncated or foreign file into one clear error naming the path, instead of a crash or a hang.
+
+`BetonWriter` writes the same layout from one process, sample after sample in index order, from
+bytes already stored (an encoded JPEG, or raw pixels). ffcv's own `DatasetWriter` must differ
+here: its workers encode pixel arrays themselves and write pages in the order they finish, so a
+JPEG cannot be stored as it is and no process sees the stored bytes in index order.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class BetonFile:
             raise DatasetError(
                 f"{self.path}: expected the fields {expected} that convert/ writes, found {found}"
             )
-        row = np.dtype([(f.name, f.meta) for f in EXPECTED_FIELDS], align=True)
+        row = _row_dtype()
         start = HEADER.itemsize + fields.nbytes
         table_ptr = int(header["alloc_table_ptr"])
         if start + n * row.itemsize > size or not start + n * row.itemsize <= table_ptr <= size:
@@ -140,3 +145,88 @@ class BetonFile:
         if image is None or image.shape != (height, width, 3):
             raise DatasetError(f"{self.path}: sample {i} is not a decodable {width}x{height} JPEG")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _row_dtype() -> np.dtype:
+    """One sample's row of the sample table: each field's metadata, as ffcv aligns them."""
+    return np.dtype([(f.name, f.meta) for f in EXPECTED_FIELDS], align=True)
+
+
+class BetonWriter:
+    """Appends samples in index order to a new `.beton` at `path`; `close` writes the tables.
+
+    A sample's bytes never straddle two pages (ffcv's readers load whole pages), and pages are
+    aligned to `page_size` in the file as ffcv's writer aligns them. Room for `capacity` rows is
+    kept for the sample table; fewer samples may be appended (the header holds the count)."""
+
+    def __init__(self, path: str | Path, capacity: int, page_size: int):
+        if page_size & (page_size - 1) or page_size <= 0:
+            raise ValueError(f"page size {page_size} is not a power of two")
+        self.path, self.page_size = Path(path), page_size
+        self._row = _row_dtype()
+        self._table = np.zeros(capacity, dtype=self._row)
+        self._alloc: list[tuple[int, int, int]] = []
+        self.num_samples = 0
+        table_end = HEADER.itemsize + len(EXPECTED_FIELDS) * FIELD.itemsize
+        table_end += capacity * self._row.itemsize
+        self._data_start = -(-table_end // page_size) * page_size  # the first page boundary
+        self._page = bytearray(page_size)
+        self._page_index, self._used = 0, 0
+        self._file = open(self.path, "wb")
+        self._file.seek(self._data_start)
+
+    def append(self, label: int, mode: int, height: int, width: int, data) -> None:
+        """The next sample: its label, how its image is stored (JPEG or RAW), its size in
+        pixels and its stored bytes (anything with the buffer protocol)."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if size > self.page_size:
+            raise ValueError(
+                f"a stored image of {size} bytes does not fit in a page of {self.page_size} bytes"
+            )
+        if self._used + size > self.page_size:
+            self._flush_page()
+        ptr = self._data_start + self._page_index * self.page_size + self._used
+        self._page[self._used : self._used + size] = view
+        self._used += size
+        i = self.num_samples
+        self._table[i] = ((mode, width, height, ptr), label)  # IMAGE_META's order
+        self._alloc.append((i, ptr, size))
+        self.num_samples += 1
+
+    def _flush_page(self) -> None:
+        self._file.write(self._page)  # whole pages, zero-padded, as ffcv writes them
+        self._page[:] = bytes(self.page_size)
+        self._page_index += 1
+        self._used = 0
+
+    def close(self) -> None:
+        """Write the last page, the allocation table, the sample table and the header."""
+        if self._file.closed:
+            return
+        with self._file as f:
+            if self._used:
+                self._flush_page()
+            alloc_ptr = f.tell()
+            f.write(np.array(self._alloc, dtype=ALLOC).tobytes())
+            header = np.zeros(1, dtype=HEADER)
+            header["version"], header["num_fields"] = FORMAT_VERSION, len(EXPECTED_FIELDS)
+            header["page_size"], header["num_samples"] = self.page_size, self.num_samples
+            header["alloc_table_ptr"] = alloc_ptr
+            fields = np.zeros(len(EXPECTED_FIELDS), dtype=FIELD)
+            for k, field in enumerate(EXPECTED_FIELDS):
+                name = field.name.encode("ascii")
+                fields["type_id"][k] = field.type_id
+                fields["name"][k, : len(name)] = np.frombuffer(name, dtype=np.uint8)
+            f.seek(0)
+            f.write(header.tobytes() + fields.tobytes())
+            f.write(self._table[: self.num_samples].tobytes())
+
+    def __enter__(self) -> "BetonWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._file.close()  # the caller's temporary file is removed by its atomic_path

@@ -125,6 +125,7 @@ def test_imagenet_image_folder(tmp_path):
         "write_mode": "jpg",
         "max_resolution": 256,
         "jpeg_quality": 90,
+        "passed_through": 6,  # the JPEG half of the folder already fits: stored as it is
         "fields": {"image": "RGBImageField", "label": "IntField"},
     }
 

@@ -1,0 +1,179 @@
+"""One source image -> the record a `.beton` stores for it: mode, size, bytes, pixel statistics.
+
+The work of a converter's worker process, done once per sample with as little waste as the
+field allows:
+- a JPEG that already fits (baseline or progressive, RGB, no EXIF rotation, longer side at most
+  the maximum resolution) is stored as it is, byte for byte: no decode-and-encode, no second loss
+  of quality. It is decoded once, by ffcv's own decoder (the function its loaders call), which
+  checks that ffcv reads it and gives the pixels for the channel statistics;
+- a larger RGB JPEG is decoded by libjpeg-turbo at the smallest of its DCT scales (1/8 to 8/8)
+  that is not below the target size (`simplejpeg`, a 4000x3000 photo to 256 px decodes 1/64
+  of the pixels), then shrunk the rest of the way with an area filter;
+- every other file (PNG, grey or CMYK JPEG, an EXIF rotation, a JPEG libjpeg-turbo refuses) goes
+  through PIL (`convert.images.decode_rgb`: every mode, EXIF orientation, clear reasons for bad
+  files).
+An encoded image's header is checked against the size recorded for it before it leaves the
+worker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import simplejpeg
+from ffcv.libffcv import imdecode
+from PIL import Image
+
+from convert.images import BadImage, array_to_rgb, decode_rgb, shrink, target_size
+from storage.beton import JPEG, RAW
+
+_ORIENTATION = 0x0112  # the EXIF tag
+# Start-of-frame markers of the JPEGs every decoder reads: baseline, extended and progressive
+# Huffman-coded DCT (lossless and arithmetic-coded files are re-encoded).
+_COMMON_FRAMES = (0xC0, 0xC1, 0xC2)
+STATS = 7  # per sample: pixel count, 3 channel sums, 3 channel sums of squares
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How images are stored: ffcv's `RGBImageField` options."""
+
+    write_mode: str = "jpg"  # jpg, raw, smart, proportion
+    max_resolution: int | None = 256
+    jpeg_quality: int = 90
+    smart_threshold: int | None = None
+    compress_probability: float = 0.5
+
+
+class Stored(NamedTuple):
+    """A sample's image as the `.beton` stores it."""
+
+    mode: int  # storage.beton.JPEG or RAW
+    height: int
+    width: int
+    data: bytes
+    stats: np.ndarray  # (STATS,) float64
+    passed_through: bool  # a source JPEG stored as it is
+
+
+def pixel_stats(image: np.ndarray) -> np.ndarray:
+    """(STATS,) pixel count, per-channel sums and sums of squares of an (H, W, 3) image."""
+    mean, std = cv2.meanStdDev(image)  # (3, 1) each, float64
+    count = image.shape[0] * image.shape[1]
+    mean, std = mean.ravel(), std.ravel()
+    return np.array([count, *(mean * count), *((std**2 + mean**2) * count)])
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG file (0xC0 baseline, 0xC2 progressive, ...), found by
+    walking its segments up to the frame header; None if there is none."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header first
+            return None
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def _rotated(img: Image.Image) -> bool:
+    """Whether the EXIF orientation asks for a rotation or flip (unreadable EXIF: assume so,
+    and let PIL's path handle it)."""
+    try:
+        return img.getexif().get(_ORIENTATION, 1) != 1
+    except Exception:
+        return True
+
+
+def _decode_as_ffcv(data: bytes, height: int, width: int) -> np.ndarray | None:
+    """`data` decoded by ffcv's loaders' JPEG decoder, or None where it reports an error (ffcv's
+    loaders refuse such a sample)."""
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    source = np.frombuffer(data, np.uint8)
+    status = imdecode(source, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+    return pixels if status == 0 else None
+
+
+def _fast_rgb(data: bytes, img: Image.Image, max_side: int | None) -> np.ndarray | None:
+    """An RGB JPEG decoded at the smallest DCT scale not below its target size, then shrunk;
+    None for a file libjpeg-turbo reports anything about (PIL's path says what)."""
+    width, height = target_size(*img.size, max_side)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
+    except ValueError:
+        return None
+    return shrink(pixels, max_side)
+
+
+def _jpeg_or_raw(storage: Storage, image_bytes: int, index: int) -> bool:
+    """Whether a sample is stored as JPEG (ffcv's write modes; `proportion` draws from a
+    generator seeded by the sample's index, so a rerun writes the same file)."""
+    mode = storage.write_mode
+    if mode == "smart":
+        return storage.smart_threshold is not None and image_bytes > storage.smart_threshold
+    if mode == "proportion":
+        return random.Random(index).random() < storage.compress_probability
+    return mode == "jpg"
+
+
+def encode(image: np.ndarray, storage: Storage, index: int) -> Stored:
+    """An (H, W, 3) uint8 RGB image, already at its stored size -> its stored record."""
+    height, width = image.shape[:2]
+    stats = pixel_stats(image)
+    if not _jpeg_or_raw(storage, image.nbytes, index):
+        return Stored(RAW, height, width, np.ascontiguousarray(image).tobytes(), stats, False)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # as ffcv's encoder: OpenCV, 4:2:0
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, storage.jpeg_quality])
+    if not ok:
+        raise BadImage(f"JPEG encoding of a {width}x{height} image failed")
+    data = encoded.tobytes()
+    if simplejpeg.decode_jpeg_header(data)[:2] != (height, width):
+        raise BadImage(f"the encoded JPEG is not {width}x{height}")
+    return Stored(JPEG, height, width, data, stats, False)
+
+
+def store_file(path: str | os.PathLike, storage: Storage, index: int) -> Stored:
+    """The stored record of an image file; a `BadImage` says why a file cannot be stored."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as err:
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+    max_side = storage.max_resolution
+    try:
+        img = Image.open(io.BytesIO(data))  # by content, not by name; reads the header only
+    except Exception:
+        img = None  # decode_rgb says why
+    if img is not None and img.format == "JPEG" and img.mode == "RGB" and not _rotated(img):
+        size = target_size(*img.size, max_side)
+        width, height = img.size
+        if (
+            size == img.size
+            and _jpeg_or_raw(storage, width * height * 3, index)
+            and _jpeg_frame(data) in _COMMON_FRAMES
+        ):
+            pixels = _decode_as_ffcv(data, height, width)
+            if pixels is not None:
+                return Stored(JPEG, height, width, data, pixel_stats(pixels), True)
+        pixels = _fast_rgb(data, img, max_side)
+        if pixels is not None:
+            return encode(pixels, storage, index)
+    return encode(decode_rgb(data, max_side), storage, index)
+
+
+def store_array(image: np.ndarray, storage: Storage, index: int) -> Stored:
+    """The stored record of an in-memory image, (H, W) grey or (H, W, 3) RGB uint8."""
+    return encode(array_to_rgb(image, storage.max_resolution), storage, index)
