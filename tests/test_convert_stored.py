@@ -1,0 +1,151 @@
+"""How the converter stores each image: JPEGs that fit kept byte for byte, larger photos decoded
+at a reduced DCT scale with the quality of before, and the `.beton` writer's pages read by ffcv."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from PIL import Image
+
+from convert.images import load_rgb
+from convert.imagenet_to_ffcv import main as convert_folder
+from convert.synthetic import photo_variants
+from storage.beton import JPEG, RAW, BetonFile, BetonWriter
+
+# Mean PSNR (dB) of the stored 256-px photos, decoded, against their source shrunk by an area
+# filter, as the converter stored them before the DCT-scaled decode (PIL's draft + OpenCV's
+# area filter): the cost of one JPEG encoding at quality 90 (and, for the 1200x900 photos,
+# of libjpeg's 1/4-scale decode).
+PSNR_DB = {(500, 375): 34.33, (1200, 900): 29.70}
+
+
+def _convert(src, out, *argv) -> dict:
+    assert convert_folder(["--src", str(src), "--out_dir", str(out), *map(str, argv)]) == 0
+    return json.loads((out / "imagenet_train.json").read_text())
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_photos_keep_the_psnr_of_before(tmp_path):
+    sources = []  # (size, decoded source) in the order the converter lists them
+    for size in PSNR_DB:
+        for k, image in enumerate(photo_variants(3, seed=7, size=size, noise=0.0)):
+            path = tmp_path / "src" / "train" / f"c{size[0]}" / f"{k}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path, quality=95)
+            sources.append((size, np.asarray(Image.open(path).convert("RGB"))))
+    sources.sort(key=lambda s: f"c{s[0][0]}")  # class folders in name order
+    meta = _convert(tmp_path / "src", tmp_path / "out", "--num_workers", 2)
+    assert meta["storage"]["passed_through"] == 0
+    beton = BetonFile(tmp_path / "out" / "imagenet_train.beton")
+    measured = {size: [] for size in PSNR_DB}
+    for i, (size, source) in enumerate(sources):
+        stored = beton.decode(i)
+        assert max(stored.shape[:2]) == 256
+        reference = cv2.resize(source, stored.shape[1::-1], interpolation=cv2.INTER_AREA)
+        measured[size].append(_psnr(stored, reference))
+    for size, figure in PSNR_DB.items():
+        assert np.mean(measured[size]) >= figure - 0.05, (size, measured[size])
+
+
+def _save_variants(folder, photo: np.ndarray) -> dict[str, bool]:
+    """Files of one size in every kind the converter meets; returns {name: stored as it is}."""
+    folder.mkdir(parents=True)
+    img = Image.fromarray(photo)
+    img.save(folder / "a_baseline.jpg", quality=75)
+    img.save(folder / "b_progressive.jpg", quality=80, progressive=True)
+    exif = Image.Exif()
+    exif[0x0112] = 2  # mirrored: same size, pixels to flip
+    img.save(folder / "c_mirrored.jpg", quality=90, exif=exif)
+    img.convert("L").save(folder / "d_grey.jpg", quality=90)
+    img.convert("CMYK").save(folder / "e_cmyk.jpg", quality=90)
+    img.save(folder / "f_photo.png")
+    return {
+        "a_baseline.jpg": True,
+        "b_progressive.jpg": True,
+        "c_mirrored.jpg": False,
+        "d_grey.jpg": False,
+        "e_cmyk.jpg": False,
+        "f_photo.png": False,
+    }
+
+
+def test_jpegs_that_fit_are_stored_as_they_are(tmp_path):
+    photo = next(photo_variants(1, seed=4, size=(160, 120), noise=0.0))
+    folder = tmp_path / "src" / "train" / "only"
+    kinds = _save_variants(folder, photo)
+    meta = _convert(tmp_path / "src", tmp_path / "out", "--num_workers", 1)
+    assert meta["storage"]["passed_through"] == 2 and meta["num_samples"] == len(kinds)
+    path = tmp_path / "out" / "imagenet_train.beton"
+    beton = BetonFile(path)
+    for i, (name, kept) in enumerate(sorted(kinds.items())):
+        source = (folder / name).read_bytes()
+        assert (beton.raw_bytes(i).tobytes() == source) == kept, name
+        assert beton.images["mode"][i] == JPEG
+    # ffcv's loader decodes every stored JPEG (progressive included) to what PIL shows
+    loader = Loader(
+        str(path),
+        batch_size=len(kinds),
+        order=OrderOption.SEQUENTIAL,
+        num_workers=1,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
+    images = np.array(next(iter(loader))[0])
+    for image, name in zip(images, sorted(kinds), strict=True):
+        error = np.abs(image - load_rgb(folder / name).astype(int)).mean()
+        # kept: only ffcv's fast DCT differs; re-encoded: a second JPEG loss (about 3-5 here)
+        assert error < (2 if kinds[name] else 6), (name, error)
+    mirrored = sorted(kinds).index("c_mirrored.jpg")
+    right = np.abs(images[mirrored] - photo[:, ::-1].astype(int)).mean()  # EXIF applied
+    wrong = np.abs(images[mirrored] - photo.astype(int)).mean()
+    assert right < 8 < 20 < wrong, (right, wrong)
+
+
+def test_raw_mode_and_larger_jpegs_are_decoded(tmp_path):
+    photo = next(photo_variants(1, seed=4, size=(160, 120), noise=0.0))
+    _save_variants(tmp_path / "src" / "train" / "only", photo)
+    meta = _convert(tmp_path / "src", tmp_path / "raw", "--write_mode", "raw")
+    assert meta["storage"]["passed_through"] == 0
+    assert (BetonFile(tmp_path / "raw" / "imagenet_train.beton").images["mode"] == RAW).all()
+    meta = _convert(tmp_path / "src", tmp_path / "small", "--max_resolution", 80)
+    assert meta["storage"]["passed_through"] == 0
+    beton = BetonFile(tmp_path / "small" / "imagenet_train.beton")
+    height = round(photo.shape[0] * 80 / photo.shape[1])
+    assert (beton.images["width"] == 80).all() and (beton.images["height"] == height).all()
+
+
+def test_beton_writer_fills_pages_that_ffcv_reads(tmp_path):
+    photos = photo_variants(24, seed=1, size=(400, 300), noise=0.0)
+    images = np.stack([np.ascontiguousarray(p[:288, :384]) for p in photos])  # 330 KB raw
+    height, width = images.shape[1:3]
+    path = tmp_path / "pages.beton"
+    page = 1 << 21
+    with BetonWriter(path, capacity=30, page_size=page) as out:
+        for i, image in enumerate(images):
+            if i % 3:
+                out.append(i % 5, RAW, height, width, image)
+            else:
+                out.append(i % 5, JPEG, height, width, cv2.imencode(".jpg", image[..., ::-1])[1])
+        with pytest.raises(ValueError, match="does not fit in a page"):
+            out.append(0, RAW, 1, 1, bytes(page + 1))
+    beton = BetonFile(path)
+    assert beton.num_samples == 24 and (beton.labels == np.arange(24) % 5).all()
+    assert len(np.unique(beton.images["data_ptr"] // page)) > 3  # several pages
+    for os_cache in (True, False):  # ffcv's two page readers
+        loader = Loader(
+            str(path),
+            batch_size=8,
+            order=OrderOption.SEQUENTIAL,
+            num_workers=1,
+            os_cache=os_cache,
+            pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+        )
+        read = np.concatenate([np.array(batch[0]) for batch in loader])
+        raw = np.arange(24) % 3 != 0
+        assert np.array_equal(read[raw], images[raw])
+        assert np.abs(read[~raw].astype(int) - images[~raw]).mean() < 4
