@@ -10,8 +10,8 @@ from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from PIL import Image
 
-from convert.images import load_rgb
 from convert.imagenet_to_ffcv import main as convert_folder
+from convert.images import load_rgb
 from convert.synthetic import photo_variants
 from storage.beton import JPEG, RAW, BetonFile, BetonWriter
 
