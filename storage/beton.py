@@ -16,6 +16,7 @@ JPEG cannot be stored as it is and no process sees the stored bytes in index ord
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -156,24 +157,22 @@ class BetonWriter:
     """Appends samples in index order to a new `.beton` at `path`; `close` writes the tables.
 
     A sample's bytes never straddle two pages (ffcv's readers load whole pages), and pages are
-    aligned to `page_size` in the file as ffcv's writer aligns them. Room for `capacity` rows is
-    kept for the sample table; fewer samples may be appended (the header holds the count)."""
+    aligned to `page_size` in the file as ffcv's writer aligns them. Each sample's bytes are
+    written straight to their place in the file; the unused end of a page is left as a hole,
+    which reads as the zeros ffcv's writer pads it with. Room for `capacity` rows is kept for
+    the sample table; fewer samples may be appended (the header holds the count)."""
 
     def __init__(self, path: str | Path, capacity: int, page_size: int):
         if page_size & (page_size - 1) or page_size <= 0:
             raise ValueError(f"page size {page_size} is not a power of two")
         self.path, self.page_size = Path(path), page_size
-        self._row = _row_dtype()
-        self._table = np.zeros(capacity, dtype=self._row)
+        self._table = np.zeros(capacity, dtype=_row_dtype())
         self._alloc: list[tuple[int, int, int]] = []
         self.num_samples = 0
         table_end = HEADER.itemsize + len(EXPECTED_FIELDS) * FIELD.itemsize
-        table_end += capacity * self._row.itemsize
-        self._data_start = -(-table_end // page_size) * page_size  # the first page boundary
-        self._page = bytearray(page_size)
-        self._page_index, self._used = 0, 0
+        table_end += self._table.nbytes
+        self._next = -(-table_end // page_size) * page_size  # the first page boundary
         self._file = open(self.path, "wb")
-        self._file.seek(self._data_start)
 
     def append(self, label: int, mode: int, height: int, width: int, data) -> None:
         """The next sample: its label, how its image is stored (JPEG or RAW), its size in
@@ -184,30 +183,23 @@ class BetonWriter:
             raise ValueError(
                 f"a stored image of {size} bytes does not fit in a page of {self.page_size} bytes"
             )
-        if self._used + size > self.page_size:
-            self._flush_page()
-        ptr = self._data_start + self._page_index * self.page_size + self._used
-        self._page[self._used : self._used + size] = view
-        self._used += size
+        ptr = self._next
+        if ptr // self.page_size != (ptr + size - 1) // self.page_size:  # to the next page
+            ptr = (ptr // self.page_size + 1) * self.page_size
+        os.pwrite(self._file.fileno(), view, ptr)
+        self._next = ptr + size
         i = self.num_samples
         self._table[i] = ((mode, width, height, ptr), label)  # IMAGE_META's order
         self._alloc.append((i, ptr, size))
         self.num_samples += 1
 
-    def _flush_page(self) -> None:
-        self._file.write(self._page)  # whole pages, zero-padded, as ffcv writes them
-        self._page[:] = bytes(self.page_size)
-        self._page_index += 1
-        self._used = 0
-
     def close(self) -> None:
-        """Write the last page, the allocation table, the sample table and the header."""
+        """Write the allocation table after the last page, the sample table and the header."""
         if self._file.closed:
             return
         with self._file as f:
-            if self._used:
-                self._flush_page()
-            alloc_ptr = f.tell()
+            alloc_ptr = -(-self._next // self.page_size) * self.page_size  # the last page's end
+            f.seek(alloc_ptr)
             f.write(np.array(self._alloc, dtype=ALLOC).tobytes())
             header = np.zeros(1, dtype=HEADER)
             header["version"], header["num_fields"] = FORMAT_VERSION, len(EXPECTED_FIELDS)
