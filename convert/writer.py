@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,16 +145,21 @@ def _records(
         return
     chunk = int(np.clip(n // (workers * 8), 1, 64))  # several chunks per worker: even finish
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    context = mp.get_context("fork")
-    with forking():
-        pool = context.Pool(workers, _start_worker, ((split, storage),))
-    with pool:  # leaving it (done, a failure, Ctrl-C) ends the workers
-        results = pool.imap(_store_chunk, bounds)
+    pool = ProcessPoolExecutor(
+        workers, mp.get_context("fork"), initializer=_start_worker, initargs=((split, storage),)
+    )
+    try:
+        with forking():  # the workers are forked at the first submission
+            results = pool.map(_store_chunk, bounds)
         yield (
             (i, record)
             for (start, stop), records in zip(bounds, results, strict=True)
             for i, record in zip(range(start, stop), records, strict=True)
         )
+    finally:
+        # Done, a failure or Ctrl-C: nothing more is started, and the workers exit on their
+        # own (a worker that dies instead is an error here, never a hang).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def channel_stats(stats: np.ndarray) -> tuple[list[float], list[float]]:
