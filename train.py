@@ -43,6 +43,7 @@ import random
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from tqdm import tqdm
 
+from convert import first_use
 from pipelines import DatasetError, create_loader
 from ssat import distributed
 from ssat.checkpoint import (
@@ -62,7 +64,7 @@ from ssat.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ssat.config import NOTES, TrainConfig, flag_names, parse_config
+from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summary
 from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
@@ -107,7 +109,8 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
     """--data_path (a name in --data_dir, or a folder) -> the train .beton, the split evaluated
     every epoch (val, or test when there is no val) and, when the dataset has both, the test
     split, evaluated once at the end; for the dali pipeline, an image folder's train/, val/ and
-    test/ class folders the same way. The bundled digits are converted on first use."""
+    test/ class folders the same way. Public datasets (convert/first_use.py) and the bundled
+    digits are made on first use."""
     given = Path(cfg.data_path)
     if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
         if cfg.pipeline != "dali":
@@ -126,24 +129,15 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
                 f"{given}: expected one <name>_train.beton, found {[p.name for p in found]}"
             )
         folder, name = given, found[0].name[: -len("_train.beton")]
-    else:
-        folder, name = Path(cfg.data_dir), cfg.data_path
+    else:  # public datasets and the bundled digits are made on first use
+        folder = Path(cfg.data_dir)
+        name = first_use.prepare(
+            cfg.data_path, folder, main=dist_ctx.local_rank == 0,
+            barrier=partial(distributed.barrier, dist_ctx),
+            download=cfg.download, mirror=cfg.download_mirror,
+        )  # fmt: skip
     train = folder / f"{name}_train.beton"
     evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
-    # converted on first use, and again over a copy from before it had a validation split
-    if name == "digits" and not all(p.exists() for p in (train, *evals)):
-        if dist_ctx.main:
-            from convert.digits_to_ffcv import main as convert_digits
-
-            print0(dist_ctx, f"converting the bundled digits to {folder}")
-            if convert_digits(["--out_dir", str(folder)]) != 0:
-                raise TrainError("converting the bundled digits failed")
-        distributed.barrier(dist_ctx)
-    if not train.exists():
-        raise TrainError(
-            f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
-            f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ..."
-        )
     found = [p for p in evals if p.exists()]
     if not found:
         raise TrainError(
@@ -577,7 +571,8 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
     if dist_ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(cfg.to_dict(), indent=1), flush=True)
+        if cfg.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1), flush=True)
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
@@ -594,6 +589,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     loaders = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
     train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
+    print0(dist_ctx, start_summary(cfg, loaders, dist_ctx.world_size, dist_ctx.device))
     for other in (val_loader, test_loader):
         if other is not None and other.info.class_names != train_loader.info.class_names:
             raise TrainError(
