@@ -349,9 +349,9 @@ def _fetch(url: str, part: Path) -> None:
         part.unlink()
         return _fetch(url, part)
     with response:
-        resumed = have and getattr(response, "status", None) == 206
-        length = response.length
-        total = None if length is None else length + (have if resumed else 0)
+        resumed = have and getattr(response, "status", None) == 206  # None for file://
+        length = response.headers.get("Content-Length")
+        total = None if length is None else int(length) + (have if resumed else 0)
         bar = tqdm(
             total=total,
             initial=have if resumed else 0,
