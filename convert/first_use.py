@@ -63,7 +63,6 @@ class Known:
     converter: str
     flags: tuple[str, ...]
     src: str | None  # --src, under downloads/ ("" for downloads/ itself); None: no --src
-    splits: tuple[str, ...]
     files: tuple[Remote, ...] = ()
     unpack: tuple[tuple[str, str], ...] = ()  # (archive, the folder it holds), under downloads/
 
@@ -77,7 +76,6 @@ def _cifar(name: str) -> Known:
         "cifar_to_ffcv",
         ("--name", name),
         "",
-        ("train", "test"),
         (Remote(cls.url, cls.filename, cls.tgz_md5),),
         ((cls.filename, cls.base_folder),),
     )
@@ -87,7 +85,7 @@ def _svhn(name: str) -> Known:
     from torchvision.datasets import SVHN
 
     files = tuple(Remote(*SVHN.split_list[split]) for split in ("train", "test"))
-    return Known(name, "svhn_to_ffcv", (), "", ("train", "test"), files)
+    return Known(name, "svhn_to_ffcv", (), "", files)
 
 
 def _flowers(name: str) -> Known:
@@ -104,7 +102,6 @@ def _flowers(name: str) -> Known:
         "flowers102_to_ffcv",
         (),
         folder,
-        ("train", "val", "test"),
         files,
         ((f"{folder}/{archive}", f"{folder}/jpg"),),
     )
@@ -128,7 +125,7 @@ def _medmnist(name: str) -> Known | None:
     if base != flag or size != 28:  # the converter takes the flag from --name otherwise
         flags += ("--flag", flag, "--size", str(size))
     remote = Remote(info[f"url{suffix}"], f"{flag}{suffix}.npz", info[f"MD5{suffix}"])
-    return Known(name, "medmnist_to_ffcv", flags, "", ("train", "val", "test"), (remote,))
+    return Known(name, "medmnist_to_ffcv", flags, "", (remote,))
 
 
 def _medmnist_2d(info: dict) -> bool:
@@ -151,7 +148,7 @@ BUILDERS: dict[str, Callable[[str], Known]] = {
     "svhn": _svhn,
     "flowers102": _flowers,
 }
-BUNDLED = Known("digits", "digits_to_ffcv", (), None, ("train", "val", "test"))
+BUNDLED = Known("digits", "digits_to_ffcv", (), None)
 DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
@@ -198,11 +195,13 @@ def manual_command(item: Known, data_dir: Path) -> str:
 
 
 def ready(item: Known, data_dir: Path) -> bool:
-    return all(
-        (data_dir / f"{item.name}_{split}{ext}").exists()
-        for split in item.splits
-        for ext in (".beton", ".json")
-    )
+    """Its train split and an evaluation split are there (converted here or by hand, with
+    --merge_val or not); the digits with all three splits (a copy from before they had a
+    validation split is converted again)."""
+    there = [s for s in ("train", "val", "test") if (data_dir / f"{item.name}_{s}.beton").exists()]
+    if item is BUNDLED:
+        return len(there) == 3
+    return there[:1] == ["train"] and len(there) > 1
 
 
 # ------------------------------------------------------------------------------ prepare

@@ -281,7 +281,7 @@ def test_every_2d_medmnist_flag_at_every_published_size(tmp_path, flag):
         suffix = "" if size == 28 else f"_{size}"
         (remote,) = item.files
         assert (remote.url, remote.md5) == (INFO[flag][f"url{suffix}"], INFO[flag][f"MD5{suffix}"])
-        assert remote.path == f"{flag}{suffix}.npz" and item.splits == ("train", "val", "test")
+        assert remote.path == f"{flag}{suffix}.npz"
         command = first_use.manual_command(item, tmp_path)
         assert command.startswith("python convert/medmnist_to_ffcv.py --name ")
         if size != 28:
@@ -395,3 +395,16 @@ def test_two_runs_on_one_data_dir_download_once(tmp_path, server, monkeypatch, c
     assert capsys.readouterr().out == f"c10: waiting for another run preparing {data}\n"
     assert server.requests == [("cifar-10-python.tar.gz", None)]
     assert all((data / f"c10_{s}.beton").is_file() for s in ("train", "test"))
+
+
+def test_a_dataset_converted_by_hand_is_used_as_it_is(tmp_path):
+    """A train split and an evaluation split are enough (a manual --merge_val conversion has no
+    val split); a train split alone (a conversion stopped before its test split) is made again."""
+    mirror = f"http://127.0.0.1:{_closed_port()}"
+    for split in ("train", "test"):
+        (tmp_path / f"pmnist_{split}.beton").touch()
+    assert first_use.prepare("pmnist", tmp_path, mirror=mirror) == "pmnist"
+    assert not (tmp_path / "downloads").exists()
+    (tmp_path / "pmnist_test.beton").unlink()
+    with pytest.raises(first_use.DownloadError, match="Connection refused"):
+        first_use.prepare("pmnist", tmp_path, mirror=mirror)
