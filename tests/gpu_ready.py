@@ -4,7 +4,10 @@
 a CUDA device (a scalar read, a data-dependent shape, a comparison answered on the host), and,
 through the tensor methods that copy to the host (`tolist`, `numpy`, `cpu`), the copies that
 would be device-to-host on a GPU: on a CPU they dispatch nothing, so the dispatch mode alone
-cannot see them. Each event keeps the place in the project's code that asked for it.
+cannot see them. It also records the blocking copies to a named device (`.to(device)` without
+`non_blocking=True`, `torch.tensor(..., device=...)`): from host memory, on a GPU, each waits
+for the device's queue to drain. Each event keeps the place in the project's code that asked
+for it.
 
 `CompileCounter` counts torch.compile's compilations (dynamo's start-of-compile callbacks: a
 graph, and the lazy compilation of its backward) and keeps dynamo's recompilation reasons.
@@ -41,6 +44,19 @@ SYNC_OPS = {
 }
 # tensor methods that copy to the host (device-to-host on a GPU; nothing to dispatch on a CPU)
 HOST_COPIES = ("tolist", "numpy", "cpu")
+# what copies host data to a device, blocking unless asked not to
+DEVICE_COPIES = {"to": torch.Tensor, "tensor": torch, "as_tensor": torch}
+BLOCKING_COPY = "blocking copy to the device"
+
+
+def _names_a_device(args, kwargs) -> bool:
+    if kwargs.get("device") is not None:
+        return True
+    return any(isinstance(a, (torch.device, str)) for a in args)
+
+
+def _blocking(args, kwargs) -> bool:
+    return not (kwargs.get("non_blocking") or any(a is True for a in args))
 
 
 def _where() -> str:
@@ -52,6 +68,13 @@ def _where() -> str:
             return f"{path.relative_to(REPO)}:{frame.f_lineno}"
         frame = frame.f_back
     return "outside the project"
+
+
+def _called_from_the_project() -> bool:
+    """Whether the caller's caller is the project's code: its `.to(device)` moves host data
+    it made (torch's own calls, as clip_grad_norm_'s, move tensors already on the device)."""
+    path = Path(sys._getframe(2).f_code.co_filename)
+    return path.is_relative_to(REPO) and not path.is_relative_to(REPO / "tests")
 
 
 class SyncCounter(TorchDispatchMode):
@@ -75,15 +98,30 @@ class SyncCounter(TorchDispatchMode):
 
         return counted
 
+    def _device_copy(self, method: bool, original):
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            given = args[1:] if method else ()  # Tensor.to(self, *args): the data is args[0]
+            named = _names_a_device(given, kwargs) and _blocking(given, kwargs)
+            if not self.paused and named and _called_from_the_project():
+                self.events.append((BLOCKING_COPY, _where()))
+            return original(*args, **kwargs)
+
+        return counted
+
     def __enter__(self):
         for name in HOST_COPIES:
-            self._saved[name] = getattr(torch.Tensor, name)
-            setattr(torch.Tensor, name, self._host_copy(name, self._saved[name]))
+            self._saved[(torch.Tensor, name)] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._host_copy(name, getattr(torch.Tensor, name)))
+        for name, owner in DEVICE_COPIES.items():
+            self._saved[(owner, name)] = getattr(owner, name)
+            copy = self._device_copy(owner is torch.Tensor, getattr(owner, name))
+            setattr(owner, name, copy)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for (owner, name), original in self._saved.items():
+            setattr(owner, name, original)
         self._saved.clear()
         return super().__exit__(*exc)
 

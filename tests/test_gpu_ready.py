@@ -17,7 +17,7 @@ import torch
 import ssat.training
 import train
 from convert.digits_to_ffcv import main as convert_digits
-from gpu_ready import CompileCounter, SyncCounter
+from gpu_ready import BLOCKING_COPY, CompileCounter, SyncCounter
 
 SMALL = (
     "--img_size 16 --patch_size 4 --num_workers 0 --pipeline torch --warmup_epochs 0.5 --blr 4e-3"
@@ -71,20 +71,30 @@ def _count_epochs(monkeypatch, make_counter) -> list:
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_the_loop_reads_the_device_once_per_log_interval(tmp_path, data, monkeypatch, config):
     """An epoch of 10 batches, a log every 4 optimizer steps: the host reads the device at the
-    logged steps only (one copy each), never between them. The loader's own host work (the torch
-    engine decodes and crops on the host; RandAugment draws its choices there) is not the
-    loop's: on a GPU it never waits for the device."""
+    logged steps only (one copy each), never between them, and nothing copies to the device
+    with a blocking copy, the loader's device-side augmentation included. The loader's host
+    work (the torch engine decodes and crops on the host; RandAugment draws its choices there)
+    is not counted as reads: on a GPU it never waits for the device."""
     epochs = _count_epochs(monkeypatch, SyncCounter)
     extra = f"{CONFIGS[config]} --batch_size 32 --epochs 1 --log_interval 4"
     assert train.main(_args(data, tmp_path, extra)) == 0
     (syncs,) = epochs
-    trainer = [(op, where) for op, where in syncs.events if not where.startswith("pipelines/")]
+    copies = [where for op, where in syncs.events if op == BLOCKING_COPY]
+    reads = [
+        (op, where)
+        for op, where in syncs.events
+        if op != BLOCKING_COPY and not where.startswith("pipelines/")
+    ]
     logged = _steps_logged(tmp_path)
-    print(f"{config}: {len(trainer)} host reads in the loop over {len(logged)} log intervals")
+    print(
+        f"{config}: {len(reads)} host reads and {len(copies)} blocking copies to the device "
+        f"in 10 steps, {len(logged)} log intervals"
+    )
     assert len(logged) == (2 if "accum" in config else 3)  # steps 4, 8, 10 (5 with accum 2)
+    assert not copies, syncs.by_place()
     # one read per log interval, all at the one place that reads
-    assert len(trainer) == len(logged), syncs.by_place()
-    assert len({where for _, where in trainer}) == 1, syncs.by_place()
+    assert len(reads) == len(logged), syncs.by_place()
+    assert len({where for _, where in reads}) == 1, syncs.by_place()
 
 
 def test_the_compiled_step_compiles_once(tmp_path, data, monkeypatch):
