@@ -137,7 +137,7 @@ class CompileCounter:
     the block, and `compiles.reasons`, dynamo's recompilation reasons."""
 
     def __enter__(self):
-        from torch._dynamo import callback_handler
+        from torch._dynamo.callback import callback_handler
 
         self.count = 0
         self.triggers: Counter = Counter()  # DYNAMO (a graph), LAZY_BACKWARD (its backward)

@@ -19,8 +19,9 @@ import train
 from convert.digits_to_ffcv import main as convert_digits
 from gpu_ready import BLOCKING_COPY, CompileCounter, SyncCounter
 
-SMALL = (
-    "--img_size 16 --patch_size 4 --num_workers 0 --pipeline torch --warmup_epochs 0.5 --blr 4e-3"
+SMALL = (  # on the CPU also where CUDA is there: the counts are the CPU's
+    "--device cpu --img_size 16 --patch_size 4 --num_workers 0 --pipeline torch "
+    "--warmup_epochs 0.5 --blr 4e-3"
 ).split()
 
 # the loop's configurations: methods, and what adds work between the steps
