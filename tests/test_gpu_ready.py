@@ -56,17 +56,30 @@ def _steps_logged(out: Path) -> list[dict]:
     return [r for r in records if r["type"] == "step"]
 
 
-def _count_epochs(monkeypatch, make_counter) -> list:
-    """Run every training epoch of train.py under a fresh counter; returns them, in order."""
-    counters, epoch = [], train.train_one_epoch
+def _count_epochs(monkeypatch, make_counter, function: str = "train_one_epoch") -> list:
+    """Run every call of train.py's `function` (its training epochs) under a fresh counter;
+    returns them, in order."""
+    counters, original = [], getattr(train, function)
 
     def counted(*args, **kwargs):
         counters.append(make_counter())
         with counters[-1]:
-            return epoch(*args, **kwargs)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", counted)
+    monkeypatch.setattr(train, function, counted)
     return counters
+
+
+def _reads_and_copies(syncs: SyncCounter) -> tuple[list, list]:
+    """The host's reads of the device outside the loader's host work, and the blocking copies
+    to the device anywhere."""
+    copies = [where for op, where in syncs.events if op == BLOCKING_COPY]
+    reads = [
+        (op, where)
+        for op, where in syncs.events
+        if op != BLOCKING_COPY and not where.startswith("pipelines/")
+    ]
+    return reads, copies
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -77,15 +90,11 @@ def test_the_loop_reads_the_device_once_per_log_interval(tmp_path, data, monkeyp
     work (the torch engine decodes and crops on the host; RandAugment draws its choices there)
     is not counted as reads: on a GPU it never waits for the device."""
     epochs = _count_epochs(monkeypatch, SyncCounter)
+    evaluations = _count_epochs(monkeypatch, SyncCounter, "evaluate")
     extra = f"{CONFIGS[config]} --batch_size 32 --epochs 1 --log_interval 4"
     assert train.main(_args(data, tmp_path, extra)) == 0
     (syncs,) = epochs
-    copies = [where for op, where in syncs.events if op == BLOCKING_COPY]
-    reads = [
-        (op, where)
-        for op, where in syncs.events
-        if op != BLOCKING_COPY and not where.startswith("pipelines/")
-    ]
+    reads, copies = _reads_and_copies(syncs)
     logged = _steps_logged(tmp_path)
     print(
         f"{config}: {len(reads)} host reads and {len(copies)} blocking copies to the device "
@@ -96,6 +105,10 @@ def test_the_loop_reads_the_device_once_per_log_interval(tmp_path, data, monkeyp
     # one read per log interval, all at the one place that reads
     assert len(reads) == len(logged), syncs.by_place()
     assert len({where for _, where in reads}) == 1, syncs.by_place()
+    # the evaluation between epochs (and the EMA weights'): one read each, at its end
+    assert len(evaluations) == (2 if config == "ema" else 1)
+    for counted in evaluations:
+        assert [len(x) for x in _reads_and_copies(counted)] == [1, 0], counted.by_place()
 
 
 def test_the_compiled_step_compiles_once(tmp_path, data, monkeypatch):
