@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from torchvision.datasets import ImageFolder
+
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.photos import make_jpegs
 from convert.imagenet_to_ffcv import read_source
