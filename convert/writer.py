@@ -222,7 +222,8 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                 out.append(int(split.labels[i]), *record[:4])
             except ValueError as err:  # larger than a page
                 raise ConvertError(f"{split.describe(i)}: {err}; set --max_resolution") from None
-            # (a running content fingerprint of the file sees each stored record here, in order)
+            # Each stored record passes here in index order, exactly as the file holds it: the
+            # place for a running content fingerprint (label, mode, height, width, bytes).
             stats += record.stats
             passed += record.passed_through
             kept.append(i)
