@@ -80,6 +80,7 @@ FREE = {
     "save_every",
     "config",
     "no_effect",
+    "verify_data",
 }
 _UNSET = object()  # an argparse default that no command line can give
 

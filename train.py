@@ -41,6 +41,7 @@ import json
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ from pipelines import DatasetError, create_loader
 from ssat import distributed
 from ssat.checkpoint import (
     DiskSpaceError,
+    check_data_fingerprints,
     load_checkpoint,
     load_pretrained,
     restore_rng_state,
@@ -67,8 +69,10 @@ from ssat.distributed import DistContext
 from ssat.models import list_models
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals, exit_status
+from ssat.runlock import FolderInUse, hold_output_dir
 from ssat.training import LOSS_PARTS, TrainState, TrainStep, autocast, build_model, create_state
 from storage.atomic import atomic_path
+from storage.verify import verify_files
 
 
 class TrainError(Exception):
@@ -423,7 +427,11 @@ def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
 
 # ----------------------------------------------------------------------------- set-up
 def build_state(
-    cfg: TrainConfig, dist_ctx: DistContext, num_classes: int, steps_per_epoch: int
+    cfg: TrainConfig,
+    dist_ctx: DistContext,
+    num_classes: int,
+    steps_per_epoch: int,
+    data: dict[str, tuple[str, str | None]] | None = None,
 ) -> TrainState:
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
@@ -452,6 +460,7 @@ def build_state(
             f"head reset: {result.head_reset}",
         )
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
+    state.data = data or {}
     if ckpt is not None and not weights:
         resume(cfg, state, dist_ctx, path, ckpt)
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
@@ -497,6 +506,10 @@ def resume(
         state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
     position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
     state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
+    for warning in check_data_fingerprints(
+        path, ckpt.get("data_fingerprints"), state.data, inside_epoch=state.batch > 0
+    ):
+        print0(dist_ctx, f"warning: {warning}")
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
@@ -548,6 +561,7 @@ def save(
             position=position,
             rng_ranks=rng_ranks,
             model_ema=state.ema.module if state.ema is not None else None,
+            data_fingerprints={k: v[1] for k, v in state.data.items() if v[1]},
         )
 
 
@@ -557,8 +571,15 @@ def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistCo
     exit status, 128 + the signal's number."""
     inside = state.batch > 0
     if inside:
-        rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
-        save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        try:
+            rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
+            save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        except KeyboardInterrupt as err:  # a second Ctrl-C: out at once, the old file kept
+            path = Path(cfg.output_dir) / "checkpoint-last.pth"
+            raise KeyboardInterrupt(
+                f"{err}: the save of {path} was abandoned; the file there, if any, is the "
+                f"checkpoint before it"
+            ) from None
         where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
     else:
         where = f"the end of epoch {state.epoch - 1}"
@@ -571,6 +592,17 @@ def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistCo
         f"same command with --resume auto (exit status {status})",
     )
     return status
+
+
+def verify_data(splits, dist_ctx: DistContext) -> None:
+    """--verify_data: every sample of the .beton splits decoded and checked (storage.verify)
+    before training, by the first process of each node (on its own copy of the files)."""
+    paths = [p for p in splits if p is not None and p.suffix == ".beton"]
+    failed = 0
+    if dist_ctx.local_rank == 0:
+        failed = int(not all(v.ok for v in verify_files(paths)))
+    if distributed.host_max(failed, dist_ctx):
+        raise TrainError("--verify_data: a dataset file failed its checks (its line is above)")
 
 
 def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
@@ -591,7 +623,10 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     out = start(cfg, dist_ctx)
     seed_everything(cfg.seed, dist_ctx.rank, 0)
     use_all_cores(dist_ctx)
-    loaders = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
+    splits = find_dataset(cfg, dist_ctx)
+    if cfg.verify_data:
+        verify_data(splits, dist_ctx)
+    loaders = build_loaders(cfg, dist_ctx, *splits)
     train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
     for other in (val_loader, test_loader):
@@ -617,7 +652,10 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
             f"--accum_iter {cfg.accum_iter} needs that many batches per epoch; "
             f"{train_loader.path} gives {len(train_loader)} of {cfg.batch_size} per process"
         )
-    state = build_state(cfg, dist_ctx, classes, len(train_loader))
+    # which data the run trains and evaluates on: checked on resume, saved in checkpoints
+    data = {"train": train_loader, "eval": val_loader, "test": test_loader}
+    data = {k: (str(d.path), d.info.fingerprint) for k, d in data.items() if d is not None}
+    state = build_state(cfg, dist_ctx, classes, len(train_loader), data)
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
@@ -773,10 +811,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         dist_ctx = distributed.setup(cfg.device)
-        return run(cfg, dist_ctx)
-    except (TrainError, DatasetError, DiskSpaceError, ValueError, FileNotFoundError) as err:
+        with hold_output_dir(cfg.output_dir, dist_ctx):  # one run per folder
+            return run(cfg, dist_ctx)
+    except (
+        TrainError,
+        DatasetError,
+        DiskSpaceError,
+        FolderInUse,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training began
+        print(f"interrupted{f' ({err})' if str(err) else ''}: stopped at once", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     finally:
         if dist_ctx is not None:
             distributed.teardown(dist_ctx)

@@ -169,6 +169,11 @@ class TrainConfig:
     finetune: str = _flag("initialise from an MAE / timm / ssat checkpoint", "")
     eval: bool = _flag("only evaluate (with --resume) and print the result as JSON", False)
     seed: int = _flag("random seed", 0)
+    verify_data: bool = _flag(
+        "before training, decode every sample of the dataset's splits and check their labels "
+        "and content fingerprints (what python -m storage.verify does)",
+        False,
+    )
     stop_after: int | None = _flag(
         "end this invocation after this many epochs in all (the schedule "
         "still spans --epochs; --resume auto continues)"
