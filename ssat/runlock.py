@@ -72,7 +72,7 @@ def _record() -> dict:
         "pid": os.getpid(),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "process_start": _process_start(os.getpid()),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:2000],
     }
 
 

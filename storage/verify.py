@@ -108,7 +108,8 @@ def verify_file(path: str | Path, workers: int | None = None) -> Verdict:
             )
     except (DatasetError, OSError) as err:
         seconds = time.perf_counter() - start
-        return Verdict(path, False, f"FAILED {path}: {err}", seconds=seconds)
+        said = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
+        return Verdict(path, False, f"FAILED {said}", seconds=seconds)
     seconds = time.perf_counter() - start
     labels = beton.labels
     checked = (
