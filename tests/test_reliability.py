@@ -59,12 +59,12 @@ def _wait_for(out: Path, text: str, proc: subprocess.Popen, seconds: float = 300
         time.sleep(0.02)
 
 
-def _start(command: list[str], logs: Path) -> subprocess.Popen:
+def _start(command: list[str], logs: Path, env: dict | None = None) -> subprocess.Popen:
     """`command` in its own process group (signals to the group: what a terminal's Ctrl-C
     does), its output in `logs`.stdout / .stderr."""
     with open(f"{logs}.stdout", "w") as stdout, open(f"{logs}.stderr", "w") as stderr:
         return subprocess.Popen(
-            command, cwd=REPO, env=ENV, stdout=stdout, stderr=stderr, start_new_session=True
+            command, cwd=REPO, env=env or ENV, stdout=stdout, stderr=stderr, start_new_session=True
         )
 
 
@@ -312,7 +312,10 @@ def test_elastic_restart_resumes_and_logs_every_epoch_once(tmp_path, data):
         f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
     ]
     flags = ["--batch_size", 16, "--epochs", 2, "--num_workers", 0, "--resume", "auto"]
-    job = _start([*torchrun, "train.py", *_args(data, out, *flags)], tmp_path / "job")
+    # torch's shared rendezvous store keeps the first round's keys, so a restarted worker may
+    # read a dead one's address and fail to connect: each round gets its own store instead
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    job = _start([*torchrun, "train.py", *_args(data, out, *flags)], tmp_path / "job", env)
     try:
         _wait_for(out, '"epoch": 1, "step": 12', job)  # 10 steps an epoch a rank
         os.kill(_workers(job.pid)[1], signal.SIGKILL)
