@@ -51,6 +51,7 @@ from ssat.config import parse_config as parse_train_config  # noqa: E402
 from ssat.distributed import DistContext  # noqa: E402
 from ssat.models import list_models  # noqa: E402
 from ssat.preemption import SIGNALS, exit_status  # noqa: E402
+from ssat.runlock import FolderInUse, RunLock  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from train import TrainError, find_dataset  # noqa: E402
 
@@ -537,11 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         split = evaluation_split(runs[0])
         for run in runs:
             check_settings(run)
-        status = train_all(runs, args.nproc_per_node)
-        if status == 0:
-            report(runs, args, shared, split)
+        with RunLock(args.output_dir):  # one comparison per folder (each run locks its own)
+            status = train_all(runs, args.nproc_per_node)
+            if status == 0:
+                report(runs, args, shared, split)
         return status
-    except (CompareError, TrainError, ValueError, FileNotFoundError) as err:
+    except (CompareError, TrainError, FolderInUse, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

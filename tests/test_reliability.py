@@ -367,3 +367,73 @@ def _workers(parent: int) -> dict[int, int]:
         if parent_of == parent and ranks:
             found[int(ranks[0])] = int(entry.name)
     return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_stops_every_worker_after_the_same_step(tmp_path, data):
+    """A terminal's Ctrl-C reaches torchrun alone (its workers run in their own sessions); it
+    passes SIGINT on, and the workers stop as on SIGTERM: after the same step, rank 0 saving
+    both ranks' place."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    flags = ["--nproc_per_node=2", "train.py", *_args(data, out, "--batch_size", 16, "--epochs", 1)]
+    job = _start([*torchrun, *flags, "--num_workers", "0"], tmp_path / "job")
+    try:
+        _wait_for(out, '"step": 2,', job)
+        os.killpg(job.pid, signal.SIGINT)
+        job.wait(timeout=120)  # torchrun's own status: it reports the signal as a failure
+    finally:
+        _end(job)
+    ckpt = load_checkpoint(out / "checkpoint-last.pth")
+    position = ckpt["position"]
+    assert position["world_size"] == 2 and 2 <= position["batch"] < 10
+    assert len(ckpt["rng_ranks"]) == 2
+    stdout = Path(f"{tmp_path / 'job'}.stdout").read_text()
+    assert f"stopped by SIGINT after step {ckpt['step']}" in stdout, stdout[-2000:]
+
+
+# -------------------------------------------------- the commands that start runs, on Ctrl-C
+def test_ctrl_c_during_a_conversion_leaves_nothing_at_the_final_paths(tmp_path):
+    from convert.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "src" / "train", classes=2, per_class=60, size=(300, 225))
+    out = tmp_path / "out"
+    command = [sys.executable, "convert/imagenet_to_ffcv.py", "--src", str(tmp_path / "src")]
+    proc = _start([*command, "--out_dir", str(out), "--num_workers", "1"], tmp_path / "c")
+    try:
+        deadline = time.time() + 120
+        while not out.is_dir() or not any(p.name.endswith(".tmp") for p in out.iterdir()):
+            assert time.time() < deadline and proc.poll() is None, "no conversion under way"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the writer's workers too
+        status = proc.wait(timeout=60)
+    finally:
+        _end(proc)
+    err = Path(f"{tmp_path / 'c'}.stderr").read_text()
+    assert status == 130 and "interrupted: nothing was written at the final paths" in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_compare_holds_its_folder_and_stops_cleanly_on_ctrl_c(tmp_path, data, capsys):
+    import compare
+
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ssat", "--seeds", "0", "--size", "micro", "--output_dir", str(out)]
+    argv += ["--", "--data_dir", str(data), "--img_size", "16", "--patch_size", "4"]
+    argv += ["--batch_size", "32", "--epochs", "1", "--log_interval", "2", "--pipeline", "torch"]
+    run = out / "ssat" / "seed0"
+    proc = _start([sys.executable, "compare.py", *argv], tmp_path / "cmp")
+    try:
+        _wait_for(run, '"step": 2,', proc)
+        assert compare.main(argv) == 1  # a second comparison into the same folder
+        assert f"{out} is in use by another run: PID {proc.pid}" in capsys.readouterr().err
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=120)
+    finally:
+        _end(proc)
+    err = Path(f"{tmp_path / 'cmp'}.stderr").read_text()
+    assert status == 130 and "interrupted; run the same command again to continue" in err, err
+    assert "Traceback" not in err
+    position = load_checkpoint(run / "checkpoint-last.pth")["position"]
+    assert position["epoch"] == 0 and position["batch"] >= 2  # the run saved inside its epoch
