@@ -52,6 +52,7 @@ from ssat.distributed import DistContext  # noqa: E402
 from ssat.models import list_models  # noqa: E402
 from ssat.preemption import SIGNALS, exit_status  # noqa: E402
 from ssat.runlock import FolderInUse, RunLock  # noqa: E402
+from storage import DatasetError  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from train import TrainError, find_dataset  # noqa: E402
 
@@ -543,7 +544,14 @@ def main(argv: list[str] | None = None) -> int:
             if status == 0:
                 report(runs, args, shared, split)
         return status
-    except (CompareError, TrainError, FolderInUse, ValueError, FileNotFoundError) as err:
+    except (
+        CompareError,
+        TrainError,
+        DatasetError,
+        FolderInUse,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -40,48 +40,30 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.utils import accuracy
-from tqdm import tqdm
 
+from convert import first_use
 from pipelines import DatasetError, create_loader
 from ssat import distributed
-from ssat.checkpoint import (
-    DiskSpaceError,
-    check_data_fingerprints,
-    load_checkpoint,
-    load_pretrained,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from ssat.config import NOTES, TrainConfig, flag_names, parse_config
-from ssat.distributed import DistContext
-from ssat.models import list_models
+from ssat.checkpoint import DiskSpaceError, restore_rng_state
+from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summary
+from ssat.distributed import DistContext, print0
+from ssat.evaluation import evaluate, test_once
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals, exit_status
+from ssat.run_state import build_state, save, stop_here
 from ssat.runlock import FolderInUse, hold_output_dir
-from ssat.training import LOSS_PARTS, TrainState, TrainStep, autocast, build_model, create_state
+from ssat.runlog import DataWait, RunLog, peak_memory_mb
+from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep, host_values
 from storage.atomic import atomic_path
 from storage.verify import verify_files
-
-
-class TrainError(Exception):
-    """A run that cannot go on; the message says why."""
-
-
-def print0(dist_ctx: DistContext, *args) -> None:
-    if dist_ctx.main:
-        print(*args, flush=True)
 
 
 def seed_everything(seed: int, rank: int, epoch: int) -> None:
@@ -111,7 +93,8 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
     """--data_path (a name in --data_dir, or a folder) -> the train .beton, the split evaluated
     every epoch (val, or test when there is no val) and, when the dataset has both, the test
     split, evaluated once at the end; for the dali pipeline, an image folder's train/, val/ and
-    test/ class folders the same way. The bundled digits are converted on first use."""
+    test/ class folders the same way. Public datasets (convert/first_use.py) and the bundled
+    digits are made on first use."""
     given = Path(cfg.data_path)
     if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
         if cfg.pipeline != "dali":
@@ -130,24 +113,15 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
                 f"{given}: expected one <name>_train.beton, found {[p.name for p in found]}"
             )
         folder, name = given, found[0].name[: -len("_train.beton")]
-    else:
-        folder, name = Path(cfg.data_dir), cfg.data_path
+    else:  # public datasets and the bundled digits are made on first use
+        folder = Path(cfg.data_dir)
+        name = first_use.prepare(
+            cfg.data_path, folder, main=dist_ctx.local_rank == 0,
+            barrier=partial(distributed.barrier, dist_ctx),
+            download=cfg.download, mirror=cfg.download_mirror,
+        )  # fmt: skip
     train = folder / f"{name}_train.beton"
     evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
-    # converted on first use, and again over a copy from before it had a validation split
-    if name == "digits" and not all(p.exists() for p in (train, *evals)):
-        if dist_ctx.main:
-            from convert.digits_to_ffcv import main as convert_digits
-
-            print0(dist_ctx, f"converting the bundled digits to {folder}")
-            if convert_digits(["--out_dir", str(folder)]) != 0:
-                raise TrainError("converting the bundled digits failed")
-        distributed.barrier(dist_ctx)
-    if not train.exists():
-        raise TrainError(
-            f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
-            f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ..."
-        )
     found = [p for p in evals if p.exists()]
     if not found:
         raise TrainError(
@@ -211,93 +185,7 @@ def build_loaders(
 PERTURBED_PERSPECTIVE = 0.5
 
 
-# ----------------------------------------------------------------------------- logging
-class RunLog:
-    """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
-    progress bar; rank 0 only."""
-
-    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool, board: str = ""):
-        self.active = dist_ctx.main
-        self.path = out / "log.jsonl"
-        self.board = None
-        if self.active and fresh:  # a new run starts a new log; a resumed one appends
-            self.path.unlink(missing_ok=True)
-        if self.active:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(board or str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            prefix = record["type"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
-            if prefix == "epoch":
-                self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-    def bar(self, total: int, epoch: int, done: int = 0):
-        return tqdm(
-            total=total,
-            initial=done,
-            desc=f"epoch {epoch}",
-            disable=True if not self.active else None,  # None: shown on a terminal only
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------- training
-class DataWait:
-    """Time the device spends waiting for the loader. On CUDA: the gaps on the device's timeline
-    between the end of one step's work and the start of the next (CUDA events, read when the host
-    syncs anyway), so a host that runs ahead of the device counts no wait. Elsewhere: host time
-    blocked in the loader."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.total, self.gaps, self.step_end = 0.0, [], None
-
-    def fetched(self, blocked_seconds: float) -> None:
-        """A batch arrived, after the host was blocked for `blocked_seconds`."""
-        if not self.cuda:
-            self.total += blocked_seconds
-        elif self.step_end is not None:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.gaps.append((self.step_end, start))
-
-    def step_queued(self) -> None:
-        if self.cuda:
-            self.step_end = torch.cuda.Event(enable_timing=True)
-            self.step_end.record()
-
-    def seconds(self) -> float:
-        """Wait so far this epoch (on CUDA this waits for the recorded work to finish)."""
-        if self.gaps:
-            self.gaps[-1][1].synchronize()
-            self.total += sum(end.elapsed_time(start) for end, start in self.gaps) / 1000
-            self.gaps.clear()
-        return self.total
-
-
 def train_one_epoch(
     cfg: TrainConfig,
     state: TrainState,
@@ -318,6 +206,7 @@ def train_one_epoch(
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     wait, window_images, window_steps, window_updates = DataWait(device), 0, 0, 0
+    epoch_sums = None  # the epoch's loss sums, as read at the last log
     epoch_start = window_start = time.perf_counter()
     bar = log.bar(steps, state.epoch, done=first)
     batches = iter(loader)
@@ -344,10 +233,14 @@ def train_one_epoch(
         state.step, state.batch = state.step + updated, i + 1
         bar.update()
         if updated and (state.step % cfg.log_interval == 0 or i + 1 == steps):
-            # the one host-device sync, at log intervals: loss values and the non-finite check
-            check_finite(first_bad, state, cfg, bar)
+            # the one host-device sync, at log intervals: one read of the first non-finite step,
+            # the window's loss sums and gradient norms, and the epoch's loss sums
+            bad, *read = host_values(first_bad, window, window_norm, sums)
+            check_finite(int(bad), state, cfg, bar)
             seconds = time.perf_counter() - window_start
-            means = (window / window_steps).tolist()
+            n = len(LOSS_PARTS)
+            means = [value / window_steps for value in read[:n]]
+            norm_sum, epoch_sums = read[n], read[n + 1 :]
             record = {
                 "type": "step",
                 "epoch": state.epoch,
@@ -357,7 +250,7 @@ def train_one_epoch(
                 "images_per_s": window_images * dist_ctx.world_size / seconds,
             }
             if step.grad_norm is not None:  # before clipping, averaged over the interval
-                record["grad_norm"] = window_norm.item() / window_updates
+                record["grad_norm"] = norm_sum / window_updates
             log.write(record)
             bar.set_postfix(
                 loss=f"{means[0]:.4f}",
@@ -370,12 +263,15 @@ def train_one_epoch(
             window_start = time.perf_counter()
         # every rank asks after the same optimizer steps; the epoch's last is left to its end
         if updated and i + 1 < steps and stop.requested():
-            check_finite(first_bad, state, cfg, bar)  # never save weights after a bad step
+            # never save weights after a bad step
+            check_finite(int(host_values(first_bad)[0]), state, cfg, bar)
             bar.close()
             return None
     bar.close()
     seconds, ran = time.perf_counter() - epoch_start, steps - first
-    means = (sums / ran).tolist()
+    if epoch_sums is None:  # started at the epoch's end: no step, no log
+        epoch_sums = host_values(sums)
+    means = [value / max(ran, 1) for value in epoch_sums]  # read with the last step's log
     return {
         **dict(zip(LOSS_PARTS, means, strict=True)),
         "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
@@ -384,9 +280,8 @@ def train_one_epoch(
     }
 
 
-def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, bar) -> None:
-    """Stop at the first non-finite loss (a host-device sync: read `first_bad`)."""
-    bad = int(first_bad.item())
+def check_finite(bad: int, state: TrainState, cfg: TrainConfig, bar) -> None:
+    """Stop at the first non-finite loss: `bad` is its step as read from the device, or -1."""
     if bad >= 0:
         bar.close()
         raise TrainError(
@@ -395,205 +290,7 @@ def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, b
         )
 
 
-def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Top-1 and top-5 hits in a batch (top-5 is top-C with fewer classes), as float64 counts.
-    timm's `accuracy` gives a percentage of the batch; rounding turns it back into a count."""
-    n = len(labels)
-    return [(acc.double() * n / 100).round() for acc in accuracy(logits, labels, topk=(1, 5))]
-
-
-@torch.no_grad()
-def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
-    """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across
-    ranks."""
-    model.eval()
-    device = dist_ctx.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
-    for batch in loader:
-        images, labels = batch["crops"][0], batch["labels"]
-        with autocast(cfg.amp, device):
-            logits = model.classify(images)
-        logits = logits.float()
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                *correct_counts(logits, labels),
-                torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
-            ]
-        )
-    loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
-    return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}
-
-
 # ----------------------------------------------------------------------------- set-up
-def build_state(
-    cfg: TrainConfig,
-    dist_ctx: DistContext,
-    num_classes: int,
-    steps_per_epoch: int,
-    data: dict[str, tuple[str, str | None]] | None = None,
-) -> TrainState:
-    if cfg.model not in list_models():
-        raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes)
-    path, ckpt = _resume_checkpoint(cfg, dist_ctx)
-    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone)
-    weights = ckpt is not None and cfg.resume != "auto" and not cfg.eval
-    weights = weights and (not isinstance(ckpt, dict) or ckpt.get("optimizer") is None)
-    if weights:
-        print0(
-            dist_ctx,
-            f"--resume {path}: the file holds weights but no optimizer state, so the run "
-            f"starts at epoch 0 from those weights, as the published scripts do (--finetune "
-            f"adds MAE's layer-wise learning-rate decay)",
-        )
-    for source in filter(None, (cfg.finetune, weights and path)):
-        try:
-            result = load_pretrained(model, source)
-        except RuntimeError as err:
-            raise TrainError(f"cannot initialise from {source}: {err}") from err
-        print0(
-            dist_ctx,
-            f"initialised from {source}: missing {len(result.missing_keys)} "
-            f"keys, unused {len(result.unexpected_keys)}, "
-            f"head reset: {result.head_reset}",
-        )
-    state = create_state(cfg, model, dist_ctx, steps_per_epoch)
-    state.data = data or {}
-    if ckpt is not None and not weights:
-        resume(cfg, state, dist_ctx, path, ckpt)
-    elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
-        state.epoch = cfg.start_epoch
-        state.step = cfg.start_epoch * state.updates_per_epoch
-    return state
-
-
-def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | None, Any]:
-    """The --resume file and its contents, read once; (None, None) without one (with --resume
-    auto: before the first checkpoint)."""
-    if not cfg.resume:
-        return None, None
-    auto = cfg.resume == "auto"
-    path = Path(cfg.output_dir) / "checkpoint-last.pth" if auto else Path(cfg.resume)
-    if auto and not path.exists():
-        print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
-        return None, None
-    try:
-        return path, load_checkpoint(path, map_location=dist_ctx.device)
-    except RuntimeError as err:  # unreadable file
-        raise TrainError(f"cannot resume from {path}: {err}") from err
-
-
-def resume(
-    cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, path: Path, ckpt: dict
-) -> None:
-    """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
-    optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
-    generator states)."""
-    try:
-        state.model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:  # weights of another model
-        raise TrainError(f"cannot resume from {path}: {err}") from err
-    if cfg.eval:
-        return
-    if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
-        raise TrainError(f"{path}: no optimizer state to resume from")
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    if state.ema is not None:  # a file without an average starts it from the weights
-        state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
-    position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
-    state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
-    for warning in check_data_fingerprints(
-        path, ckpt.get("data_fingerprints"), state.data, inside_epoch=state.batch > 0
-    ):
-        print0(dist_ctx, f"warning: {warning}")
-    state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
-    if state.batch:
-        then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
-        if then != (dist_ctx.world_size, cfg.batch_size):
-            raise TrainError(
-                f"{path} stopped inside epoch {state.epoch} with {then[0]} "
-                f"process(es) of batch {then[1]}: continue it with the same (the "
-                f"place in the epoch depends on both), not {dist_ctx.world_size} of "
-                f"{cfg.batch_size}"
-            )
-        state.rng = ckpt["rng_ranks"][dist_ctx.rank]
-        print0(
-            dist_ctx,
-            f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
-            f"{state.steps_per_epoch}, step {state.step}",
-        )
-    else:
-        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
-
-
-def save(
-    cfg: TrainConfig,
-    state: TrainState,
-    dist_ctx: DistContext,
-    improved: bool = False,
-    rng_ranks: list | None = None,
-) -> None:
-    """checkpoint-last.pth (and -best, and every --save_every epochs a numbered one) for where
-    `state` stands: at an epoch's end (`state.batch` 0) or inside an epoch."""
-    if not dist_ctx.main:
-        return
-    out, done = Path(cfg.output_dir), state.epoch - 1  # the last epoch completed
-    names = ["checkpoint-last.pth"]
-    if improved:
-        names.append("checkpoint-best.pth")
-    if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
-        names.append(f"checkpoint-{done}.pth")
-    position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
-    for name in names:
-        save_checkpoint(
-            out / name,
-            model=state.model,
-            optimizer=state.optimizer,
-            scaler=state.scaler,
-            epoch=done,
-            step=state.step,
-            config=cfg.to_dict(),
-            best_metric=state.best,
-            position=position,
-            rng_ranks=rng_ranks,
-            model_ema=state.ema.module if state.ema is not None else None,
-            data_fingerprints={k: v[1] for k, v in state.data.items() if v[1]},
-        )
-
-
-def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistContext) -> int:
-    """A stop signal ended the run after a step: save where it stands (inside an epoch, with
-    every rank's generators; an epoch's end was saved already), say how to go on, and return the
-    exit status, 128 + the signal's number."""
-    inside = state.batch > 0
-    if inside:
-        try:
-            rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
-            save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
-        except KeyboardInterrupt as err:  # a second Ctrl-C: out at once, the old file kept
-            path = Path(cfg.output_dir) / "checkpoint-last.pth"
-            raise KeyboardInterrupt(
-                f"{err}: the save of {path} was abandoned; the file there, if any, is the "
-                f"checkpoint before it"
-            ) from None
-        where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
-    else:
-        where = f"the end of epoch {state.epoch - 1}"
-    distributed.barrier(dist_ctx)  # no rank leaves (and has torchrun end the rest) mid-save
-    status = exit_status(signum)
-    print0(
-        dist_ctx,
-        f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
-        f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
-        f"same command with --resume auto (exit status {status})",
-    )
-    return status
-
-
 def verify_data(splits, dist_ctx: DistContext) -> None:
     """--verify_data: every sample of the .beton splits decoded and checked (storage.verify)
     before training, by the first process of each node (on its own copy of the files)."""
@@ -609,7 +306,8 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
     if dist_ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(cfg.to_dict(), indent=1), flush=True)
+        if cfg.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1), flush=True)
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
@@ -629,6 +327,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     loaders = build_loaders(cfg, dist_ctx, *splits)
     train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
+    print0(dist_ctx, start_summary(cfg, loaders, dist_ctx.world_size, dist_ctx.device))
     for other in (val_loader, test_loader):
         if other is not None and other.info.class_names != train_loader.info.class_names:
             raise TrainError(
@@ -743,66 +442,10 @@ def fit(
         if test_loader is not None:
             test_once(cfg, state, test_loader, log, dist_ctx)
         if cfg.pictures and dist_ctx.main:
-            draw_pictures(cfg, state, val_loader.path)
+            import visualize  # matplotlib: imported only by runs that draw
+
+            visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
     return 0
-
-
-def test_once(cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx: DistContext):
-    """The test split, read once when the schedule is done: with the final weights, and with
-    those of the best validation epoch (checkpoint-best.pth). Recipes are chosen on the
-    validation split; these numbers only report how the chosen one does."""
-    done = state.epoch - 1
-    final = evaluate(state.model, loader, cfg, dist_ctx)
-    record = {
-        "type": "test",
-        "split": "test",
-        "epoch": done,
-        "step": state.step,
-        **{f"test_{k}": final[k] for k in ("acc1", "acc5", "loss")},
-        "test_samples": final["num_samples"],
-    }
-    lines = [
-        f"test acc1 (final weights): {final['acc1']:.2f}%  acc5 {final['acc5']:.2f}%  "
-        f"({final['num_samples']} images of {loader.path})"
-    ]
-    distributed.barrier(dist_ctx)  # rank 0 has written checkpoint-best.pth
-    best_path = Path(cfg.output_dir) / "checkpoint-best.pth"
-    if best_path.exists():
-        best = load_checkpoint(best_path, map_location=dist_ctx.device)
-        at_best = final
-        if int(best["epoch"]) != done:  # the final weights are in checkpoint-last.pth already
-            state.model.load_state_dict(best["model"])
-            at_best = evaluate(state.model, loader, cfg, dist_ctx)
-        record.update(best_val_epoch=int(best["epoch"]), test_acc1_at_best_val=at_best["acc1"])
-        lines.append(
-            f"test acc1 (best-val weights, epoch {best['epoch']}): {at_best['acc1']:.2f}%  "
-            f"acc5 {at_best['acc5']:.2f}%"
-        )
-    else:
-        lines.append(f"test acc1 (best-val weights): no {best_path} (resumed from elsewhere)")
-    log.write(record)
-    print0(dist_ctx, "\n".join(lines))
-
-
-def draw_pictures(cfg: TrainConfig, state: TrainState, data: Path) -> None:
-    """The run's pictures in --output_dir (visualize.py's): the training curves and, for a
-    model with a decoder, its reconstructions of the first validation images by the final
-    weights. Drawing is the run's last act: a failure is reported, not fatal."""
-    import visualize  # matplotlib: imported only by runs that draw
-
-    out = Path(cfg.output_dir)
-    try:
-        drawn = [("training curves", visualize.curves(out / "log.jsonl", out / "curves.png"))]
-        if state.model.has_decoder:
-            grid = visualize.reconstruction_grid(
-                out / "checkpoint-last.pth", data, out / "reconstructions.png"
-            )
-            drawn.append(("reconstructions", grid))
-    except (ValueError, OSError, DatasetError) as err:
-        print(f"pictures: not drawn ({err})", flush=True)
-        return
-    for what, path in drawn:
-        print(f"{what}: {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,10 @@ from ssat.optim import create_optimizer, lr_at, scaled_lr
 LOSS_PARTS = ("loss", "cls", "rec", "fgc")
 
 
+class TrainError(Exception):
+    """A run that cannot go on; the message says why."""
+
+
 def autocast(amp: str, device: torch.device):
     """Autocast to bf16 or fp16 on `device`, or nothing for amp 'none'."""
     if amp == "none":
@@ -47,7 +51,7 @@ def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
 
 @dataclass
 class TrainState:
-    """What a run carries from step to step; checkpoints hold it (see `train.py: save`)."""
+    """What a run carries from step to step; checkpoints hold it (see `ssat.run_state.save`)."""
 
     model: nn.Module  # the plain module: weights, evaluation, checkpoints
     train_model: nn.Module  # what trains: `model`, compiled and/or DistributedDataParallel
@@ -136,6 +140,13 @@ def create_state(
         accum_iter=cfg.accum_iter,
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
     )
+
+
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of `tensors` (scalars or vectors, on the device) as one list of floats, read
+    with one device-to-host copy: the training loop's only host-device synchronisation, once per
+    log interval. Exact for integers below 2**53 (step numbers)."""
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
 
 
 class TrainStep:
