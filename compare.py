@@ -17,7 +17,8 @@ writing to `<output_dir>/<method>/seed<k>` with `--resume auto`: the same comman
 after a crash, Ctrl-C or a preemption continues the run that was stopped and skips the runs
 whose log.jsonl holds their last epoch. SIGTERM or SIGUSR1 sent to this command goes on to the
 run in progress, which saves where it stopped. A run folder trained with other settings is an
-error, never mixed into the table.
+error, never mixed into the table. A second comparison into the same --output_dir stops at once
+(each holds its folder, as each train.py run holds its own).
 
 Then it prints one table (per method: mean and standard deviation over seeds of the final and
 the best top-1, and the training time per run), writes it to `<output_dir>/results.md` and

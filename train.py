@@ -22,17 +22,19 @@ JPEG decoding on the GPUs (DALI), from a .beton or straight from an ImageNet-sty
     torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet \\
         --model mae_vit_base ...
 
-Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job) makes the run finish
-its current step (every rank the same one), write `<output_dir>/checkpoint-last.pth` with its
-place inside the epoch, print where it stopped, and exit with status 128 + the signal's number
-(143 for SIGTERM, 138 for SIGUSR1). torchrun passes SIGTERM on to its workers and kills them
+Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job), or Ctrl-C, makes
+the run finish its current step (every rank the same one), write
+`<output_dir>/checkpoint-last.pth` with its place inside the epoch, print where it stopped, and
+exit with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C; a
+second Ctrl-C stops at once). torchrun passes SIGTERM on to its workers and kills them
 30 s later; it passes SIGUSR1 on only when told to
 (`TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`), else send it to the
 workers themselves. Re-running the same command with `--resume auto` after a preemption, a crash
 or a `kill -9` continues from `<output_dir>/checkpoint-last.pth` (or give `--resume PATH`): at the
 step where a signal stopped it, or at the start of the epoch after the last one saved. With the
 torch pipeline a stopped and resumed run ends with the uninterrupted run's weights; ffcv and DALI
-continue the same sample order but draw the rest of that epoch's crops afresh.
+continue the same sample order but draw the rest of that epoch's crops afresh. A run holds its
+--output_dir (run.lock): a second run into the same folder stops at once, naming the first.
 """
 
 from __future__ import annotations
