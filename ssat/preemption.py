@@ -39,6 +39,7 @@ class StopSignals:
         self.dist_ctx = dist_ctx
         self.received = 0  # the first signal this process caught
         self.agreed = 0  # the signal every rank agreed to stop on
+        self.aborted = ""  # set by a second Ctrl-C
         self._previous = {}
 
     def __enter__(self) -> "StopSignals":
@@ -55,12 +56,15 @@ class StopSignals:
 
     def _catch(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received:
-            raise KeyboardInterrupt(f"{self.name(signum)} after {self.name(self.received)}")
+            self.aborted = f"{self.name(signum)} after {self.name(self.received)}"
+            raise KeyboardInterrupt(self.aborted)
         self.received = self.received or signum
 
     def requested(self) -> int:
         """The signal number that stops the run (0: go on), the same on every rank. Until it is
         not 0, a collective with several ranks: every rank calls it after the same steps."""
+        if self.aborted:  # a second Ctrl-C whose KeyboardInterrupt a destructor swallowed
+            raise KeyboardInterrupt(self.aborted)
         if not self.agreed:
             self.agreed = host_max(self.received, self.dist_ctx)
         return self.agreed

@@ -207,7 +207,9 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_partial_checkpoint(tmp_path, 
         _end(run)
     err = Path(f"{tmp_path / 'r'}.stderr").read_text()
     assert status == 130 and "interrupted (SIGINT after SIGINT" in err, err[-3000:]
-    assert "Traceback" not in err
+    # only a traceback Python prints for an exception raised in a destructor (the loader's,
+    # when the second Ctrl-C lands there; the run then stops at its next check)
+    assert err.count("Traceback") == err.count("Exception ignored in"), err[-3000:]
     assert not list(out.glob(".*.tmp"))  # an abandoned save leaves no temporary file
     if (out / "checkpoint-last.pth").exists():
         load_checkpoint(out / "checkpoint-last.pth")
