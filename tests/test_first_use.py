@@ -183,6 +183,11 @@ def test_no_network_is_one_message_naming_url_file_and_command(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: c10: not downloaded (--no_download)\n")
     assert f"--src {downloads} --out_dir {data}" in err and _leftovers(data) == []
+    assert f"from {torchvision.datasets.CIFAR10.url}" in err and "mirror" not in err
+    # a file put there by hand is checked before it is used
+    (downloads / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(first_use.DownloadError, match="has md5 .*, not .* partial one"):
+        first_use.prepare("c10", data, download=False)
 
 
 def test_wrong_checksum_and_http_errors_leave_nothing_at_a_final_name(tmp_path, server):
