@@ -60,7 +60,7 @@ from ssat.optim import set_lr
 from ssat.preemption import StopSignals
 from ssat.run_state import build_state, save, stop_here
 from ssat.runlog import DataWait, RunLog, peak_memory_mb
-from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep
+from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep, host_values
 from storage.atomic import atomic_path
 
 
@@ -204,6 +204,7 @@ def train_one_epoch(
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     wait, window_images, window_steps, window_updates = DataWait(device), 0, 0, 0
+    epoch_sums = None  # the epoch's loss sums, as read at the last log
     epoch_start = window_start = time.perf_counter()
     bar = log.bar(steps, state.epoch, done=first)
     batches = iter(loader)
@@ -230,10 +231,14 @@ def train_one_epoch(
         state.step, state.batch = state.step + updated, i + 1
         bar.update()
         if updated and (state.step % cfg.log_interval == 0 or i + 1 == steps):
-            # the one host-device sync, at log intervals: loss values and the non-finite check
-            check_finite(first_bad, state, cfg, bar)
+            # the one host-device sync, at log intervals: one read of the first non-finite step,
+            # the window's loss sums and gradient norms, and the epoch's loss sums
+            bad, *read = host_values(first_bad, window, window_norm, sums)
+            check_finite(int(bad), state, cfg, bar)
             seconds = time.perf_counter() - window_start
-            means = (window / window_steps).tolist()
+            n = len(LOSS_PARTS)
+            means = [value / window_steps for value in read[:n]]
+            norm_sum, epoch_sums = read[n], read[n + 1 :]
             record = {
                 "type": "step",
                 "epoch": state.epoch,
@@ -243,7 +248,7 @@ def train_one_epoch(
                 "images_per_s": window_images * dist_ctx.world_size / seconds,
             }
             if step.grad_norm is not None:  # before clipping, averaged over the interval
-                record["grad_norm"] = window_norm.item() / window_updates
+                record["grad_norm"] = norm_sum / window_updates
             log.write(record)
             bar.set_postfix(
                 loss=f"{means[0]:.4f}",
@@ -256,12 +261,15 @@ def train_one_epoch(
             window_start = time.perf_counter()
         # every rank asks after the same optimizer steps; the epoch's last is left to its end
         if updated and i + 1 < steps and stop.requested():
-            check_finite(first_bad, state, cfg, bar)  # never save weights after a bad step
+            # never save weights after a bad step
+            check_finite(int(host_values(first_bad)[0]), state, cfg, bar)
             bar.close()
             return None
     bar.close()
     seconds, ran = time.perf_counter() - epoch_start, steps - first
-    means = (sums / ran).tolist()
+    if epoch_sums is None:  # started at the epoch's end: no step, no log
+        epoch_sums = host_values(sums)
+    means = [value / max(ran, 1) for value in epoch_sums]  # read with the last step's log
     return {
         **dict(zip(LOSS_PARTS, means, strict=True)),
         "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
@@ -270,9 +278,8 @@ def train_one_epoch(
     }
 
 
-def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, bar) -> None:
-    """Stop at the first non-finite loss (a host-device sync: read `first_bad`)."""
-    bad = int(first_bad.item())
+def check_finite(bad: int, state: TrainState, cfg: TrainConfig, bar) -> None:
+    """Stop at the first non-finite loss: `bad` is its step as read from the device, or -1."""
     if bad >= 0:
         bar.close()
         raise TrainError(
