@@ -328,6 +328,7 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_download_once(tmp_path, server, monkeypatch):
     _, md5 = _serve_cifar(server)
     script = tmp_path / "run_patched.py"
@@ -381,7 +382,7 @@ def test_two_runs_on_one_data_dir_download_once(tmp_path, server, monkeypatch, c
         "from convert import first_use\n"
         "print(first_use.prepare('c10', sys.argv[2], mirror=sys.argv[3]))\n"
     )
-    server.pause = 3.0  # the other run is still downloading when this one starts
+    server.pause = 1.5  # the other run is still downloading when this one starts
     other = subprocess.Popen(
         [sys.executable, "-c", code, md5, str(data), server.url],
         cwd=REPO,
