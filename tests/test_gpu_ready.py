@@ -22,6 +22,8 @@ from gpu_ready import BLOCKING_COPY, CompileCounter, SyncCounter
 SMALL = (  # on the CPU also where CUDA is there: the counts are the CPU's
     "--device cpu --img_size 16 --patch_size 4 --num_workers 0 --pipeline torch "
     "--warmup_epochs 0.5 --blr 4e-3"
+    # the published augmentation (the digits' recipe turns it off): its device-side work counts
+    " --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --hflip 0.5 --min_scale 0.08"
 ).split()
 
 # the loop's configurations: methods, and what adds work between the steps
