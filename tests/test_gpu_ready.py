@@ -84,6 +84,25 @@ def _reads_and_copies(syncs: SyncCounter) -> tuple[list, list]:
     return reads, copies
 
 
+def test_the_counter_sees_what_would_wait():
+    """A scalar read, a data-dependent shape and a host copy by the project's code are counted,
+    with their place; RandAugment's sharpness, whose kernel goes to the device without
+    blocking, adds nothing."""
+    from pipelines.randaugment import sharpness
+    from ssat.training import host_values
+
+    x = torch.arange(6.0)
+    with SyncCounter() as syncs:
+        x.sum().item()
+        torch.nonzero(x > 2)
+        host_values(x)
+    assert [op for op, _ in syncs.events] == ["_local_scalar_dense", "nonzero", "tolist"]
+    assert syncs.events[-1][1].startswith("ssat/training.py:")
+    with SyncCounter() as syncs:
+        sharpness(torch.rand(2, 3, 8, 8) * 255, torch.tensor([1.5, 0.5]))
+    assert syncs.events == []
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_the_loop_reads_the_device_once_per_log_interval(tmp_path, data, monkeypatch, config):
     """An epoch of 10 batches, a log every 4 optimizer steps: the host reads the device at the
