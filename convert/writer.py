@@ -33,6 +33,7 @@ from convert.stored import STATS, Storage, Stored, store_array, store_file
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.beton import BetonFile, BetonWriter
+from storage.fingerprint import Fingerprint
 from storage.forking import forking
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
@@ -190,12 +191,14 @@ def _page_size(split: Split, opts: WriteOptions) -> int:
 @dataclass
 class _Written:
     """What `_write` stored: the samples kept (indices into the split), the sum of their pixel
-    statistics, how many JPEGs were stored as they were, the files skipped and why."""
+    statistics, how many JPEGs were stored as they were, the files skipped and why, and the
+    content fingerprint of the file (`storage.fingerprint`)."""
 
     kept: np.ndarray
     stats: np.ndarray
     passed_through: int
     skipped: list[dict]
+    fingerprint: str
 
 
 def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
@@ -206,6 +209,7 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
     workers = max(1, min(opts.num_workers, len(split)))
     kept, skipped, passed = [], [], 0
     stats = np.zeros(STATS)
+    fingerprint = Fingerprint()
     with (
         _records(split, storage, workers) as records,
         BetonWriter(path, len(split), _page_size(split, opts)) as out,
@@ -218,23 +222,25 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                     raise ConvertError(f"{split.describe(i)}: {record}")
                 skipped.append({"path": split.describe(i), "reason": record})
                 continue
+            label = int(split.labels[i])
             try:
-                out.append(int(split.labels[i]), *record[:4])
+                out.append(label, *record[:4])
             except ValueError as err:  # larger than a page
                 raise ConvertError(f"{split.describe(i)}: {err}; set --max_resolution") from None
-            # Each stored record passes here in index order, exactly as the file holds it: the
-            # place for a running content fingerprint (label, mode, height, width, bytes).
+            # each stored record, in index order, exactly as the file holds it: no second pass
+            fingerprint.update(label, *record[:4])
             stats += record.stats
             passed += record.passed_through
             kept.append(i)
-    return _Written(np.asarray(kept, dtype=np.int64), stats, passed, skipped)
+    kept = np.asarray(kept, dtype=np.int64)
+    return _Written(kept, stats, passed, skipped, fingerprint.value)
 
 
 def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
     """Read back what was written: the sample count through ffcv's own reader (ffcv reads the
-    file); the layout, and `meta` about to be written beside it, through the reader the loaders
-    use, which must accept both; the first and last samples decoded to their stored size, with
-    the expected labels."""
+    file); the layout, and `meta` about to be written beside it (its fingerprint's form
+    included), through the reader the loaders use, which must accept both; the first and last
+    samples decoded to their stored size, with the expected labels."""
     reader = Reader(str(path))
     if reader.num_samples != len(labels):
         raise ConvertError(f"{path}: wrote {reader.num_samples} samples, expected {len(labels)}")
@@ -299,6 +305,7 @@ def write_split(
             skipped=written.skipped,
             converter_version=CONVERTER_VERSION,
         )
+        meta["fingerprint"] = written.fingerprint
         verify(tmp, split.labels[written.kept], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start

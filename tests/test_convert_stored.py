@@ -14,6 +14,7 @@ from convert.imagenet_to_ffcv import main as convert_folder
 from convert.images import load_rgb
 from convert.synthetic import photo_variants
 from storage.beton import JPEG, RAW, BetonFile, BetonWriter
+from storage.fingerprint import beton_fingerprint
 
 # Mean PSNR (dB) of the stored 256-px photos, decoded, against their source shrunk by an area
 # filter, as the converter stored them before the DCT-scaled decode (PIL's draft + OpenCV's
@@ -82,6 +83,7 @@ def test_jpegs_that_fit_are_stored_as_they_are(tmp_path):
     meta = _convert(tmp_path / "src", tmp_path / "out", "--num_workers", 1)
     assert meta["storage"]["passed_through"] == 2 and meta["num_samples"] == len(kinds)
     path = tmp_path / "out" / "imagenet_train.beton"
+    assert meta["fingerprint"] == beton_fingerprint(path)  # made while writing, in index order
     beton = BetonFile(path)
     for i, (name, kept) in enumerate(sorted(kinds.items())):
         source = (folder / name).read_bytes()
