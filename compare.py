@@ -445,11 +445,19 @@ def core_shares(parallel: int) -> list[list[int]] | list[None]:
     return [part.tolist() for part in np.array_split(cores, parallel)]
 
 
+def _within(folder: Path, out: Path) -> str:
+    """A run folder as launches.jsonl names it: within the output folder, which may move."""
+    try:
+        return str(folder.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(folder.resolve())
+
+
 def record_launch(out: Path, job: Launched, parallel: int, status: int) -> None:
     """One line per run launched, in <output_dir>/launches.jsonl: how many ran at a time, on
     which cores, when and for how long (the table says what ran in parallel)."""
     line = {
-        "folder": str(job.run.folder),
+        "folder": _within(job.run.folder, out),
         "parallel": parallel,
         "cores": job.cores,
         "began": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(job.began)),
@@ -798,7 +806,7 @@ def study_summary(runs: list[Run], split: str) -> dict[str, Any]:
 def launches(runs: list[Run], out: Path) -> dict[str, Any]:
     """What launches.jsonl says of these runs: how many ran at a time on how many cores, and
     the wall time in which any of them was running (over every sitting)."""
-    folders = {str(run.folder) for run in runs}
+    folders = {_within(run.folder, out) for run in runs}
     records = []
     if (out / "launches.jsonl").exists():
         for line in (out / "launches.jsonl").read_text().splitlines():
