@@ -5,6 +5,8 @@
         -- --data_dir /data/ffcv --img_size 32 --patch_size 4 --epochs 100
     python compare.py --nproc_per_node 8 --data_path imagenet --size base \\
         --output_dir runs/in1k_compare -- --data_dir /data/ffcv --pipeline ffcv ...
+    python compare.py --subset_sizes 0.1 0.25 0.5 1.0   # the limited-data study on the digits
+    python compare.py --subset_sizes 0.1 0.5 1.0 --budget steps --parallel 2 ...
 
 Everything after `--` is train.py's flags, given to every run alike (epochs, batch, recipe);
 with nothing after it, every run uses the recipe `python train.py` runs alone (the micro size,
@@ -23,6 +25,14 @@ Then it prints one table (per method: mean and standard deviation over seeds of 
 the best top-1, and the training time per run), writes it to `<output_dir>/results.md` and
 `results.json`, and draws `<output_dir>/comparison.png` (top-1 per epoch, mean and band of one
 standard deviation, beside the final numbers).
+
+With --subset_sizes, the limited-data study: every method x fraction x seed, each run in
+`<output_dir>/<method>/subset<f>/seed<k>`, on one class-stratified, nested draw of the training
+split (--subset_seed) for every method and seed; --budget epochs (every fraction trains --epochs,
+the published way) or steps (as many optimizer steps as the whole split). Then a table per
+metric with a row per fraction (each method's mean and std over seeds, each auxiliary method's
+gap to scratch with a 95% interval over the seeds), and `study.png`: the metric against the
+fraction on a log axis. --parallel N trains N runs at a time, each pinned to 1/N of the cores.
 """
 
 from __future__ import annotations
