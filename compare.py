@@ -732,7 +732,7 @@ def report(runs: list[Run], args: argparse.Namespace, shared: list[str], split: 
     results = [result(run) for run in runs]
     summary = summarize(results, split)
     head = heading(runs, args, shared)
-    table = markdown(summary, head)
+    table = markdown(summary, head) + parallel_note(launches(runs, args.output_dir)) + "\n"
     print("\n" + table, flush=True)
     out = args.output_dir
     with atomic_path(out / "results.md") as tmp:
