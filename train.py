@@ -40,44 +40,25 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.utils import accuracy
-from tqdm import tqdm
 
 from pipelines import DatasetError, create_loader
 from ssat import distributed
-from ssat.checkpoint import (
-    DiskSpaceError,
-    load_checkpoint,
-    load_pretrained,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
+from ssat.checkpoint import DiskSpaceError, restore_rng_state
 from ssat.config import NOTES, TrainConfig, flag_names, parse_config
-from ssat.distributed import DistContext
-from ssat.models import list_models
+from ssat.distributed import DistContext, print0
+from ssat.evaluation import evaluate, test_once
 from ssat.optim import set_lr
-from ssat.preemption import StopSignals, exit_status
-from ssat.training import LOSS_PARTS, TrainState, TrainStep, autocast, build_model, create_state
+from ssat.preemption import StopSignals
+from ssat.run_state import build_state, save, stop_here
+from ssat.runlog import DataWait, RunLog, peak_memory_mb
+from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep
 from storage.atomic import atomic_path
-
-
-class TrainError(Exception):
-    """A run that cannot go on; the message says why."""
-
-
-def print0(dist_ctx: DistContext, *args) -> None:
-    if dist_ctx.main:
-        print(*args, flush=True)
 
 
 def seed_everything(seed: int, rank: int, epoch: int) -> None:
@@ -208,93 +189,7 @@ def build_loaders(
 PERTURBED_PERSPECTIVE = 0.5
 
 
-# ----------------------------------------------------------------------------- logging
-class RunLog:
-    """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
-    progress bar; rank 0 only."""
-
-    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool, board: str = ""):
-        self.active = dist_ctx.main
-        self.path = out / "log.jsonl"
-        self.board = None
-        if self.active and fresh:  # a new run starts a new log; a resumed one appends
-            self.path.unlink(missing_ok=True)
-        if self.active:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(board or str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            prefix = record["type"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
-            if prefix == "epoch":
-                self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-    def bar(self, total: int, epoch: int, done: int = 0):
-        return tqdm(
-            total=total,
-            initial=done,
-            desc=f"epoch {epoch}",
-            disable=True if not self.active else None,  # None: shown on a terminal only
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------- training
-class DataWait:
-    """Time the device spends waiting for the loader. On CUDA: the gaps on the device's timeline
-    between the end of one step's work and the start of the next (CUDA events, read when the host
-    syncs anyway), so a host that runs ahead of the device counts no wait. Elsewhere: host time
-    blocked in the loader."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.total, self.gaps, self.step_end = 0.0, [], None
-
-    def fetched(self, blocked_seconds: float) -> None:
-        """A batch arrived, after the host was blocked for `blocked_seconds`."""
-        if not self.cuda:
-            self.total += blocked_seconds
-        elif self.step_end is not None:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.gaps.append((self.step_end, start))
-
-    def step_queued(self) -> None:
-        if self.cuda:
-            self.step_end = torch.cuda.Event(enable_timing=True)
-            self.step_end.record()
-
-    def seconds(self) -> float:
-        """Wait so far this epoch (on CUDA this waits for the recorded work to finish)."""
-        if self.gaps:
-            self.gaps[-1][1].synchronize()
-            self.total += sum(end.elapsed_time(start) for end, start in self.gaps) / 1000
-            self.gaps.clear()
-        return self.total
-
-
 def train_one_epoch(
     cfg: TrainConfig,
     state: TrainState,
@@ -392,188 +287,7 @@ def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, b
         )
 
 
-def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Top-1 and top-5 hits in a batch (top-5 is top-C with fewer classes), as float64 counts.
-    timm's `accuracy` gives a percentage of the batch; rounding turns it back into a count."""
-    n = len(labels)
-    return [(acc.double() * n / 100).round() for acc in accuracy(logits, labels, topk=(1, 5))]
-
-
-@torch.no_grad()
-def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
-    """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across
-    ranks."""
-    model.eval()
-    device = dist_ctx.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
-    for batch in loader:
-        images, labels = batch["crops"][0], batch["labels"]
-        with autocast(cfg.amp, device):
-            logits = model.classify(images)
-        logits = logits.float()
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                *correct_counts(logits, labels),
-                torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
-            ]
-        )
-    loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
-    return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}
-
-
 # ----------------------------------------------------------------------------- set-up
-def build_state(
-    cfg: TrainConfig, dist_ctx: DistContext, num_classes: int, steps_per_epoch: int
-) -> TrainState:
-    if cfg.model not in list_models():
-        raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes)
-    path, ckpt = _resume_checkpoint(cfg, dist_ctx)
-    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone)
-    weights = ckpt is not None and cfg.resume != "auto" and not cfg.eval
-    weights = weights and (not isinstance(ckpt, dict) or ckpt.get("optimizer") is None)
-    if weights:
-        print0(
-            dist_ctx,
-            f"--resume {path}: the file holds weights but no optimizer state, so the run "
-            f"starts at epoch 0 from those weights, as the published scripts do (--finetune "
-            f"adds MAE's layer-wise learning-rate decay)",
-        )
-    for source in filter(None, (cfg.finetune, weights and path)):
-        try:
-            result = load_pretrained(model, source)
-        except RuntimeError as err:
-            raise TrainError(f"cannot initialise from {source}: {err}") from err
-        print0(
-            dist_ctx,
-            f"initialised from {source}: missing {len(result.missing_keys)} "
-            f"keys, unused {len(result.unexpected_keys)}, "
-            f"head reset: {result.head_reset}",
-        )
-    state = create_state(cfg, model, dist_ctx, steps_per_epoch)
-    if ckpt is not None and not weights:
-        resume(cfg, state, dist_ctx, path, ckpt)
-    elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
-        state.epoch = cfg.start_epoch
-        state.step = cfg.start_epoch * state.updates_per_epoch
-    return state
-
-
-def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | None, Any]:
-    """The --resume file and its contents, read once; (None, None) without one (with --resume
-    auto: before the first checkpoint)."""
-    if not cfg.resume:
-        return None, None
-    auto = cfg.resume == "auto"
-    path = Path(cfg.output_dir) / "checkpoint-last.pth" if auto else Path(cfg.resume)
-    if auto and not path.exists():
-        print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
-        return None, None
-    try:
-        return path, load_checkpoint(path, map_location=dist_ctx.device)
-    except RuntimeError as err:  # unreadable file
-        raise TrainError(f"cannot resume from {path}: {err}") from err
-
-
-def resume(
-    cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, path: Path, ckpt: dict
-) -> None:
-    """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
-    optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
-    generator states)."""
-    try:
-        state.model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:  # weights of another model
-        raise TrainError(f"cannot resume from {path}: {err}") from err
-    if cfg.eval:
-        return
-    if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
-        raise TrainError(f"{path}: no optimizer state to resume from")
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    if state.ema is not None:  # a file without an average starts it from the weights
-        state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
-    position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
-    state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
-    state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
-    if state.batch:
-        then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
-        if then != (dist_ctx.world_size, cfg.batch_size):
-            raise TrainError(
-                f"{path} stopped inside epoch {state.epoch} with {then[0]} "
-                f"process(es) of batch {then[1]}: continue it with the same (the "
-                f"place in the epoch depends on both), not {dist_ctx.world_size} of "
-                f"{cfg.batch_size}"
-            )
-        state.rng = ckpt["rng_ranks"][dist_ctx.rank]
-        print0(
-            dist_ctx,
-            f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
-            f"{state.steps_per_epoch}, step {state.step}",
-        )
-    else:
-        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
-
-
-def save(
-    cfg: TrainConfig,
-    state: TrainState,
-    dist_ctx: DistContext,
-    improved: bool = False,
-    rng_ranks: list | None = None,
-) -> None:
-    """checkpoint-last.pth (and -best, and every --save_every epochs a numbered one) for where
-    `state` stands: at an epoch's end (`state.batch` 0) or inside an epoch."""
-    if not dist_ctx.main:
-        return
-    out, done = Path(cfg.output_dir), state.epoch - 1  # the last epoch completed
-    names = ["checkpoint-last.pth"]
-    if improved:
-        names.append("checkpoint-best.pth")
-    if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
-        names.append(f"checkpoint-{done}.pth")
-    position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
-    for name in names:
-        save_checkpoint(
-            out / name,
-            model=state.model,
-            optimizer=state.optimizer,
-            scaler=state.scaler,
-            epoch=done,
-            step=state.step,
-            config=cfg.to_dict(),
-            best_metric=state.best,
-            position=position,
-            rng_ranks=rng_ranks,
-            model_ema=state.ema.module if state.ema is not None else None,
-        )
-
-
-def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistContext) -> int:
-    """A stop signal ended the run after a step: save where it stands (inside an epoch, with
-    every rank's generators; an epoch's end was saved already), say how to go on, and return the
-    exit status, 128 + the signal's number."""
-    inside = state.batch > 0
-    if inside:
-        rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
-        save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
-        where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
-    else:
-        where = f"the end of epoch {state.epoch - 1}"
-    distributed.barrier(dist_ctx)  # no rank leaves (and has torchrun end the rest) mid-save
-    status = exit_status(signum)
-    print0(
-        dist_ctx,
-        f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
-        f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
-        f"same command with --resume auto (exit status {status})",
-    )
-    return status
-
-
 def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
     if dist_ctx.main:
@@ -711,66 +425,10 @@ def fit(
         if test_loader is not None:
             test_once(cfg, state, test_loader, log, dist_ctx)
         if cfg.pictures and dist_ctx.main:
-            draw_pictures(cfg, state, val_loader.path)
+            import visualize  # matplotlib: imported only by runs that draw
+
+            visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
     return 0
-
-
-def test_once(cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx: DistContext):
-    """The test split, read once when the schedule is done: with the final weights, and with
-    those of the best validation epoch (checkpoint-best.pth). Recipes are chosen on the
-    validation split; these numbers only report how the chosen one does."""
-    done = state.epoch - 1
-    final = evaluate(state.model, loader, cfg, dist_ctx)
-    record = {
-        "type": "test",
-        "split": "test",
-        "epoch": done,
-        "step": state.step,
-        **{f"test_{k}": final[k] for k in ("acc1", "acc5", "loss")},
-        "test_samples": final["num_samples"],
-    }
-    lines = [
-        f"test acc1 (final weights): {final['acc1']:.2f}%  acc5 {final['acc5']:.2f}%  "
-        f"({final['num_samples']} images of {loader.path})"
-    ]
-    distributed.barrier(dist_ctx)  # rank 0 has written checkpoint-best.pth
-    best_path = Path(cfg.output_dir) / "checkpoint-best.pth"
-    if best_path.exists():
-        best = load_checkpoint(best_path, map_location=dist_ctx.device)
-        at_best = final
-        if int(best["epoch"]) != done:  # the final weights are in checkpoint-last.pth already
-            state.model.load_state_dict(best["model"])
-            at_best = evaluate(state.model, loader, cfg, dist_ctx)
-        record.update(best_val_epoch=int(best["epoch"]), test_acc1_at_best_val=at_best["acc1"])
-        lines.append(
-            f"test acc1 (best-val weights, epoch {best['epoch']}): {at_best['acc1']:.2f}%  "
-            f"acc5 {at_best['acc5']:.2f}%"
-        )
-    else:
-        lines.append(f"test acc1 (best-val weights): no {best_path} (resumed from elsewhere)")
-    log.write(record)
-    print0(dist_ctx, "\n".join(lines))
-
-
-def draw_pictures(cfg: TrainConfig, state: TrainState, data: Path) -> None:
-    """The run's pictures in --output_dir (visualize.py's): the training curves and, for a
-    model with a decoder, its reconstructions of the first validation images by the final
-    weights. Drawing is the run's last act: a failure is reported, not fatal."""
-    import visualize  # matplotlib: imported only by runs that draw
-
-    out = Path(cfg.output_dir)
-    try:
-        drawn = [("training curves", visualize.curves(out / "log.jsonl", out / "curves.png"))]
-        if state.model.has_decoder:
-            grid = visualize.reconstruction_grid(
-                out / "checkpoint-last.pth", data, out / "reconstructions.png"
-            )
-            drawn.append(("reconstructions", grid))
-    except (ValueError, OSError, DatasetError) as err:
-        print(f"pictures: not drawn ({err})", flush=True)
-        return
-    for what, path in drawn:
-        print(f"{what}: {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,6 +220,24 @@ def curves(log: Path, out: Path) -> Path:
     return out
 
 
+def draw_run(out: Path, has_decoder: bool, data: Path) -> None:
+    """A run's pictures in its output folder (`train.py --pictures`): the training curves and,
+    for a model with a decoder, its reconstructions of the first images of `data` by the final
+    weights. Drawing is the run's last act: a failure is reported, not fatal."""
+    try:
+        drawn = [("training curves", curves(out / "log.jsonl", out / "curves.png"))]
+        if has_decoder:
+            grid = reconstruction_grid(
+                out / "checkpoint-last.pth", data, out / "reconstructions.png"
+            )
+            drawn.append(("reconstructions", grid))
+    except (ValueError, OSError, DatasetError) as err:
+        print(f"pictures: not drawn ({err})", flush=True)
+        return
+    for what, path in drawn:
+        print(f"{what}: {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python visualize.py",

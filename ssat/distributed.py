@@ -31,6 +31,11 @@ class DistContext:
         return self.world_size > 1
 
 
+def print0(dist_ctx: DistContext, *args) -> None:
+    if dist_ctx.main:
+        print(*args, flush=True)
+
+
 def setup(device: str | None = None) -> DistContext:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU), or run alone.
     `device` is MAE's `--device`: "cuda" (the default where CUDA is available), "cpu", or

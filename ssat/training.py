@@ -32,6 +32,10 @@ from ssat.optim import create_optimizer, lr_at, scaled_lr
 LOSS_PARTS = ("loss", "cls", "rec", "fgc")
 
 
+class TrainError(Exception):
+    """A run that cannot go on; the message says why."""
+
+
 def autocast(amp: str, device: torch.device):
     """Autocast to bf16 or fp16 on `device`, or nothing for amp 'none'."""
     if amp == "none":
@@ -47,7 +51,7 @@ def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
 
 @dataclass
 class TrainState:
-    """What a run carries from step to step; checkpoints hold it (see `train.py: save`)."""
+    """What a run carries from step to step; checkpoints hold it (see `ssat.run_state.save`)."""
 
     model: nn.Module  # the plain module: weights, evaluation, checkpoints
     train_model: nn.Module  # what trains: `model`, compiled and/or DistributedDataParallel

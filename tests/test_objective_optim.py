@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+from ssat.evaluation import correct_counts
 from ssat.models import create_model
 from ssat.objective import classification_loss, ssat_objective
 from ssat.optim import create_optimizer, lr_at, scaled_lr, set_lr
@@ -112,7 +112,7 @@ def test_accuracy_counts_by_hand():
         ranked = logits.argsort(dim=1, descending=True)
         top1 = (ranked[:, 0] == labels).sum().item()
         top5 = (ranked[:, :5] == labels[:, None]).any(1).sum().item()
-        assert [c.item() for c in train.correct_counts(logits, labels)] == [top1, top5]
+        assert [c.item() for c in correct_counts(logits, labels)] == [top1, top5]
 
 
 def test_fused_adamw_steps_on_cpu():

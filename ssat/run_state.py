@@ -1,0 +1,170 @@
+"""Where a run stands, built, resumed, saved and stopped: the model and training state from the
+config (initialised from --finetune or a weights-only --resume), a checkpoint's state restored
+(inside an epoch: with this rank's generator states), checkpoint-last/-best/-N written, and the
+save and exit status when a stop signal ends the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssat import distributed
+from ssat.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint
+from ssat.config import TrainConfig
+from ssat.distributed import DistContext, print0
+from ssat.models import list_models
+from ssat.preemption import StopSignals, exit_status
+from ssat.training import TrainError, TrainState, build_model, create_state
+
+
+def build_state(
+    cfg: TrainConfig, dist_ctx: DistContext, num_classes: int, steps_per_epoch: int
+) -> TrainState:
+    if cfg.model not in list_models():
+        raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes)
+    path, ckpt = _resume_checkpoint(cfg, dist_ctx)
+    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone)
+    weights = ckpt is not None and cfg.resume != "auto" and not cfg.eval
+    weights = weights and (not isinstance(ckpt, dict) or ckpt.get("optimizer") is None)
+    if weights:
+        print0(
+            dist_ctx,
+            f"--resume {path}: the file holds weights but no optimizer state, so the run "
+            f"starts at epoch 0 from those weights, as the published scripts do (--finetune "
+            f"adds MAE's layer-wise learning-rate decay)",
+        )
+    for source in filter(None, (cfg.finetune, weights and path)):
+        try:
+            result = load_pretrained(model, source)
+        except RuntimeError as err:
+            raise TrainError(f"cannot initialise from {source}: {err}") from err
+        print0(
+            dist_ctx,
+            f"initialised from {source}: missing {len(result.missing_keys)} "
+            f"keys, unused {len(result.unexpected_keys)}, "
+            f"head reset: {result.head_reset}",
+        )
+    state = create_state(cfg, model, dist_ctx, steps_per_epoch)
+    if ckpt is not None and not weights:
+        resume(cfg, state, dist_ctx, path, ckpt)
+    elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
+        state.epoch = cfg.start_epoch
+        state.step = cfg.start_epoch * state.updates_per_epoch
+    return state
+
+
+def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | None, Any]:
+    """The --resume file and its contents, read once; (None, None) without one (with --resume
+    auto: before the first checkpoint)."""
+    if not cfg.resume:
+        return None, None
+    auto = cfg.resume == "auto"
+    path = Path(cfg.output_dir) / "checkpoint-last.pth" if auto else Path(cfg.resume)
+    if auto and not path.exists():
+        print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
+        return None, None
+    try:
+        return path, load_checkpoint(path, map_location=dist_ctx.device)
+    except RuntimeError as err:  # unreadable file
+        raise TrainError(f"cannot resume from {path}: {err}") from err
+
+
+def resume(
+    cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, path: Path, ckpt: dict
+) -> None:
+    """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
+    optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
+    generator states)."""
+    try:
+        state.model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:  # weights of another model
+        raise TrainError(f"cannot resume from {path}: {err}") from err
+    if cfg.eval:
+        return
+    if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
+        raise TrainError(f"{path}: no optimizer state to resume from")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None:  # a file without an average starts it from the weights
+        state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
+    position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
+    state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
+    state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
+    if state.batch:
+        then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
+        if then != (dist_ctx.world_size, cfg.batch_size):
+            raise TrainError(
+                f"{path} stopped inside epoch {state.epoch} with {then[0]} "
+                f"process(es) of batch {then[1]}: continue it with the same (the "
+                f"place in the epoch depends on both), not {dist_ctx.world_size} of "
+                f"{cfg.batch_size}"
+            )
+        state.rng = ckpt["rng_ranks"][dist_ctx.rank]
+        print0(
+            dist_ctx,
+            f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
+            f"{state.steps_per_epoch}, step {state.step}",
+        )
+    else:
+        print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
+
+
+def save(
+    cfg: TrainConfig,
+    state: TrainState,
+    dist_ctx: DistContext,
+    improved: bool = False,
+    rng_ranks: list | None = None,
+) -> None:
+    """checkpoint-last.pth (and -best, and every --save_every epochs a numbered one) for where
+    `state` stands: at an epoch's end (`state.batch` 0) or inside an epoch."""
+    if not dist_ctx.main:
+        return
+    out, done = Path(cfg.output_dir), state.epoch - 1  # the last epoch completed
+    names = ["checkpoint-last.pth"]
+    if improved:
+        names.append("checkpoint-best.pth")
+    if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
+        names.append(f"checkpoint-{done}.pth")
+    position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
+    for name in names:
+        save_checkpoint(
+            out / name,
+            model=state.model,
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            epoch=done,
+            step=state.step,
+            config=cfg.to_dict(),
+            best_metric=state.best,
+            position=position,
+            rng_ranks=rng_ranks,
+            model_ema=state.ema.module if state.ema is not None else None,
+        )
+
+
+def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistContext) -> int:
+    """A stop signal ended the run after a step: save where it stands (inside an epoch, with
+    every rank's generators; an epoch's end was saved already), say how to go on, and return the
+    exit status, 128 + the signal's number."""
+    inside = state.batch > 0
+    if inside:
+        rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
+        save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
+    else:
+        where = f"the end of epoch {state.epoch - 1}"
+    distributed.barrier(dist_ctx)  # no rank leaves (and has torchrun end the rest) mid-save
+    status = exit_status(signum)
+    print0(
+        dist_ctx,
+        f"stopped by {StopSignals.name(signum)} after step {state.step} ({where}); "
+        f"saved {Path(cfg.output_dir) / 'checkpoint-last.pth'}. To continue, run the "
+        f"same command with --resume auto (exit status {status})",
+    )
+    return status
