@@ -41,7 +41,8 @@ def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
             [
                 F.cross_entropy(logits, labels, reduction="sum").double(),
                 *correct_counts(logits, labels),
-                torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
+                # filled on the device: a tensor made from the value would be a blocking copy
+                torch.full((), float(len(labels)), device=device, dtype=torch.float64),
             ]
         )
     loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
