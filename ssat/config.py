@@ -186,6 +186,11 @@ class TrainConfig:
     finetune: str = _flag("initialise from an MAE / timm / ssat checkpoint", "")
     eval: bool = _flag("only evaluate (with --resume) and print the result as JSON", False)
     seed: int = _flag("random seed", 0)
+    verify_data: bool = _flag(
+        "before training, decode every sample of the dataset's splits and check their labels "
+        "and content fingerprints (what python -m storage.verify does)",
+        False,
+    )
     stop_after: int | None = _flag(
         "end this invocation after this many epochs in all (the schedule "
         "still spans --epochs; --resume auto continues)"
@@ -444,7 +449,8 @@ def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
             f"{loaders[0].info.num_classes} classes), {cfg.pipeline} loader",
             f"model: {cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}, trained with "
             f"{method}",
-            f"schedule: {cfg.epochs} epochs, batch {cfg.batch_size} x {processes} process(es)"
+            f"schedule: {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, batch {cfg.batch_size} x "
+            f"{processes} process(es)"
             + (f" x {cfg.accum_iter} accumulated" if cfg.accum_iter > 1 else "")
             + f", lr {lr:.3g}, on {device}"
             + (f" ({cfg.amp} autocast)" if cfg.amp != "none" else ""),
