@@ -169,6 +169,7 @@ def build_loaders(
         cutmix=cfg.cutmix,
         smoothing=cfg.smoothing,
         subset_size=cfg.subset_size,
+        subset_seed=cfg.subset_seed,
         **common,
     )
     evaluation = dict(
@@ -347,7 +348,8 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
             dist_ctx,
             f"training on a fixed subset: {train_loader.num_samples} of "
             f"{train_loader.info.num_samples} samples of {train_loader.path} "
-            f"(--subset_size {cfg.subset_size}, chosen by --seed {cfg.seed})",
+            f"(--subset_size {cfg.subset_size}, stratified by class, drawn by seed "
+            f"{train_loader.subset_seed})",
         )
     if len(train_loader) < cfg.accum_iter:
         raise TrainError(
@@ -417,7 +419,11 @@ def fit(
                 **{f"ema_val_{k}": v for k, v in averaged.items()},
                 "best_acc1": state.best,
                 "train_samples": train_loader.num_samples,  # fewer with --subset_size
-                **({"subset_seed": cfg.seed} if train_loader.subset is not None else {}),
+                **(
+                    {"subset_seed": train_loader.subset_seed}
+                    if train_loader.subset is not None
+                    else {}
+                ),
                 "epoch_seconds": train["train_seconds"],
                 "peak_memory_mb": peak_memory_mb(dist_ctx.device),
             }

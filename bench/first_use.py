@@ -19,6 +19,7 @@ import hashlib
 import http.server
 import pickle
 import statistics
+import sys
 import tarfile
 import tempfile
 import threading
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torchvision.datasets
+
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train
 from convert.cifar_to_ffcv import main as convert_cifar

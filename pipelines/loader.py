@@ -59,6 +59,7 @@ class CropLoader:
         num_workers: int | None = None,
         dtype: torch.dtype = torch.float32,
         subset_size: float = 1.0,
+        subset_seed: int | None = None,
         **augmentation,
     ):
         self.source, self.info = self._open(path)
@@ -71,8 +72,12 @@ class CropLoader:
             )
         self.train, self.batch_size, self.img_size, self.crops = train, batch_size, img_size, crops
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        # a limited-data run: train on a fixed fraction of the samples (eval reads them all)
-        self.subset = training_subset(self.info.num_samples, subset_size, seed) if train else None
+        # a limited-data run: train on a fixed, class-stratified fraction of the samples, drawn
+        # by `subset_seed` (default: `seed`); eval reads them all
+        self.subset_seed = seed if subset_seed is None else subset_seed
+        self.subset = (
+            training_subset(self.source.labels, subset_size, self.subset_seed) if train else None
+        )
         self.num_samples = self.info.num_samples if self.subset is None else len(self.subset)
         self.device = torch.device(device)
         self.num_workers = default_workers() if num_workers is None else num_workers

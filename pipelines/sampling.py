@@ -3,7 +3,8 @@
 Train: one permutation per (seed, epoch), cut into `world_size` disjoint equal shards, each
 trimmed to whole batches, so every rank yields the same number of batches. Eval: rank r reads
 samples r, r + world_size, ... in order: across ranks every sample exactly once, no padding.
-A limited-data run trains on a fixed subset of the samples (`subset`), permuted the same way.
+A limited-data run trains on a fixed, class-stratified subset of the samples (`subset`), permuted
+the same way.
 """
 
 from __future__ import annotations
@@ -13,19 +14,35 @@ import math
 import numpy as np
 
 
-def training_subset(num_samples: int, fraction: float, seed: int) -> np.ndarray | None:
-    """The sorted indices of a fixed random `fraction` of the samples, a function of `seed` and
-    the split's size alone (the same on every rank, every epoch and after a resume); None for
-    the whole set."""
+def subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Every sample index once, in the order limited-data subsets take them: class by class in
+    turn, in proportion to the class sizes (sample j of a class of n_c is placed at (j + 1/2) /
+    n_c; ties in random order), each class's samples in a random order. Any prefix is then a
+    class-stratified subset (each class within two samples of its share), and a shorter prefix
+    lies inside a longer one. A function of `seed` and the labels alone."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, len(labels), 0x5B5E7])
+    place = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        place[rng.permutation(members)] = (np.arange(len(members)) + 0.5) / len(members)
+    ties = rng.permutation(len(labels))
+    return np.lexsort((ties, place)).astype(np.int64)
+
+
+def training_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:
+    """The sorted indices of a fixed, class-stratified `fraction` of the samples whose labels
+    are `labels`: a function of `seed` and the labels alone (the same on every rank, every
+    epoch and after a resume), and nested (with one seed, a smaller fraction's samples lie
+    inside a larger one's); None for the whole set."""
     if not 0 < fraction <= 1:
         raise ValueError(
             f"subset_size is a fraction of the training split in (0, 1], got {fraction}"
         )
     if fraction == 1:
         return None
-    size = max(1, round(fraction * num_samples))
-    chosen = np.random.default_rng([seed, num_samples, 0x5B5E7]).choice(num_samples, size, False)
-    return np.sort(chosen).astype(np.int64)
+    size = max(1, round(fraction * len(labels)))
+    return np.sort(subset_order(labels, seed)[:size])
 
 
 def epoch_order(

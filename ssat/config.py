@@ -54,9 +54,14 @@ class TrainConfig:
         choices=PIPELINES,
     )
     subset_size: float = _flag(
-        "train on a fixed random fraction of the training split (limited-data runs): the same "
-        "samples on every rank, every epoch and after a resume, chosen by --seed",
+        "train on a fixed random fraction of the training split (limited-data runs), stratified "
+        "by class: the same samples on every rank, every epoch and after a resume, chosen by "
+        "--subset_seed; with one --subset_seed a smaller fraction's samples lie inside a larger's",
         1.0,
+    )
+    subset_seed: int | None = _flag(
+        "seed that draws the --subset_size samples (default: --seed); one value for every run "
+        "of a study trains each method and seed on the same samples"
     )
     num_workers: int | None = _flag("loader threads/processes (default: all cores)")
     # model and method

@@ -59,12 +59,23 @@ def _blocking(args, kwargs) -> bool:
     return not (kwargs.get("non_blocking") or any(a is True for a in args))
 
 
+def _in_the_project(filename: str) -> bool:
+    """Whether a frame's file is the project's code: not the tests', and not an installed
+    package's (a virtual environment may sit inside the checkout, as `.venv` does)."""
+    path = Path(filename)
+    return (
+        path.is_relative_to(REPO)
+        and not path.is_relative_to(REPO / "tests")
+        and "site-packages" not in path.parts
+    )
+
+
 def _where() -> str:
     """The innermost frame in the project's code (not the tests') that led here."""
     frame = sys._getframe(2)
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if path.is_relative_to(REPO) and not path.is_relative_to(REPO / "tests"):
+        if _in_the_project(frame.f_code.co_filename):
             return f"{path.relative_to(REPO)}:{frame.f_lineno}"
         frame = frame.f_back
     return "outside the project"
@@ -73,8 +84,7 @@ def _where() -> str:
 def _called_from_the_project() -> bool:
     """Whether the caller's caller is the project's code: its `.to(device)` moves host data
     it made (torch's own calls, as clip_grad_norm_'s, move tensors already on the device)."""
-    path = Path(sys._getframe(2).f_code.co_filename)
-    return path.is_relative_to(REPO) and not path.is_relative_to(REPO / "tests")
+    return _in_the_project(sys._getframe(2).f_code.co_filename)
 
 
 class SyncCounter(TorchDispatchMode):
