@@ -1,0 +1,149 @@
+"""Evaluation metrics: against scikit-learn on fixed scores, a class absent from a batch, a rank
+and the split, and the same numbers with 1, 2 and 3 gloo ranks over a split that does not
+divide among them."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from sklearn import metrics as skm
+
+import fabricate
+from convert.medmnist_to_ffcv import main as convert_medmnist
+from pipelines import create_loader
+from ssat.config import TrainConfig
+from ssat.distributed import DistContext
+from ssat.evaluation import classification_metrics, evaluate, gather_split
+from ssat.models import create_model
+
+CFG = dataclasses.replace(TrainConfig(), amp="none")
+
+
+def _scores(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    logits = rng.normal(size=(n, classes)).astype(np.float32)
+    logits[np.arange(n), labels] += 1.0  # better than chance, not perfect
+    return logits, labels
+
+
+@pytest.mark.parametrize("classes", [2, 4, 8])
+def test_metrics_equal_scikit_learn(classes):
+    logits, labels = _scores(61, classes, seed=classes)
+    got = classification_metrics(logits, labels)
+    probs = torch.from_numpy(logits).double().softmax(1).numpy()
+    pred = logits.argmax(1)
+    assert got["acc1"] == pytest.approx(100 * skm.accuracy_score(labels, pred))
+    assert got["balanced_acc"] == pytest.approx(100 * skm.balanced_accuracy_score(labels, pred))
+    assert got["f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro"))
+    if classes == 2:
+        assert got["auc"] == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
+    else:
+        assert got["auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr"))
+    assert got["confusion"] == skm.confusion_matrix(labels, pred).tolist()
+    assert got["per_class_acc"] == pytest.approx(
+        list(100 * skm.recall_score(labels, pred, average=None))
+    )
+    ce = F.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(labels))
+    assert got["loss"] == pytest.approx(ce.item())
+    assert ("acc5" in got) == (classes > 5)  # top-5 of 5 or fewer classes is always 100%
+    if classes > 5:
+        top5 = skm.top_k_accuracy_score(labels, probs, k=5)
+        assert got["acc5"] == pytest.approx(100 * top5)
+    assert got["num_samples"] == 61
+
+
+def test_a_class_absent_from_the_split():
+    """Class 3 of 5 never occurs: its row of the confusion matrix is empty, its accuracy
+    undefined, and AUC averages the one-vs-rest AUCs of the classes that occur."""
+    logits, labels = _scores(40, 5, seed=1)
+    labels[labels == 3] = 0
+    got = classification_metrics(logits, labels)
+    probs = torch.from_numpy(logits).double().softmax(1).numpy()
+    present = [0, 1, 2, 4]
+    by_hand = np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present])
+    assert got["auc"] == pytest.approx(by_hand)
+    assert got["per_class_acc"][3] is None and sum(got["confusion"][3]) == 0
+    pred = logits.argmax(1)
+    with pytest.warns(UserWarning):  # what scikit-learn says of a predicted, absent class
+        balanced = skm.balanced_accuracy_score(labels, pred)
+    assert (pred == 3).any() and got["balanced_acc"] == pytest.approx(100 * balanced)
+    one_class = classification_metrics(logits[labels == 0], labels[labels == 0])
+    assert one_class["auc"] is None  # undefined, not a number
+    json.dumps(one_class, allow_nan=False)  # eval.json stays strict JSON
+
+
+def test_gathering_keeps_each_sample_once():
+    """A padded shard repeats samples; the index keeps each once, in index order."""
+    logits, labels = _scores(7, 3, seed=2)
+    idx = np.array([6, 0, 3, 0, 5, 1, 2, 4])  # sample 0 twice, as padding adds it
+    rows = np.array([6, 0, 3, 0, 5, 1, 2, 4])
+    got_labels, got_logits = gather_split(idx, labels[rows], logits[rows], DistContext())
+    assert got_labels.tolist() == labels.tolist()
+    assert np.array_equal(got_logits, logits)
+
+
+def _rank(rank: int, world: int, store: str, beton: str, weights: str, out: str) -> None:
+    """One of `world` gloo ranks: evaluate the model over its shard of the split."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        ctx = DistContext(rank, world, rank, torch.device("cpu"), dist.new_group(backend="gloo"))
+        result = _evaluate(beton, weights, ctx)
+        Path(out, f"{world}_{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate(beton: str, weights: str, ctx: DistContext) -> dict:
+    torch.set_num_threads(1)
+    model = create_model("vit_micro", num_classes=8, img_size=16, patch_size=4)
+    model.load_state_dict(torch.load(weights))
+    loader = create_loader(
+        "torch",
+        beton,
+        train=False,
+        batch_size=2,
+        img_size=16,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=0,
+    )
+    labels = [b["labels"].tolist() for b in loader]
+    return {"metrics": evaluate(model, loader, CFG, ctx), "labels": labels}
+
+
+def test_the_same_numbers_on_1_2_and_3_ranks(tmp_path):
+    """BloodMNIST-shaped, 8 classes, a test split of 5 images (classes 5-7 absent): 2 and 3 ranks
+    hold shards of unequal length, some without a class that others have."""
+    fabricate.medmnist(tmp_path / "npz", "bloodmnist", 28, True, 8)
+    args = ["--name", "bloodmnist", "--src", tmp_path / "npz", "--out_dir", tmp_path]
+    assert convert_medmnist([str(a) for a in args]) == 0
+    beton, weights = str(tmp_path / "bloodmnist_test.beton"), str(tmp_path / "weights.pt")
+    torch.manual_seed(0)
+    model = create_model("vit_micro", num_classes=8, img_size=16, patch_size=4)
+    torch.save(model.state_dict(), weights)
+    alone = _evaluate(beton, weights, DistContext())["metrics"]
+    assert alone["num_samples"] == 5
+    for world in (2, 3):
+        store = tmp_path / f"store{world}"
+        mp.start_processes(
+            _rank,
+            args=(world, str(store), beton, weights, str(tmp_path)),
+            nprocs=world,
+            start_method="fork",  # the ranks inherit the imports: no start-up cost
+        )
+        shards = [json.loads((tmp_path / f"{world}_{r}.json").read_text()) for r in range(world)]
+        sizes = [sum(len(b) for b in s["labels"]) for s in shards]
+        assert sorted(sizes) != [5 // world] * world and sum(sizes) == 5  # uneven shards
+        assert any(set(sum(s["labels"], [])) != {0, 1, 2, 3, 4} for s in shards)
+        for shard in shards:
+            got = shard["metrics"]
+            assert got["confusion"] == alone["confusion"] and got["num_samples"] == 5
+            for key in ("acc1", "balanced_acc", "f1", "auc", "loss"):
+                assert got[key] == pytest.approx(alone[key], abs=1e-6), (world, key)
