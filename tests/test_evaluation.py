@@ -147,3 +147,41 @@ def test_the_same_numbers_on_1_2_and_3_ranks(tmp_path):
             assert got["confusion"] == alone["confusion"] and got["num_samples"] == 5
             for key in ("acc1", "balanced_acc", "f1", "auc", "loss"):
                 assert got[key] == pytest.approx(alone[key], abs=1e-6), (world, key)
+
+
+def test_a_two_class_run_reports_auc_and_no_top5(tmp_path, capsys):
+    """PneumoniaMNIST-shaped (2 classes, 28 px grey scans): each epoch logs balanced accuracy,
+    macro-F1, AUC and per-class accuracy, never top-5; --best_metric auc picks the best
+    checkpoint; the end of the run prints the block and writes eval.json; --pictures draws the
+    confusion matrix."""
+    import train
+
+    fabricate.medmnist(tmp_path / "npz", "pneumoniamnist", 28, False, 2)
+    args = ["--name", "pmnist", "--src", tmp_path / "npz", "--out_dir", tmp_path / "data"]
+    assert convert_medmnist([str(a) for a in args]) == 0
+    out = tmp_path / "run"
+    flags = (
+        f"--data_path pmnist --data_dir {tmp_path / 'data'} --output_dir {out} --model vit_micro "
+        "--img_size 16 --patch_size 4 --batch_size 4 --epochs 2 --warmup_epochs 1 "
+        "--num_workers 0 --pipeline torch --best_metric auc --pictures"
+    )
+    capsys.readouterr()
+    assert train.main(flags.split()) == 0
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    for r in epochs:
+        assert {"val_acc1", "val_balanced_acc", "val_f1", "val_auc", "best_auc"} <= set(r)
+        assert "val_acc5" not in r and len(r["val_per_class_acc"]) == 2
+    (test,) = [r for r in records if r["type"] == "test"]
+    assert {"test_auc", "test_auc_at_best_val"} <= set(test) and "test_acc5" not in test
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["class_names"] == ["normal", "pneumonia"]
+    assert evaluated["val"]["num_samples"] == 4 and evaluated["test"]["num_samples"] == 5
+    assert np.array(evaluated["test"]["confusion"]).sum() == 5
+    assert evaluated["val"]["auc"] == pytest.approx(epochs[-1]["val_auc"])
+    block = printed[printed.index("val: acc1") :]
+    assert "AUC" in block and "acc5" not in printed
+    assert "val per-class acc (%): normal" in block and "confusion" in block
+    assert (out / "confusion.png").stat().st_size > 0
+    print(block)
