@@ -185,3 +185,32 @@ def test_a_two_class_run_reports_auc_and_no_top5(tmp_path, capsys):
     assert "val per-class acc (%): normal" in block and "confusion" in block
     assert (out / "confusion.png").stat().st_size > 0
     print(block)
+
+
+def test_compare_tabulates_any_metric(tmp_path):
+    """compare.py --metric auc: the runs' val AUC per epoch, and the test AUC of the final and
+    of the best-val weights, as fractions."""
+    import compare
+
+    args, shared = compare.parse_args(
+        f"--methods ssat --seeds 0 1 --metric auc --output_dir {tmp_path} -- --epochs 2".split()
+    )
+    runs = compare.plan(args, shared)
+    for run, (val, test) in zip(runs, (([0.6, 0.8], 0.7), ([0.5, None], 0.9)), strict=True):
+        run.folder.mkdir(parents=True)
+        epochs = [
+            {"type": "epoch", "epoch": e, "val_acc1": 50.0, "best_acc1": 50.0, "val_auc": v}
+            for e, v in enumerate(val)
+        ]
+        record = {"type": "test", "test_acc1": 50.0, "test_acc1_at_best_val": 50.0}
+        record.update(test_auc=test, test_auc_at_best_val=test - 0.1)
+        lines = [json.dumps({**r, "train_seconds": 1.0}) for r in epochs] + [json.dumps(record)]
+        (run.folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+    results = [compare.result(run, "auc") for run in runs]
+    assert results[0].curve == [0.6, 0.8] and results[0].best == 0.8
+    assert results[1].best == 0.5 and np.isnan(results[1].final)  # an undefined AUC
+    compare.report(runs, args, shared, "val")
+    table = (tmp_path / "results.md").read_text()
+    assert "| final AUC, test | best-val AUC, test |" in table
+    assert "| ssat | mae_vit_tiny | 2 | 0.80 ± 0.14 | 0.70 ± 0.14 |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["metric"] == "auc"
