@@ -1,11 +1,20 @@
-# GPU training image: CUDA 12 user-space libraries come with the torch and DALI wheels, so the
+# GPU training image: the CUDA user-space libraries come with the torch and DALI wheels, so the
 # base only needs the driver interface. System packages and Python requirements are installed by
 # tools/setup.sh from pyproject.toml, exactly as `make setup` does outside the container.
+#
+# One CUDA major throughout (tests/test_docker.py checks that they agree): torch 2.14.1's wheels
+# on PyPI are built with CUDA 13.0, DALI is its CUDA 13 build (nvidia-dali-cuda130, in
+# pyproject.toml), and so is the base image, whose requirement (cuda>=13.0) makes a host driver
+# too old for them (before R580) a clear error when the container starts.
 #
 #   docker build -t ssat .
 #   docker run --gpus all --ipc=host -v /data:/data ssat \
 #       torchrun --nproc_per_node=8 train.py --pipeline ffcv --data_path imagenet --data_dir /data/ffcv ...
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+LABEL org.opencontainers.image.title="ssat" \
+      ssat.torch="2.14.1" \
+      ssat.cuda="13.0" \
+      ssat.dali="nvidia-dali-cuda130"
 
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008

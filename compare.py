@@ -51,6 +51,7 @@ from ssat.config import parse_config as parse_train_config  # noqa: E402
 from ssat.distributed import DistContext  # noqa: E402
 from ssat.models import list_models  # noqa: E402
 from ssat.preemption import SIGNALS, exit_status  # noqa: E402
+from storage import DatasetError  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from train import TrainError, find_dataset  # noqa: E402
 
@@ -571,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         if status == 0:
             report(runs, args, shared, split)
         return status
-    except (CompareError, TrainError, ValueError, FileNotFoundError) as err:
+    except (CompareError, TrainError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -42,22 +42,24 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from convert import first_use
 from pipelines import DatasetError, create_loader
 from ssat import distributed
 from ssat.checkpoint import DiskSpaceError, restore_rng_state
-from ssat.config import NOTES, TrainConfig, flag_names, parse_config
+from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summary
 from ssat.distributed import DistContext, print0
 from ssat.evaluation import brief, evaluate, improved, loggable, report, shown, test_once
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals
 from ssat.run_state import build_state, save, stop_here
 from ssat.runlog import DataWait, RunLog, peak_memory_mb
-from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep
+from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep, host_values
 from storage.atomic import atomic_path
 
 
@@ -88,7 +90,8 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
     """--data_path (a name in --data_dir, or a folder) -> the train .beton, the split evaluated
     every epoch (val, or test when there is no val) and, when the dataset has both, the test
     split, evaluated once at the end; for the dali pipeline, an image folder's train/, val/ and
-    test/ class folders the same way. The bundled digits are converted on first use."""
+    test/ class folders the same way. Public datasets (convert/first_use.py) and the bundled
+    digits are made on first use."""
     given = Path(cfg.data_path)
     if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
         if cfg.pipeline != "dali":
@@ -107,24 +110,15 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
                 f"{given}: expected one <name>_train.beton, found {[p.name for p in found]}"
             )
         folder, name = given, found[0].name[: -len("_train.beton")]
-    else:
-        folder, name = Path(cfg.data_dir), cfg.data_path
+    else:  # public datasets and the bundled digits are made on first use
+        folder = Path(cfg.data_dir)
+        name = first_use.prepare(
+            cfg.data_path, folder, main=dist_ctx.local_rank == 0,
+            barrier=partial(distributed.barrier, dist_ctx),
+            download=cfg.download, mirror=cfg.download_mirror,
+        )  # fmt: skip
     train = folder / f"{name}_train.beton"
     evals = [folder / f"{name}_{split}.beton" for split in ("val", "test")]
-    # converted on first use, and again over a copy from before it had a validation split
-    if name == "digits" and not all(p.exists() for p in (train, *evals)):
-        if dist_ctx.main:
-            from convert.digits_to_ffcv import main as convert_digits
-
-            print0(dist_ctx, f"converting the bundled digits to {folder}")
-            if convert_digits(["--out_dir", str(folder)]) != 0:
-                raise TrainError("converting the bundled digits failed")
-        distributed.barrier(dist_ctx)
-    if not train.exists():
-        raise TrainError(
-            f"dataset {name!r} not found: no {train}. Convert it first, e.g. "
-            f"python convert/<source>_to_ffcv.py --out_dir {folder} --name {name} --src ..."
-        )
     found = [p for p in evals if p.exists()]
     if not found:
         raise TrainError(
@@ -209,6 +203,7 @@ def train_one_epoch(
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     wait, window_images, window_steps, window_updates = DataWait(device), 0, 0, 0
+    epoch_sums = None  # the epoch's loss sums, as read at the last log
     epoch_start = window_start = time.perf_counter()
     bar = log.bar(steps, state.epoch, done=first)
     batches = iter(loader)
@@ -235,10 +230,14 @@ def train_one_epoch(
         state.step, state.batch = state.step + updated, i + 1
         bar.update()
         if updated and (state.step % cfg.log_interval == 0 or i + 1 == steps):
-            # the one host-device sync, at log intervals: loss values and the non-finite check
-            check_finite(first_bad, state, cfg, bar)
+            # the one host-device sync, at log intervals: one read of the first non-finite step,
+            # the window's loss sums and gradient norms, and the epoch's loss sums
+            bad, *read = host_values(first_bad, window, window_norm, sums)
+            check_finite(int(bad), state, cfg, bar)
             seconds = time.perf_counter() - window_start
-            means = (window / window_steps).tolist()
+            n = len(LOSS_PARTS)
+            means = [value / window_steps for value in read[:n]]
+            norm_sum, epoch_sums = read[n], read[n + 1 :]
             record = {
                 "type": "step",
                 "epoch": state.epoch,
@@ -248,7 +247,7 @@ def train_one_epoch(
                 "images_per_s": window_images * dist_ctx.world_size / seconds,
             }
             if step.grad_norm is not None:  # before clipping, averaged over the interval
-                record["grad_norm"] = window_norm.item() / window_updates
+                record["grad_norm"] = norm_sum / window_updates
             log.write(record)
             bar.set_postfix(
                 loss=f"{means[0]:.4f}",
@@ -261,12 +260,15 @@ def train_one_epoch(
             window_start = time.perf_counter()
         # every rank asks after the same optimizer steps; the epoch's last is left to its end
         if updated and i + 1 < steps and stop.requested():
-            check_finite(first_bad, state, cfg, bar)  # never save weights after a bad step
+            # never save weights after a bad step
+            check_finite(int(host_values(first_bad)[0]), state, cfg, bar)
             bar.close()
             return None
     bar.close()
     seconds, ran = time.perf_counter() - epoch_start, steps - first
-    means = (sums / ran).tolist()
+    if epoch_sums is None:  # started at the epoch's end: no step, no log
+        epoch_sums = host_values(sums)
+    means = [value / max(ran, 1) for value in epoch_sums]  # read with the last step's log
     return {
         **dict(zip(LOSS_PARTS, means, strict=True)),
         "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
@@ -275,9 +277,8 @@ def train_one_epoch(
     }
 
 
-def check_finite(first_bad: torch.Tensor, state: TrainState, cfg: TrainConfig, bar) -> None:
-    """Stop at the first non-finite loss (a host-device sync: read `first_bad`)."""
-    bad = int(first_bad.item())
+def check_finite(bad: int, state: TrainState, cfg: TrainConfig, bar) -> None:
+    """Stop at the first non-finite loss: `bad` is its step as read from the device, or -1."""
     if bad >= 0:
         bar.close()
         raise TrainError(
@@ -291,7 +292,8 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
     if dist_ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(cfg.to_dict(), indent=1), flush=True)
+        if cfg.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1), flush=True)
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
@@ -308,6 +310,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     loaders = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
     train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
+    print0(dist_ctx, start_summary(cfg, loaders, dist_ctx.world_size, dist_ctx.device))
     for other in (val_loader, test_loader):
         if other is not None and other.info.class_names != train_loader.info.class_names:
             raise TrainError(
@@ -419,11 +422,10 @@ def fit(
         if state.epoch == cfg.epochs and test_loader is not None:
             results.update(test_once(cfg, state, test_loader, log, dist_ctx))
         report(cfg, results, val_loader.info.class_names, dist_ctx)
-    if result is not None and state.epoch == cfg.epochs:
-        if cfg.pictures and dist_ctx.main:
-            import visualize  # matplotlib: imported only by runs that draw
+    if result is not None and state.epoch == cfg.epochs and cfg.pictures and dist_ctx.main:
+        import visualize  # matplotlib: imported only by runs that draw
 
-            visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
+        visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
     return 0
 
 

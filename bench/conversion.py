@@ -11,6 +11,7 @@ resizing). Prints the median of the repeats for 1 worker and for all cores, and 
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from torchvision.datasets import ImageFolder
+
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.imagenet_to_ffcv import read_source
 from convert.synthetic import make_image_folder

@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 from timm.optim import param_groups_weight_decay
 
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.photos import prepare
 from bench.train_step import Endless, _config, build_step, images_per_s
 from ssat.training import TrainStep, build_model, grad_scaler

@@ -6,9 +6,10 @@
 #
 #   bash bench/gpu_check.sh [--wheels DIR] [--dry-run]
 #
-#   --wheels DIR  first install ffcv offline from a folder of wheels (what build_ffcv_bundle.sh
-#                 makes: the ffcv wheel and the pure-Python packages it needs that the machine
-#                 lacks), with the interpreter's pip, or the pip wheel in DIR if it has none
+#   --wheels DIR  first install ffcv offline from a folder of wheels (what
+#                 tools/build_ffcv_bundle.sh makes: the ffcv wheel and the pure-Python packages
+#                 it needs that the machine lacks), with the interpreter's pip, or the pip wheel
+#                 in DIR if it has none
 #   --dry-run     every step at tiny sizes on the CPU (CUDA hidden): the plumbing, not the speed
 #
 # PYTHON=... picks the interpreter (default .venv/bin/python, else python3); the project runs

@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.photos import prepare
 from pipelines import create_loader
 

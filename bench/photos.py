@@ -24,6 +24,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from convert.synthetic import make_image_folder
 from storage.atomic import atomic_path
 from storage.forking import forking

@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ssat.config import TrainConfig
 from ssat.distributed import DistContext
 from ssat.training import TrainStep, build_model, create_state

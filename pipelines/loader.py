@@ -143,7 +143,10 @@ class CropLoader:
             batch = {
                 "crops": crops,
                 "labels": labels,
-                "indices": torch.from_numpy(order[done : done + n]).to(self.device),
+                "indices": torch.from_numpy(order[done : done + n]).to(
+                    self.device,
+                    non_blocking=True,  # a blocking copy would wait for the GPU
+                ),
             }
             if targets is not None:
                 batch["targets"] = targets

@@ -174,7 +174,8 @@ def brightness(x, factor):
 
 
 def sharpness(x, factor):
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device, dtype=x.dtype) / 13
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype)
+    kernel = kernel.to(x.device, non_blocking=True) / 13  # without waiting for the GPU
     smooth = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), kernel.view(1, 1, 3, 3))
     smooth = torch.floor(smooth + 0.5).reshape(x.shape[0], 3, x.shape[2] - 2, x.shape[3] - 2)
     degenerate = x.clone()
@@ -353,7 +354,7 @@ class RandAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x: (N, 3, H, W) float with 0-255 values, on any device; returns a new tensor."""
         ops, applied, magnitude, sign = self.draw(x.shape[0], generator)
-        fill = self.fill.to(x.device, x.dtype)
+        fill = self.fill.to(x.device, x.dtype, non_blocking=True)  # without waiting for the GPU
         x = x.clone()
         for layer in range(self.config.num_layers):
             for k, name in enumerate(OPS):

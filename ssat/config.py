@@ -31,10 +31,22 @@ class TrainConfig:
     data_path: str = _flag(
         "dataset name (digits, c10, pmnist, imagenet, ...) resolved to "
         "<data_dir>/<name>_{train,val|test}.beton, or a folder holding them (with --pipeline "
-        "dali also an image folder with train/ and val/ class folders)",
+        "dali also an image folder with train/ and val/ class folders). c10, c100, svhn, "
+        "flowers102 and the 2-D MedMNIST sets are downloaded and converted on first use",
         "digits",
     )
     data_dir: str = _flag("folder of converted datasets", "data")
+    download: bool = _flag(
+        "download and convert a public dataset missing from --data_dir (--no_download: never "
+        "reach the network; files put in <data_dir>/downloads/ are still checked and converted)",
+        True,
+        negations=("--no_download",),
+    )
+    download_mirror: str = _flag(
+        "base URL serving the official files by name (the checksums still apply); default: "
+        "$SSAT_DOWNLOAD_MIRROR, else the official URLs",
+        "",
+    )
     nb_classes: int | None = _flag(
         "class count; taken from the metadata (a different value is an error)"
     )
@@ -200,6 +212,10 @@ class TrainConfig:
         "",
     )
     config: str = _flag("YAML or JSON file of these settings; command-line flags override it", "")
+    print_config: bool = _flag(
+        "print every setting (as config.json holds them) at the start, not only the summary",
+        False,
+    )
 
     # published flags given on the command line that change nothing here (see NO_EFFECT)
     no_effect: list[str] = field(default_factory=list, metadata={"internal": True})
@@ -254,26 +270,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# The run `python train.py` makes with no arguments: SSAT on the bundled digits, about half a
-# minute of training on 2 CPU cores, chosen on the digits' validation split. The scans are 8x8:
-# at 16 px a patch of 4 covers 2x2 of their pixels. In 20 short epochs RandAugment and random
-# erasing cost more than they add, a batch of 16 (more updates per epoch) beats 32 and 64,
-# crops keep at least 60% of the scan, and a mirrored digit is not a digit.
+# The recipe belongs to the dataset: a run on one of these takes each setting it does not give
+# from here; other datasets take the published defaults above.
+# The bundled digits: SSAT in about half a minute of training on 2 CPU cores, chosen on the
+# digits' validation split. The scans are 8x8: at 16 px a patch of 4 covers 2x2 of their pixels.
+# In 20 short epochs RandAugment and random erasing cost more than they add, a batch of 16 (more
+# updates per epoch) beats 32 and 64, crops keep at least 60% of the scan, and a mirrored digit is
+# not a digit.
+RECIPES = {
+    "digits": dict(
+        model="mae_vit_micro",
+        img_size=16,
+        patch_size=4,
+        epochs=20,
+        warmup_epochs=1,
+        batch_size=16,
+        blr=8e-3,  # lr 5e-4 at batch 16
+        min_scale=0.6,
+        hflip=0.0,
+        aa="none",
+        reprob=0.0,
+    ),
+}
+
+# The run `python train.py` makes with no arguments: the digits' recipe, drawing its pictures
+# into output/demo.
 EMBEDDED_DEFAULT = dict(
-    data_path="digits",
-    model="mae_vit_micro",
-    img_size=16,
-    patch_size=4,
-    epochs=20,
-    warmup_epochs=1,
-    batch_size=16,
-    blr=8e-3,  # lr 5e-4 at batch 16
-    min_scale=0.6,
-    hflip=0.0,
-    aa="none",
-    reprob=0.0,
-    pictures=True,
-    output_dir="output/demo",
+    data_path="digits", **RECIPES["digits"], pictures=True, output_dir="output/demo"
 )
 
 
@@ -377,13 +400,17 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
     """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded
-    default."""
+    default. A setting comes from the command line, else the --config file, else the dataset's
+    recipe (RECIPES), else the published default."""
     parser = build_parser()
+    first = parser.parse_args(argv)
+    from_file = load_file(first.config) if first.config else {}
+    parser.set_defaults(**from_file)
+    data_path = parser.parse_args(argv).data_path
     if argv is not None and len(argv) == 0:
         parser.set_defaults(**EMBEDDED_DEFAULT)
-    first = parser.parse_args(argv)
-    if first.config:
-        parser.set_defaults(**load_file(first.config))
+    elif data_path in RECIPES:  # what is not given comes from the dataset's recipe
+        parser.set_defaults(**{**RECIPES[data_path], **from_file})
     values = vars(parser.parse_args(argv))
     given = sorted(k.removeprefix("_given_") for k in values if k.startswith("_given_"))
     other = [name for name in given if name in OTHER_BACKBONES]
@@ -397,3 +424,41 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     if cfg.version:  # each named run in its own folder, as the FGCR scripts file them
         cfg.output_dir = str(Path(cfg.output_dir) / cfg.version)
     return cfg
+
+
+def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
+    """The few lines a run prints when it starts (config.json holds every setting): the dataset
+    (the train file; each split of `loaders` (train, eval[, test]) and its count), model, method,
+    schedule, device, output folder, and the recipe the settings not given come from."""
+    from ssat.optim import scaled_lr
+
+    counts = ", ".join(
+        f"{loader.info.num_samples:,} {Path(loader.path).stem.rsplit('_', 1)[-1]}"
+        for loader in loaders
+        if loader is not None
+    )
+    method = {"ssat": "SSAT", "scratch": "the scratch baseline"}.get(cfg.method, "FGCR")
+    if cfg.method == "fgcr":
+        method += f" (r = {cfg.mask_views} mask views)"
+    global_batch = cfg.batch_size * cfg.accum_iter * processes
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, global_batch)
+    recipe = (
+        f"the {cfg.data_path} recipe (RECIPES in ssat/config.py) for every setting not given"
+        if cfg.data_path in RECIPES
+        else "the published defaults for every setting not given"
+    )
+    return "\n".join(
+        [
+            f"data: {cfg.data_path} ({loaders[0].path}: {counts} images, "
+            f"{loaders[0].info.num_classes} classes), {cfg.pipeline} loader",
+            f"model: {cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}, trained with "
+            f"{method}",
+            f"schedule: {cfg.epochs} epochs, batch {cfg.batch_size} x {processes} process(es)"
+            + (f" x {cfg.accum_iter} accumulated" if cfg.accum_iter > 1 else "")
+            + f", lr {lr:.3g}, on {device}"
+            + (f" ({cfg.amp} autocast)" if cfg.amp != "none" else ""),
+            f"recipe: {recipe}",
+            f"output: {cfg.output_dir} (config.json there holds every setting; --print_config "
+            f"prints them)",
+        ]
+    )

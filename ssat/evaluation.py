@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sklearn import metrics as skm
 
 from ssat import distributed
@@ -43,11 +42,12 @@ TOP5_FROM = 6  # top-5 of 5 or fewer classes is always 100%
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """(N, C) logits and (N,) labels of a whole split -> the metrics above."""
+    """(N, C) logits and (N,) labels of a whole split -> the metrics above (on the host, in
+    float64: nothing here touches the device)."""
     num_classes = logits.shape[1]
-    scores = torch.as_tensor(logits, dtype=torch.float64)
-    targets = torch.as_tensor(labels, dtype=torch.int64)
-    probs = scores.softmax(dim=1).numpy()
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # log-softmax
+    probs = np.exp(log_probs)
     pred = probs.argmax(axis=1)
     classes = np.arange(num_classes)
     confusion = skm.confusion_matrix(labels, pred, labels=classes)
@@ -61,7 +61,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
         result["balanced_acc"] = 100 * skm.balanced_accuracy_score(labels, pred)
     result["f1"] = skm.f1_score(labels, pred, average="macro", zero_division=0)
     result["auc"] = roc_auc(probs, labels)
-    result["loss"] = F.cross_entropy(scores, targets).item()
+    result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())  # cross-entropy
     result["num_samples"] = len(labels)
     result["per_class_acc"] = per_class
     result["confusion"] = confusion.tolist()
@@ -108,8 +108,10 @@ def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
         indices.append(batch["indices"])
     if not logits:  # a shard with no samples (more ranks than samples)
         local = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, model.num_classes))
-    else:  # one device-to-host copy per split
-        local = tuple(torch.cat(x).cpu().numpy() for x in (indices, labels, logits))
+    else:  # the host reads the device once per split: indices, labels, logits in one copy
+        columns = [torch.cat(indices)[:, None], torch.cat(labels)[:, None], torch.cat(logits)]
+        packed = torch.cat([c.double() for c in columns], dim=1).numpy(force=True)  # exact ints
+        local = packed[:, 0].astype(np.int64), packed[:, 1].astype(np.int64), packed[:, 2:]
     labels, logits = gather_split(*local, dist_ctx)
     return classification_metrics(logits.astype(np.float32), labels)
 

@@ -140,6 +140,13 @@ def create_state(
     )
 
 
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of `tensors` (scalars or vectors, on the device) as one list of floats, read
+    with one device-to-host copy: the training loop's only host-device synchronisation, once per
+    log interval. Exact for integers below 2**53 (step numbers)."""
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+
+
 class TrainStep:
     """forward -> objective -> backward -> optimizer update, for one batch of crops.
 

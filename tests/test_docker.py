@@ -39,3 +39,26 @@ def test_one_source_of_requirements():
     assert not re.search(r"\bpip3? install\b", dockerfile)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "data"} <= set(ignored)
+
+
+def test_cuda_torch_and_dali_agree():
+    """One CUDA major in the image: the base image's, the one the Dockerfile states for torch's
+    wheels, DALI's build in pyproject.toml, and (where the pinned torch is the one installed)
+    torch's own."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-base-", dockerfile, re.M)
+    labels = dict(re.findall(r'ssat\.(\w+)="([^"]+)"', dockerfile))
+    assert base and {"torch", "cuda", "dali"} <= set(labels), labels
+    (torch_pin,) = re.findall(r'"torch==([\d.]+)"', pyproject)
+    (dali,) = re.findall(r'"(nvidia-dali-cuda\d+)[^"]*"', pyproject)
+    assert labels["torch"] == torch_pin, "the Dockerfile states another torch than pyproject.toml"
+    assert labels["dali"] == dali, "the Dockerfile states another DALI build than pyproject.toml"
+    cuda_major = labels["cuda"].split(".")[0]
+    assert base.group(1) == cuda_major, f"base image CUDA {base.group(1)}, torch's {cuda_major}"
+    stated = tuple(int(v) for v in labels["cuda"].split("."))
+    assert (int(base.group(1)), int(base.group(2))) <= stated, "base newer than torch's CUDA"
+    assert dali == f"nvidia-dali-cuda{cuda_major}0", f"{dali} is not DALI's CUDA {cuda_major} build"
+    torch = pytest.importorskip("torch")
+    if torch.__version__.split("+")[0] == torch_pin and torch.version.cuda:
+        assert torch.version.cuda.startswith(labels["cuda"]), torch.version.cuda

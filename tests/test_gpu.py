@@ -194,3 +194,60 @@ def test_trainer_on_the_gpu(tmp_path, data, pipeline):
     assert all(r["val_num_samples"] == 270 for r in epochs)  # the whole val split
     state = load_checkpoint(out / "checkpoint-last.pth")["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)
+
+
+@needs_ffcv
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--model mae_vit_tiny",  # compiled, bf16: the default on a GPU
+        "--model mae_vit_tiny --views 2 --mixup 0.8 --cutmix 1.0 --model_ema --clip_grad 1.0 "
+        "--accum_iter 2 --amp fp16 --no-compile",
+        "--model vit_tiny --clip_grad 1.0",
+    ],
+    ids=["ssat-compiled", "fgcr-eager-fp16-mix-ema-clip-accum", "scratch-compiled-clip"],
+)
+def test_the_loop_never_waits_for_the_gpu_between_logs(tmp_path, data, monkeypatch, extra):
+    """tests/test_gpu_ready.py on the GPU: CUDA's sync check raises at any host-device
+    synchronisation in the second epoch (the first compiles the step) except the loop's one read
+    per log interval and the data-wait timer's, read at the same moments."""
+    import train
+
+    allowed = []
+
+    def lifted(function, name):
+        def call(*args, **kwargs):
+            allowed.append(name)
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+
+        return call
+
+    monkeypatch.setattr(train, "host_values", lifted(train.host_values, "read"))
+    monkeypatch.setattr(train.DataWait, "seconds", lifted(train.DataWait.seconds, "wait"))
+    epoch = train.train_one_epoch
+
+    def checked(cfg, state, *args, **kwargs):
+        if state.epoch == 0:
+            return epoch(cfg, state, *args, **kwargs)
+        allowed.clear()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return epoch(cfg, state, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train, "train_one_epoch", checked)
+    out = tmp_path / "run"
+    argv = (
+        f"--data_path digits --data_dir {data['digits']} --output_dir {out} --img_size 32 "
+        f"--patch_size 4 --batch_size 32 --epochs 2 --pipeline torch --log_interval 4 {extra}"
+    )
+    assert train.main(argv.split()) == 0
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["type"] == "step" and r["epoch"] == 1]
+    assert allowed.count("read") == len(logged) > 0

@@ -72,3 +72,20 @@ def test_the_method_loads_no_loader_and_no_converter():
     loaded = _modules_after("import ssat, ssat.models, ssat.checkpoint, ssat.config")
     assert "ssat.checkpoint" in loaded
     assert not _within(loaded, ("pipelines", "convert"))
+
+
+def test_no_file_names_a_path_outside_the_repository():
+    """What a user clones is all there is: no file points into the machine it was written on
+    (the workspace around the checkout, a sibling folder)."""
+    outside = ("/wo" + "rk/", "../sha" + "red")  # split, so that this file does not match
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    found = []
+    for name in tracked:
+        path = REPO / name
+        if path.suffix in (".png", ".jpg", ".beton", ".npz") or not path.is_file():
+            continue
+        text = path.read_text(errors="ignore")
+        found += [f"{name}: {o}" for o in outside if o in text]
+    assert tracked and not found, found

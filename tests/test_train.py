@@ -174,7 +174,13 @@ def test_embedded_default_learns_the_digits(tmp_path, capsys):
     epochs = [r for r in _log(tmp_path / "demo") if r["type"] == "epoch"]
     assert len(epochs) == 6 and epochs[-1]["val_num_samples"] == VAL
     assert epochs[-1]["val_acc1"] > 50, [round(r["val_acc1"], 1) for r in epochs]
-    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    printed = capsys.readouterr().out
+    # a short start summary, not every setting (config.json holds them)
+    data = tmp_path / "data" / "digits_train.beton"
+    assert f"data: digits ({data}: 1,077 train, 270 val, 450 test images, 10 classes)" in printed
+    assert "recipe: the digits recipe (RECIPES in ssat/config.py)" in printed
+    assert '"blr"' not in printed
+    last = printed.strip().splitlines()[-2:]
     for line, name in zip(last, ("curves.png", "reconstructions.png"), strict=True):
         assert line.endswith(str(tmp_path / "demo" / name)), line
         assert matplotlib.image.imread(tmp_path / "demo" / name).std() > 0.05  # drawn, not blank
@@ -520,9 +526,10 @@ def test_config_file_and_flags(tmp_path, data):
     published = parse_config("--input_size 64 --pin_mem --world_size 8 --dist_url env://".split())
     assert published.img_size == 64
     assert published.no_effect == ["dist_url", "pin_mem", "world_size"]
-    aug = parse_config(
-        "--remode rand --recount 2 --cutmix_minmax 0.2 0.8 --mixup_prob 0.5 --mixup_mode pair "
-        "--mixup_switch_prob 0.3 --resplit --color_jitter 0.4 --log_dir tb --start_epoch 3".split()
+    aug = parse_config(  # on a dataset with the published defaults: RandAugment on
+        "--data_path c10 --remode rand --recount 2 --cutmix_minmax 0.2 0.8 --mixup_prob 0.5 "
+        "--mixup_mode pair --mixup_switch_prob 0.3 --resplit --color_jitter 0.4 --log_dir tb "
+        "--start_epoch 3".split()
     ).resolve(cuda=False)
     assert (aug.remode, aug.recount, aug.cutmix_minmax) == ("rand", 2, [0.2, 0.8])
     assert (aug.mixup_prob, aug.mixup_switch_prob, aug.mixup_mode) == (0.5, 0.3, "pair")
@@ -535,7 +542,26 @@ def test_config_file_and_flags(tmp_path, data):
             parse_config(flag.split())
     default = parse_config([])
     assert (default.data_path, default.model, default.img_size) == ("digits", "mae_vit_micro", 16)
-    assert default.pictures and not parse_config(["--epochs", "1"]).pictures
+    # the recipe belongs to the dataset: a flag on the digits keeps the rest of it (the file's
+    # settings above beat it); the bare command alone also draws pictures into output/demo
+    one = parse_config(["--epochs", "1"])
+    assert (one.model, one.img_size, one.patch_size, one.batch_size, one.aa, one.epochs) == (
+        "mae_vit_micro",
+        16,
+        4,
+        16,
+        "none",
+        1,
+    )
+    assert parsed.img_size == 16 and parsed.batch_size == 16
+    assert default.pictures and not one.pictures and one.output_dir == "output"
+    c10 = parse_config(["--data_path", "c10", "--epochs", "1"])
+    assert (c10.model, c10.img_size, c10.batch_size, c10.aa) == (
+        "mae_vit_tiny",
+        224,
+        64,
+        "rand-m9-mstd0.5-inc1",
+    )
     (tmp_path / "bad.json").write_text(json.dumps({"epoch": 3}))
     with pytest.raises(ValueError, match="unknown setting"):
         parse_config(["--config", str(tmp_path / "bad.json")])

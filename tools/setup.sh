@@ -39,6 +39,12 @@ fi
 echo "setup: building $VENV (a few minutes the first time; about 7 GB)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -U pip wheel setuptools
+# one DALI build at a time, the one pyproject.toml names (for torch's CUDA major): another left
+# from before would share its files
+dali=$(grep -o 'nvidia-dali-cuda[0-9]*' pyproject.toml)
+stale=$("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null |
+  grep -o '^nvidia-dali-cuda[0-9]*' | grep -vx "$dali" || true)
+[ -z "$stale" ] || "$VENV/bin/python" -m pip uninstall -y -q $stale
 "$VENV/bin/python" -m pip install -q -e '.[test]'
 echo "$want" >"$STAMP"
 echo "setup: $VENV is ready"
