@@ -3,10 +3,10 @@ schedule is done. One function, `evaluate`, serves the per-epoch evaluation, `tr
 the test split and (through the runs' logs) `compare.py`; the loop only iterates batch dicts
 (`crops`, `labels`, `indices`), so it needs no loader code.
 
-Every rank keeps its logits, labels and sample indices; they are gathered, each sample kept once
-(by its index: a sampler that pads a shard to whole batches repeats samples), and the metrics
-are computed once over the whole split with scikit-learn, so they are the same numbers on 1 or
-N processes:
+Every rank keeps its logits, labels and sample indices; they are gathered on the main rank,
+each sample kept once (by its index: a sampler that pads a shard to whole batches repeats
+samples), the metrics computed there once over the whole split with scikit-learn and sent to
+every rank, so they are the same numbers on 1 or N processes:
 
 - `acc1` (and `acc5` with more than 5 classes), `balanced_acc` (the mean of the per-class
   accuracies) and `per_class_acc`, in percent;
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn import metrics as skm
 
 from ssat import distributed
@@ -82,13 +81,13 @@ def roc_auc(probs: np.ndarray, labels: np.ndarray) -> float | None:
 
 def gather_split(
     indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, dist_ctx: DistContext
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's (n_r,) indices, (n_r,) labels and (n_r, C) logits -> the whole split's labels
-    and logits in index order, each sample once. Every rank must call it at the same point."""
-    parts = [(indices, labels, logits)]
-    if dist_ctx.enabled:  # pickled over the host group: shards differ in length
-        parts = [None] * dist_ctx.world_size
-        dist.all_gather_object(parts, (indices, labels, logits), group=dist_ctx.host_group)
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's (n_r,) indices, (n_r,) labels and (n_r, C) logits -> on the main rank, the
+    whole split's labels and logits in index order, each sample once; None on the others.
+    Every rank must call it at the same point."""
+    parts = distributed.gather_to_main((indices, labels, logits), dist_ctx)
+    if parts is None:
+        return None
     indices, labels, logits = (np.concatenate(p) for p in zip(*parts, strict=True))
     _, first = np.unique(indices, return_index=True)  # sorted by index, repeats dropped
     return labels[first], logits[first]
@@ -111,9 +110,14 @@ def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
     else:  # the host reads the device once per split: indices, labels, logits in one copy
         columns = [torch.cat(indices)[:, None], torch.cat(labels)[:, None], torch.cat(logits)]
         packed = torch.cat([c.double() for c in columns], dim=1).numpy(force=True)  # exact ints
-        local = packed[:, 0].astype(np.int64), packed[:, 1].astype(np.int64), packed[:, 2:]
-    labels, logits = gather_split(*local, dist_ctx)
-    return classification_metrics(logits.astype(np.float32), labels)
+        local = (
+            packed[:, 0].astype(np.int64),
+            packed[:, 1].astype(np.int64),
+            packed[:, 2:].astype(np.float32),
+        )
+    gathered = gather_split(*local, dist_ctx)
+    result = None if gathered is None else classification_metrics(gathered[1], gathered[0])
+    return distributed.broadcast_from_main(result, dist_ctx)
 
 
 def scalars(result: dict, prefix: str = "") -> dict:
