@@ -2,6 +2,7 @@
 
 One device (CPU or one GPU):
     python train.py                                   # the embedded default: digits, SSAT, minutes
+    python train.py --data_path c10                   # downloaded and converted on first use
     python train.py --data_path c10 --data_dir /data/ffcv --model mae_vit_tiny --img_size 32 \\
         --patch_size 4 --epochs 100 --output_dir runs/c10_ssat
 

@@ -278,12 +278,15 @@ def _make(item: Known, data_dir: Path, download: bool, mirror: str) -> None:
     downloads = data_dir / DOWNLOADS
     for remote in item.files:
         final = downloads / remote.path
-        if final.exists() and _md5(final) == remote.md5:
+        got = _md5(final) if final.exists() else None
+        if got == remote.md5:
             continue
+        wrong = f"{final} has md5 {got}, not {remote.md5} (another file, or a partial one)"
         if not download:
-            raise DownloadError(_help(item, data_dir, "not downloaded (--no_download)", mirror))
-        if final.exists():
-            print(f"{final}: not the expected file (md5); downloading it again", flush=True)
+            why = wrong if got else "not downloaded (--no_download)"
+            raise DownloadError(_help(item, data_dir, why, mirror))
+        if got:
+            print(f"{wrong}: downloading it again", flush=True)
         _download(item, remote, data_dir, mirror)
     for archive, folder in item.unpack:
         _unpack(downloads / archive, downloads / folder)
@@ -365,7 +368,9 @@ def _fetch(url: str, part: Path) -> None:
                 bar.update(len(chunk))
     size = part.stat().st_size
     if total is not None and size < total:
-        raise OSError(f"the connection closed after {size:,} of {total:,} bytes")
+        raise OSError(
+            f"the connection closed after {size:,} of {total:,} bytes (a next run continues it)"
+        )
 
 
 def _unpack(archive: Path, folder: Path) -> None:
@@ -399,9 +404,9 @@ def _help(item: Known, data_dir: Path, why: str, mirror: str, url: str | None = 
         f"tar xf {downloads / archive} -C {(downloads / folder).parent}"
         for archive, folder in item.unpack
     )
+    mirror_too = f", or give a mirror (--download_mirror URL, or {MIRROR_ENV})" if url else ""
     lines += [
-        "  Put the file(s) there and run the same command again, or give a mirror "
-        f"(--download_mirror URL, or {MIRROR_ENV}), or convert by hand"
+        f"  Put the file(s) there and run the same command again{mirror_too}, or convert by hand"
         + (f" once unpacked ({unpack})" if unpack else "")
         + ":",
         f"  {manual_command(item, data_dir)}",

@@ -453,7 +453,8 @@ def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
             f"{loaders[0].info.num_classes} classes), {cfg.pipeline} loader",
             f"model: {cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}, trained with "
             f"{method}",
-            f"schedule: {cfg.epochs} epochs, batch {cfg.batch_size} x {processes} process(es)"
+            f"schedule: {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, batch {cfg.batch_size} x "
+            f"{processes} process(es)"
             + (f" x {cfg.accum_iter} accumulated" if cfg.accum_iter > 1 else "")
             + f", lr {lr:.3g}, on {device}"
             + (f" ({cfg.amp} autocast)" if cfg.amp != "none" else ""),

@@ -81,19 +81,17 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: list[tuple[str, str]] = []
-        self.paused = 0
         self._saved: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and func.overloadpacket in SYNC_OPS:
+        if func.overloadpacket in SYNC_OPS:
             self.events.append((func.overloadpacket.__name__, _where()))
         return func(*args, **(kwargs or {}))
 
     def _host_copy(self, name: str, original):
         @functools.wraps(original)
         def counted(tensor, *args, **kwargs):
-            if not self.paused:
-                self.events.append((name, _where()))
+            self.events.append((name, _where()))
             return original(tensor, *args, **kwargs)
 
         return counted
@@ -103,7 +101,7 @@ class SyncCounter(TorchDispatchMode):
         def counted(*args, **kwargs):
             given = args[1:] if method else ()  # Tensor.to(self, *args): the data is args[0]
             named = _names_a_device(given, kwargs) and _blocking(given, kwargs)
-            if not self.paused and named and _called_from_the_project():
+            if named and _called_from_the_project():
                 self.events.append((BLOCKING_COPY, _where()))
             return original(*args, **kwargs)
 

@@ -183,6 +183,11 @@ def test_no_network_is_one_message_naming_url_file_and_command(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: c10: not downloaded (--no_download)\n")
     assert f"--src {downloads} --out_dir {data}" in err and _leftovers(data) == []
+    assert f"from {torchvision.datasets.CIFAR10.url}" in err and "mirror" not in err
+    # a file put there by hand is checked before it is used
+    (downloads / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(first_use.DownloadError, match="has md5 .*, not .* partial one"):
+        first_use.prepare("c10", data, download=False)
 
 
 def test_wrong_checksum_and_http_errors_leave_nothing_at_a_final_name(tmp_path, server):
@@ -323,6 +328,7 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_download_once(tmp_path, server, monkeypatch):
     _, md5 = _serve_cifar(server)
     script = tmp_path / "run_patched.py"
@@ -376,7 +382,7 @@ def test_two_runs_on_one_data_dir_download_once(tmp_path, server, monkeypatch, c
         "from convert import first_use\n"
         "print(first_use.prepare('c10', sys.argv[2], mirror=sys.argv[3]))\n"
     )
-    server.pause = 3.0  # the other run is still downloading when this one starts
+    server.pause = 1.5  # the other run is still downloading when this one starts
     other = subprocess.Popen(
         [sys.executable, "-c", code, md5, str(data), server.url],
         cwd=REPO,

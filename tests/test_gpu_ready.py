@@ -22,6 +22,8 @@ from gpu_ready import BLOCKING_COPY, CompileCounter, SyncCounter
 SMALL = (  # on the CPU also where CUDA is there: the counts are the CPU's
     "--device cpu --img_size 16 --patch_size 4 --num_workers 0 --pipeline torch "
     "--warmup_epochs 0.5 --blr 4e-3"
+    # the published augmentation (the digits' recipe turns it off): its device-side work counts
+    " --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --hflip 0.5 --min_scale 0.08"
 ).split()
 
 # the loop's configurations: methods, and what adds work between the steps
@@ -80,6 +82,25 @@ def _reads_and_copies(syncs: SyncCounter) -> tuple[list, list]:
         if op != BLOCKING_COPY and not where.startswith("pipelines/")
     ]
     return reads, copies
+
+
+def test_the_counter_sees_what_would_wait():
+    """A scalar read, a data-dependent shape and a host copy by the project's code are counted,
+    with their place; RandAugment's sharpness, whose kernel goes to the device without
+    blocking, adds nothing."""
+    from pipelines.randaugment import sharpness
+    from ssat.training import host_values
+
+    x = torch.arange(6.0)
+    with SyncCounter() as syncs:
+        x.sum().item()
+        torch.nonzero(x > 2)
+        host_values(x)
+    assert [op for op, _ in syncs.events] == ["_local_scalar_dense", "nonzero", "tolist"]
+    assert syncs.events[-1][1].startswith("ssat/training.py:")
+    with SyncCounter() as syncs:
+        sharpness(torch.rand(2, 3, 8, 8) * 255, torch.tensor([1.5, 0.5]))
+    assert syncs.events == []
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))

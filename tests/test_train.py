@@ -32,6 +32,9 @@ SMALL = (
     "--img_size 16 --patch_size 4 --batch_size 32 --warmup_epochs 0.5 --blr 4e-3 "
     "--log_interval 2 --num_workers 0"
 ).split()
+# the published augmentation (the digits' recipe turns it off): RandAugment, random erasing,
+# flips and small crops run, and are resumed, in these runs
+AUGMENTED = "--aa rand-m9-mstd0.5-inc1 --reprob 0.25 --hflip 0.5 --min_scale 0.08".split()
 VAL = 270  # the digits' validation split: evaluated every epoch
 # two processes on this machine, as torch.distributed.launch / torchrun start them
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -57,6 +60,7 @@ def _args(data: Path, out: Path, *extra) -> list[str]:
         "--output_dir",
         str(out),
         *SMALL,
+        *AUGMENTED,
         *flags,
     ]
 
