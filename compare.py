@@ -17,7 +17,8 @@ writing to `<output_dir>/<method>/seed<k>` with `--resume auto`: the same comman
 after a crash, Ctrl-C or a preemption continues the run that was stopped and skips the runs
 whose log.jsonl holds their last epoch. SIGTERM or SIGUSR1 sent to this command goes on to the
 run in progress, which saves where it stopped. A run folder trained with other settings is an
-error, never mixed into the table.
+error, never mixed into the table. A second comparison into the same --output_dir stops at once
+(each holds its folder, as each train.py run holds its own).
 
 Then it prints one table (per method: mean and standard deviation over seeds of the final and
 the best top-1, and the training time per run), writes it to `<output_dir>/results.md` and
@@ -51,6 +52,7 @@ from ssat.config import parse_config as parse_train_config  # noqa: E402
 from ssat.distributed import DistContext  # noqa: E402
 from ssat.models import list_models  # noqa: E402
 from ssat.preemption import SIGNALS, exit_status  # noqa: E402
+from ssat.runlock import FolderInUse, RunLock  # noqa: E402
 from storage import DatasetError  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from train import TrainError, find_dataset  # noqa: E402
@@ -81,6 +83,7 @@ FREE = {
     "save_every",
     "config",
     "no_effect",
+    "verify_data",
 }
 _UNSET = object()  # an argparse default that no command line can give
 
@@ -568,11 +571,19 @@ def main(argv: list[str] | None = None) -> int:
         split = evaluation_split(runs[0])
         for run in runs:
             check_settings(run)
-        status = train_all(runs, args.nproc_per_node)
-        if status == 0:
-            report(runs, args, shared, split)
+        with RunLock(args.output_dir):  # one comparison per folder (each run locks its own)
+            status = train_all(runs, args.nproc_per_node)
+            if status == 0:
+                report(runs, args, shared, split)
         return status
-    except (CompareError, TrainError, DatasetError, ValueError, FileNotFoundError) as err:
+    except (
+        CompareError,
+        TrainError,
+        DatasetError,
+        FolderInUse,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -23,17 +23,19 @@ JPEG decoding on the GPUs (DALI), from a .beton or straight from an ImageNet-sty
     torchrun --nproc_per_node=8 train.py --pipeline dali --data_path /data/imagenet \\
         --model mae_vit_base ...
 
-Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job) makes the run finish
-its current step (every rank the same one), write `<output_dir>/checkpoint-last.pth` with its
-place inside the epoch, print where it stopped, and exit with status 128 + the signal's number
-(143 for SIGTERM, 138 for SIGUSR1). torchrun passes SIGTERM on to its workers and kills them
+Preemption: SIGTERM or SIGUSR1 (what schedulers send before they kill a job), or Ctrl-C, makes
+the run finish its current step (every rank the same one), write
+`<output_dir>/checkpoint-last.pth` with its place inside the epoch, print where it stopped, and
+exit with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C; a
+second Ctrl-C stops at once). torchrun passes SIGTERM on to its workers and kills them
 30 s later; it passes SIGUSR1 on only when told to
 (`TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`), else send it to the
 workers themselves. Re-running the same command with `--resume auto` after a preemption, a crash
 or a `kill -9` continues from `<output_dir>/checkpoint-last.pth` (or give `--resume PATH`): at the
 step where a signal stopped it, or at the start of the epoch after the last one saved. With the
 torch pipeline a stopped and resumed run ends with the uninterrupted run's weights; ffcv and DALI
-continue the same sample order but draw the rest of that epoch's crops afresh.
+continue the same sample order but draw the rest of that epoch's crops afresh. A run holds its
+--output_dir (run.lock): a second run into the same folder stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 from functools import partial
@@ -57,11 +60,13 @@ from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summ
 from ssat.distributed import DistContext, print0
 from ssat.evaluation import brief, evaluate, improved, loggable, report, shown, test_once
 from ssat.optim import set_lr
-from ssat.preemption import StopSignals
+from ssat.preemption import StopSignals, exit_status
 from ssat.run_state import build_state, save, stop_here
+from ssat.runlock import FolderInUse, hold_output_dir
 from ssat.runlog import DataWait, RunLog, peak_memory_mb
 from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep, host_values
 from storage.atomic import atomic_path
+from storage.verify import verify_files
 
 
 def seed_everything(seed: int, rank: int, epoch: int) -> None:
@@ -289,6 +294,17 @@ def check_finite(bad: int, state: TrainState, cfg: TrainConfig, bar) -> None:
 
 
 # ----------------------------------------------------------------------------- set-up
+def verify_data(splits, dist_ctx: DistContext) -> None:
+    """--verify_data: every sample of the .beton splits decoded and checked (storage.verify)
+    before training, by the first process of each node (on its own copy of the files)."""
+    paths = [p for p in splits if p is not None and p.suffix == ".beton"]
+    failed = 0
+    if dist_ctx.local_rank == 0:
+        failed = int(not all(v.ok for v in verify_files(paths)))
+    if distributed.host_max(failed, dist_ctx):
+        raise TrainError("--verify_data: a dataset file failed its checks (its line is above)")
+
+
 def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
     out = Path(cfg.output_dir)
     if dist_ctx.main:
@@ -308,7 +324,10 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     out = start(cfg, dist_ctx)
     seed_everything(cfg.seed, dist_ctx.rank, 0)
     use_all_cores(dist_ctx)
-    loaders = build_loaders(cfg, dist_ctx, *find_dataset(cfg, dist_ctx))
+    splits = find_dataset(cfg, dist_ctx)
+    if cfg.verify_data:
+        verify_data(splits, dist_ctx)
+    loaders = build_loaders(cfg, dist_ctx, *splits)
     train_loader, val_loader, test_loader = loaders
     classes = train_loader.info.num_classes
     print0(dist_ctx, start_summary(cfg, loaders, dist_ctx.world_size, dist_ctx.device))
@@ -335,7 +354,10 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
             f"--accum_iter {cfg.accum_iter} needs that many batches per epoch; "
             f"{train_loader.path} gives {len(train_loader)} of {cfg.batch_size} per process"
         )
-    state = build_state(cfg, dist_ctx, classes, len(train_loader))
+    # which data the run trains and evaluates on: checked on resume, saved in checkpoints
+    data = {"train": train_loader, "eval": val_loader, "test": test_loader}
+    data = {k: (str(d.path), d.info.fingerprint) for k, d in data.items() if d is not None}
+    state = build_state(cfg, dist_ctx, classes, len(train_loader), data)
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
@@ -436,10 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         dist_ctx = distributed.setup(cfg.device)
-        return run(cfg, dist_ctx)
-    except (TrainError, DatasetError, DiskSpaceError, ValueError, FileNotFoundError) as err:
+        with hold_output_dir(cfg.output_dir, dist_ctx):  # one run per folder
+            return run(cfg, dist_ctx)
+    except (
+        TrainError,
+        DatasetError,
+        DiskSpaceError,
+        FolderInUse,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training began
+        print(f"interrupted{f' ({err})' if str(err) else ''}: stopped at once", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     finally:
         if dist_ctx is not None:
             distributed.teardown(dist_ctx)

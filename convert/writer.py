@@ -30,6 +30,7 @@ from convert.images import array_to_rgb, load_rgb
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.beton import BetonFile
+from storage.fingerprint import beton_fingerprint
 from storage.forking import forking
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
@@ -193,11 +194,13 @@ def _write(path: Path, samples: _Samples, opts: WriteOptions, indices: np.ndarra
         writer.from_indexed_dataset(samples, indices=list(indices), chunksize=chunk)
 
 
-def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
+def verify(path: Path, labels: np.ndarray, meta: dict) -> str:
     """Read back what was written: the sample count through ffcv's own reader (ffcv reads the
     file); the layout, and `meta` about to be written beside it, through the reader the loaders
     use, which must accept both; the first and last samples decoded to their stored size, with
-    the expected labels."""
+    the expected labels. Returns the file's content fingerprint: ffcv's writer stores the
+    samples from its worker processes, so the read-back (of pages still in the OS cache) is
+    the first place that sees the stored bytes in index order."""
     reader = Reader(str(path))
     if reader.num_samples != len(labels):
         raise ConvertError(f"{path}: wrote {reader.num_samples} samples, expected {len(labels)}")
@@ -209,6 +212,7 @@ def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
             raise ConvertError(
                 f"{path}: sample {i} has label {beton.labels[i]}, expected {labels[i]}"
             )
+    return beton_fingerprint(beton)
 
 
 def _limit(split: Split, limit: int | None) -> Split:
@@ -276,7 +280,7 @@ def write_split(
             skipped=skipped,
             converter_version=CONVERTER_VERSION,
         )
-        verify(tmp, split.labels[keep], meta)
+        meta["fingerprint"] = verify(tmp, split.labels[keep], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start
 

@@ -10,6 +10,7 @@ the pass started, so a pass started at batch k repeats the uninterrupted pass's 
 from __future__ import annotations
 
 import io
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -22,6 +23,13 @@ from pipelines.loader import CropLoader
 from storage import DatasetError
 from storage.beton import RAW, BetonFile
 from storage.forking import forking
+
+
+def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of its group, workers included. The trainer
+    # finishes its step and saves; a worker ended by it would fail the epoch under way instead.
+    # Workers still end with the process that started them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Crops(Dataset):
@@ -110,6 +118,7 @@ class TorchLoader(CropLoader):
             # the workers' base seed comes from here, not from the global generator, so starting
             # a pass draws nothing from the trainer's random streams
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_leave_ctrl_c_to_the_trainer,
         )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

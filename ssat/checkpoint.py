@@ -5,7 +5,9 @@ A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`)
 `rng` (the saving process's random generators), `position` (`{'epoch', 'batch', 'world_size'}`:
 where training continues, batch `batch` of epoch `epoch`; `batch` > 0 for a run stopped inside
 an epoch) and, for such a stop, `rng_ranks` (every rank's generators, indexed by rank, which a
-run resuming inside the epoch restores). `epoch` keeps MAE's meaning, the last epoch completed
+run resuming inside the epoch restores), `data_fingerprints` (the content fingerprints of the
+splits it trained and evaluated on, `{'train', 'eval', 'test'}` -> `sha256:<hex>`, where their
+metadata has one). `epoch` keeps MAE's meaning, the last epoch completed
 (-1 for none), so MAE's own resume code restarts an interrupted epoch from its start. A file
 holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
 Files that carry an `argparse.Namespace` (published MAE and FGCR checkpoints) load through an
@@ -192,6 +194,7 @@ def save_checkpoint(
     position: dict[str, int] | None = None,
     rng_ranks: list[dict[str, Any]] | None = None,
     model_ema: nn.Module | None = None,
+    data_fingerprints: dict[str, str] | None = None,
 ) -> None:
     """Write a resumable checkpoint atomically. `model` may be wrapped (DDP, compiled): the
     plain module's weights are saved, so no `module.` / `_orig_mod.` prefix reaches the file.
@@ -213,9 +216,51 @@ def save_checkpoint(
             **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
             # timm's key for the weights' moving average
             **({"model_ema": model_ema.state_dict()} if model_ema is not None else {}),
+            **({"data_fingerprints": dict(data_fingerprints)} if data_fingerprints else {}),
         },
         path,
     )
+
+
+class DataChanged(ValueError):
+    """A resume inside an epoch over a train split other than the checkpoint's."""
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[: len("sha256:") + 12]
+
+
+def check_data_fingerprints(
+    path: str | os.PathLike,
+    saved: dict[str, str] | None,
+    current: dict[str, tuple[str, str | None]],
+    *,
+    inside_epoch: bool,
+) -> list[str]:
+    """Compare the fingerprints checkpoint `path` recorded (`saved`, role -> fingerprint) with
+    the splits a run resumes on (`current`, role -> (path, fingerprint)). Inside an epoch, another
+    train split raises DataChanged naming both: the rest of the epoch's saved sample order would
+    run over other samples. Any other difference comes back as a warning. A split without a
+    fingerprint on either side (files converted before fingerprints) is not compared."""
+    warnings = []
+    for role, (where, now) in current.items():
+        then = (saved or {}).get(role)
+        if then is None or now is None or then == now:
+            continue
+        said = f"{path} was trained with a {role} split of fingerprint {_short(then)}; {where} "
+        said += f"has {_short(now)} (converted again, or other data)"
+        if role == "train" and inside_epoch:
+            raise DataChanged(
+                f"{said}. It stopped inside an epoch, whose saved sample order would go on over "
+                f"other samples: resume on the data it was trained on, or start afresh (another "
+                f"--output_dir; --finetune {path} takes its weights alone)"
+            )
+        consequence = {
+            "train": "training goes on over the new data",
+            "eval": "accuracies before and after this resume are not comparable",
+        }.get(role, "its numbers are not comparable with earlier ones")
+        warnings.append(f"{said}: {consequence}")
+    return warnings
 
 
 # ----------------------------------------------------------------------------- loading

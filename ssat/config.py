@@ -194,6 +194,11 @@ class TrainConfig:
         choices=BEST_METRICS,
     )
     seed: int = _flag("random seed", 0)
+    verify_data: bool = _flag(
+        "before training, decode every sample of the dataset's splits and check their labels "
+        "and content fingerprints (what python -m storage.verify does)",
+        False,
+    )
     stop_after: int | None = _flag(
         "end this invocation after this many epochs in all (the schedule "
         "still spans --epochs; --resume auto continues)"

@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from ssat import distributed
-from ssat.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint
+from ssat.checkpoint import (
+    check_data_fingerprints,
+    load_checkpoint,
+    load_pretrained,
+    rng_state,
+    save_checkpoint,
+)
 from ssat.config import TrainConfig
 from ssat.distributed import DistContext, print0
 from ssat.export import is_export
@@ -21,8 +27,15 @@ from ssat.training import TrainError, TrainState, build_model, create_state
 
 
 def build_state(
-    cfg: TrainConfig, dist_ctx: DistContext, num_classes: int, steps_per_epoch: int
+    cfg: TrainConfig,
+    dist_ctx: DistContext,
+    num_classes: int,
+    steps_per_epoch: int,
+    data: dict[str, tuple[str, str | None]] | None = None,
 ) -> TrainState:
+    """The run's state, from --finetune, --resume or fresh. `data`: the splits it trains and
+    evaluates on, role -> (path, content fingerprint), checked against a resumed checkpoint's
+    and saved in every checkpoint."""
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
@@ -54,6 +67,7 @@ def build_state(
             f"head reset: {result.head_reset}",
         )
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
+    state.data = data or {}
     if ckpt is not None and not weights:
         resume(cfg, state, dist_ctx, path, ckpt)
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
@@ -101,6 +115,10 @@ def resume(
         state.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
     position = ckpt.get("position") or {"epoch": int(ckpt["epoch"]) + 1, "batch": 0}
     state.epoch, state.batch = int(position["epoch"]), int(position["batch"])
+    for warning in check_data_fingerprints(
+        path, ckpt.get("data_fingerprints"), state.data, inside_epoch=state.batch > 0
+    ):
+        print0(dist_ctx, f"warning: {warning}")
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
@@ -152,6 +170,7 @@ def save(
             position=position,
             rng_ranks=rng_ranks,
             model_ema=state.ema.module if state.ema is not None else None,
+            data_fingerprints={k: v[1] for k, v in state.data.items() if v[1]},
         )
 
 
@@ -161,8 +180,15 @@ def stop_here(cfg: TrainConfig, state: TrainState, signum: int, dist_ctx: DistCo
     exit status, 128 + the signal's number."""
     inside = state.batch > 0
     if inside:
-        rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
-        save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        try:
+            rng_ranks = distributed.gather_to_main(rng_state(), dist_ctx)
+            save(cfg, state, dist_ctx, rng_ranks=rng_ranks)
+        except KeyboardInterrupt as err:  # a second Ctrl-C: out at once, the old file kept
+            path = Path(cfg.output_dir) / "checkpoint-last.pth"
+            raise KeyboardInterrupt(
+                f"{err}: the save of {path} was abandoned; the file there, if any, is the "
+                f"checkpoint before it"
+            ) from None
         where = f"epoch {state.epoch}, batch {state.batch} of {state.steps_per_epoch}"
     else:
         where = f"the end of epoch {state.epoch - 1}"

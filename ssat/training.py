@@ -15,7 +15,7 @@ needs; `create_state` builds it from the config.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,6 +69,8 @@ class TrainState:
     batch: int = 0  # batches of `epoch` done
     best: float | None = None  # best validation top-1 so far
     rng: dict[str, Any] | None = None  # generator states to restore before the next step
+    # the splits it trains and evaluates on: role (train, eval, test) -> (path, fingerprint)
+    data: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def updates_per_epoch(self) -> int:

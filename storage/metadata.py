@@ -18,6 +18,7 @@ import numpy as np
 
 from storage import DatasetError
 from storage.beton import EXPECTED_FIELDS, BetonFile
+from storage.fingerprint import is_fingerprint
 
 REQUIRED_KEYS = ("num_samples", "num_classes", "class_names", "mean", "std")
 
@@ -32,6 +33,8 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     mean: tuple[float, float, float]  # 0-255 scale
     std: tuple[float, float, float]
+    # the content fingerprint (storage/fingerprint.py); None in metadata written before it
+    fingerprint: str | None = None
 
 
 def metadata_path(beton: str | Path) -> Path:
@@ -111,6 +114,11 @@ def check_metadata(meta: dict, beton: BetonFile, where: str | Path) -> DatasetIn
             raise DatasetError(
                 f"{where}: field {key} should hold 3 channel values, got {meta[key]}"
             )
+    fingerprint = meta.get("fingerprint")
+    if fingerprint is not None and not is_fingerprint(fingerprint):
+        raise DatasetError(
+            f"{where}: field fingerprint should be 'sha256:' and 64 hex digits, got {fingerprint!r}"
+        )
     return DatasetInfo(
         beton.path,
         beton.num_samples,
@@ -118,6 +126,7 @@ def check_metadata(meta: dict, beton: BetonFile, where: str | Path) -> DatasetIn
         tuple(meta["class_names"]),
         tuple(float(v) for v in meta["mean"]),
         tuple(float(v) for v in meta["std"]),
+        fingerprint,
     )
 
 
