@@ -158,6 +158,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--views", type=int, default=3, help="r: the fgcr runs' disjoint mask views")
     p.add_argument("--output_dir", type=Path, default=Path("output/compare"))
     p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="acc1",
+        help="what the table reports: top-1 (acc1), balanced_acc, f1 (macro) or auc; the runs "
+        "choose their best checkpoint by train.py's --best_metric",
+    )
+    p.add_argument(
         "--nproc_per_node", type=int, default=1, help="processes per run (torchrun above 1)"
     )
     p.add_argument(
@@ -378,16 +385,17 @@ def read_log(folder: Path) -> tuple[list[dict], dict | None]:
     return [epochs[e] for e in sorted(epochs)], test
 
 
-def result(run: Run) -> Result | None:
-    """The run's result, or None while its log lacks the last epoch."""
+def result(run: Run, metric: str = "acc1") -> Result | None:
+    """The run's result in `metric` (--metric), or None while its log lacks the last epoch."""
     epochs, test = read_log(run.folder)
     if not epochs or epochs[-1]["epoch"] < run.config.epochs - 1:
         return None
+    curve = [_value(r.get(f"val_{metric}")) for r in epochs]
     return Result(
         run=run,
-        curve=[r["val_acc1"] for r in epochs],
-        final=epochs[-1]["val_acc1"],
-        best=epochs[-1]["best_acc1"],
+        curve=curve,
+        final=curve[-1],
+        best=_value(epochs[-1].get(f"best_{metric}", np.nanmax(curve))),  # train.py's best
         test=test,
         train_seconds=sum(r["train_seconds"] for r in epochs),
     )
@@ -569,7 +577,26 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "std": std}
 
 
-def columns(on_test: bool, split: str) -> dict[str, str]:
+# --metric: what train.py logs for each evaluated split, as the table names it
+METRICS = {"acc1": "top-1", "balanced_acc": "balanced accuracy", "f1": "macro-F1", "auc": "AUC"}
+
+
+def _value(value: float | None) -> float:
+    return float("nan") if value is None else value  # an AUC undefined on one class
+
+
+def _named(text: str, metric: str) -> str:
+    """A column's text for `metric`: F1 and AUC are fractions, not percentages."""
+    text = text.replace("top-1", METRICS[metric])
+    return text if metric in ("acc1", "balanced_acc") else text.replace(" (%)", "")
+
+
+def columns(on_test: bool, split: str, metric: str = "acc1") -> dict[str, str]:
+    """The column texts of `_top1_columns`, for --metric."""
+    return {k: _named(v, metric) for k, v in _top1_columns(on_test, split).items()}
+
+
+def _top1_columns(on_test: bool, split: str) -> dict[str, str]:
     """What the final and best columns report: test top-1 where every run has its test
     record, else the top-1 of the split train.py evaluated each epoch."""
     if on_test:
@@ -588,16 +615,16 @@ def columns(on_test: bool, split: str) -> dict[str, str]:
     }
 
 
-def summarize(results: list[Result], split: str) -> dict[str, Any]:
+def summarize(results: list[Result], split: str, metric: str = "acc1") -> dict[str, Any]:
     """Per method: mean and std over seeds of final and best top-1 and of the training time.
     A test record counts only where every run has one (else the columns would mix splits)."""
     on_test = all(r.test is not None for r in results)
 
     def final(r: Result) -> float:
-        return r.test["test_acc1"] if on_test else r.final
+        return _value(r.test[f"test_{metric}"]) if on_test else r.final
 
     def best(r: Result) -> float:  # never the highest test top-1 over the epochs
-        return r.test["test_acc1_at_best_val"] if on_test else r.best
+        return _value(r.test[f"test_{metric}_at_best_val"]) if on_test else r.best
 
     methods = []
     for method in dict.fromkeys(r.run.method for r in results):
@@ -632,7 +659,8 @@ def summarize(results: list[Result], split: str) -> dict[str, Any]:
         else None
     )
     return {
-        "columns": columns(on_test, split),
+        "metric": metric,
+        "columns": columns(on_test, split, metric),
         "note": note,
         "evaluated_each_epoch": split,
         "methods": methods,
@@ -704,9 +732,10 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
             curves.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, label=m["method"])
             curves.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     curves.set(
-        title=f"{summary['evaluated_each_epoch']} top-1 per epoch (mean ± std over seeds)",
+        title=f"{summary['evaluated_each_epoch']} {METRICS[summary['metric']]} per epoch "
+        "(mean ± std over seeds)",
         xlabel="epoch",
-        ylabel="top-1 (%)",
+        ylabel=_named("top-1 (%)", summary["metric"]),
     )
     curves.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if len(epochs) == 1:
@@ -721,7 +750,9 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
         stds = [m[key]["std"] or 0.0 for m in methods]
         finals.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=label)
     finals.set_xticks(x, [m["method"] for m in methods])
-    finals.set(title="final numbers (mean ± std over seeds)", ylabel="top-1 (%)")
+    finals.set(
+        title="final numbers (mean ± std over seeds)", ylabel=_named("top-1 (%)", summary["metric"])
+    )
     finals.legend()
     fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
@@ -733,8 +764,8 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
 
 def report(runs: list[Run], args: argparse.Namespace, shared: list[str], split: str) -> None:
     """The table on stdout and in results.md, the numbers in results.json, the plot."""
-    results = [result(run) for run in runs]
-    summary = summarize(results, split)
+    results = [result(run, args.metric) for run in runs]
+    summary = summarize(results, split, args.metric)
     head = heading(runs, args, shared)
     table = markdown(summary, head) + parallel_note(launches(runs, args.output_dir)) + "\n"
     print("\n" + table, flush=True)

@@ -58,7 +58,7 @@ from ssat import distributed
 from ssat.checkpoint import DiskSpaceError, restore_rng_state
 from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summary
 from ssat.distributed import DistContext, print0
-from ssat.evaluation import evaluate, test_once
+from ssat.evaluation import brief, evaluate, improved, loggable, report, shown, test_once
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals, exit_status
 from ssat.run_state import build_state, save, stop_here
@@ -364,6 +364,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
         result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        report(cfg, {"val": result}, val_loader.info.class_names, dist_ctx)
         print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
     log = RunLog(out, dist_ctx, fresh=state.step == 0, board=cfg.log_dir)
@@ -404,10 +405,10 @@ def fit(
         averaged = {}  # the weights' moving average, evaluated beside them
         if state.ema is not None:
             averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
-        improved = state.best is None or result["acc1"] > state.best
-        state.best = max(result["acc1"], state.best or 0.0)
+        better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
+        state.best = result[cfg.best_metric] if better else state.best
         state.epoch, state.batch = epoch + 1, 0
-        save(cfg, state, dist_ctx, improved)
+        save(cfg, state, dist_ctx, better)
         log.write(
             {
                 "type": "epoch",
@@ -415,9 +416,9 @@ def fit(
                 "step": state.step,
                 "lr": max(g["lr"] for g in state.optimizer.param_groups),
                 **train,
-                **{f"val_{k}": v for k, v in result.items()},
-                **{f"ema_val_{k}": v for k, v in averaged.items()},
-                "best_acc1": state.best,
+                **loggable(result, "val_"),
+                **loggable(averaged, "ema_val_"),
+                f"best_{cfg.best_metric}": state.best,
                 "train_samples": train_loader.num_samples,  # fewer with --subset_size
                 **(
                     {"subset_seed": train_loader.subset_seed}
@@ -430,8 +431,7 @@ def fit(
         )
         print0(
             dist_ctx,
-            f"epoch {epoch}: loss {train['loss']:.4f}  val acc1 "
-            f"{result['acc1']:.2f}%  acc5 {result['acc5']:.2f}%  "
+            f"epoch {epoch}: loss {train['loss']:.4f}  val {brief(result)}  "
             f"({train['train_images_per_s']:.0f} img/s, "
             f"data wait {train['data_wait']:.0%})"
             + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
@@ -445,15 +445,16 @@ def fit(
             dist_ctx,
             f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} "
             f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
-            f"best {state.best:.2f}%",
+            f"best {cfg.best_metric} {shown(state.best, '.4g')}",
         )
-    if result is not None and state.epoch == cfg.epochs:
-        if test_loader is not None:
-            test_once(cfg, state, test_loader, log, dist_ctx)
-        if cfg.pictures and dist_ctx.main:
-            import visualize  # matplotlib: imported only by runs that draw
+        results = {"val": result, **({"ema_val": averaged} if averaged else {})}
+        if state.epoch == cfg.epochs and test_loader is not None:
+            results.update(test_once(cfg, state, test_loader, log, dist_ctx))
+        report(cfg, results, val_loader.info.class_names, dist_ctx)
+    if result is not None and state.epoch == cfg.epochs and cfg.pictures and dist_ctx.main:
+        import visualize  # matplotlib: imported only by runs that draw
 
-            visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
+        visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
     return 0
 
 

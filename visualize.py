@@ -4,12 +4,14 @@
         --data data/c10_test.beton [--mask_views 3] [--num_images 8] --out runs/c10/recon
     python visualize.py recon --grid ... --out runs/c10/reconstructions.png
     python visualize.py curves runs/c10/log.jsonl [--out runs/c10/curves.png]
+    python visualize.py confusion runs/c10/eval.json [--split test] [--out runs/c10/conf.png]
 
 `recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
 FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
 visible patches pasted back; with `--grid`, one PNG of them all, a row per image. `curves` draws
 the loss parts, the learning rate, validation accuracy and training images/s from a `log.jsonl`
-written by train.py (`train.py --pictures` draws both at the end of a run).
+written by train.py; `confusion`, an `eval.json`'s confusion matrix normalised by row
+(`train.py --pictures` draws all three at the end of a run).
 
 A command beside train.py, not part of the method package: a reconstruction needs a loader.
 """
@@ -207,7 +209,7 @@ def curves(log: Path, out: Path) -> Path:
     axes[0, 1].plot(x, [r["lr"] for r in steps])
     axes[0, 1].set(title="learning rate", xlabel="step")
     e = [r["epoch"] + 1 for r in epochs]
-    for key in ("val_acc1", "val_acc5"):
+    for key in ("val_acc1", "val_acc5", "val_balanced_acc"):
         if any(key in r for r in epochs):
             axes[1, 0].plot(e, [r.get(key, np.nan) for r in epochs], marker="o", label=key[4:])
     axes[1, 0].set(title="validation accuracy (%)", xlabel="epoch")
@@ -220,12 +222,43 @@ def curves(log: Path, out: Path) -> Path:
     return out
 
 
+def confusion(results: Path, out: Path, split: str = "val") -> Path:
+    """The confusion matrix of `split` in an eval.json, normalised by row (each true class's
+    images sum to 1), class names on the axes."""
+    try:
+        evaluated = json.loads(results.read_text())
+        counts = np.array(evaluated[split]["confusion"], dtype=np.float64)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{results}: no {split} confusion matrix ({err})") from None
+    names = evaluated.get("class_names") or [str(c) for c in range(len(counts))]
+    rows = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    side = min(16.0, 2.5 + 0.45 * len(names))
+    fig, ax = plt.subplots(figsize=(side, side))
+    shown = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=90 if len(names) > 4 else 0)
+    ax.set_yticks(ticks, names)
+    if len(names) <= 20:  # each cell's share, where it stays readable
+        for (i, j), share in np.ndenumerate(shares):
+            colour = "white" if share > 0.5 else "black"
+            ax.text(j, i, f"{share:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"{split} confusion matrix, normalised by row ({int(counts.sum())} images)")
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
 def draw_run(out: Path, has_decoder: bool, data: Path) -> None:
-    """A run's pictures in its output folder (`train.py --pictures`): the training curves and,
-    for a model with a decoder, its reconstructions of the first images of `data` by the final
-    weights. Drawing is the run's last act: a failure is reported, not fatal."""
+    """A run's pictures in its output folder (`train.py --pictures`): the training curves, the
+    validation confusion matrix and, for a model with a decoder, its reconstructions of the
+    first images of `data` by the final weights. Drawing is the run's last act: a failure is
+    reported, not fatal."""
     try:
         drawn = [("training curves", curves(out / "log.jsonl", out / "curves.png"))]
+        drawn.append(("confusion matrix", confusion(out / "eval.json", out / "confusion.png")))
         if has_decoder:
             grid = reconstruction_grid(
                 out / "checkpoint-last.pth", data, out / "reconstructions.png"
@@ -260,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     cur = sub.add_parser("curves", help="loss, lr, accuracy and images/s from a log.jsonl")
     cur.add_argument("log", type=Path)
     cur.add_argument("--out", type=Path, default=None, help="default: curves.png beside the log")
+    con = sub.add_parser("confusion", help="the confusion matrix of an eval.json, by row")
+    con.add_argument("results", type=Path, help="eval.json (train.py writes it)")
+    con.add_argument("--split", default="val", help="val, test, ... (a key of the file)")
+    con.add_argument("--out", type=Path, default=None, help="default: confusion.png beside it")
     args = p.parse_args(argv)
     try:
         if args.command == "recon":
@@ -276,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {drawn}")
             else:
                 print(f"wrote {len(drawn)} pictures to {args.out}")
+        elif args.command == "confusion":
+            out = args.out or args.results.with_name("confusion.png")
+            print(f"wrote {confusion(args.results, out, args.split)}")
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))
             print(f"wrote {path}")

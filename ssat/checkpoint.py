@@ -34,6 +34,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ssat.export import is_export, read_weights
 from ssat.pos_embed import sincos_2d
 from storage.atomic import atomic_path
 
@@ -320,14 +321,15 @@ def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> bool:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
-    """Initialise `model` from an MAE-format, timm-format or ssat checkpoint (fine-tuning).
+    """Initialise `model` from an MAE-format, timm-format or ssat checkpoint, or from a model
+    export.py wrote (its folder or `.safetensors` file) (fine-tuning).
 
     Strips `module.` / `_orig_mod.` prefixes, resets the head when its shape differs, fits the
     position embedding to the model's grid, and loads the rest. Raises ValueError when an
     encoder weight would be left out (missing from the file, unused, or of another shape)."""
     path = Path(path)
     target = unwrap(model)
-    state = _state_dict_of(load_checkpoint(path), path)
+    state = _state_dict_of(read_weights(path) if is_export(path) else load_checkpoint(path), path)
     own = target.state_dict()
 
     head_keys = [k for k in state if k.startswith("head.")]
@@ -351,6 +353,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
     if getattr(target, "global_pool", False):
         # MAE's fine-tuning start: a fresh fc_norm; the pretraining's final norm goes unused
         optional_missing += ("fc_norm.",)
+        if "fc_norm.weight" in state:  # an export of a global-pool model: no decoder-side norm
+            optional_missing += ("norm.",)
         optional_unexpected += () if target.has_decoder else ("norm.",)
     skipped_missing = [k for k in missing if not k.startswith(optional_missing)]
     skipped_unexpected = [k for k in unexpected if not k.startswith(optional_unexpected)]

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 METHODS = ("ssat", "fgcr", "scratch")
 PIPELINES = ("ffcv", "dali", "torch")
 AMP = ("bf16", "fp16", "none")
+BEST_METRICS = ("acc1", "balanced_acc", "auc", "f1")  # higher is better for each
 
 
 def _flag(help: str, default: Any = None, **extra) -> Any:
@@ -183,8 +184,20 @@ class TrainConfig:
     resume: str = _flag(
         "checkpoint to continue from, or 'auto' for <output_dir>/checkpoint-last.pth", ""
     )
-    finetune: str = _flag("initialise from an MAE / timm / ssat checkpoint", "")
-    eval: bool = _flag("only evaluate (with --resume) and print the result as JSON", False)
+    finetune: str = _flag(
+        "initialise from an MAE / timm / ssat checkpoint, or a model export.py wrote (its "
+        "folder or .safetensors file)",
+        "",
+    )
+    eval: bool = _flag(
+        "only evaluate --resume (a checkpoint or an export) and print the result as JSON", False
+    )
+    best_metric: str = _flag(
+        "the validation metric that chooses checkpoint-best.pth (balanced_acc, f1 and auc: for "
+        "imbalanced or medical datasets)",
+        "acc1",
+        choices=BEST_METRICS,
+    )
     seed: int = _flag("random seed", 0)
     verify_data: bool = _flag(
         "before training, decode every sample of the dataset's splits and check their labels "
@@ -198,8 +211,9 @@ class TrainConfig:
     save_every: int = _flag("also keep checkpoint-<epoch>.pth every N epochs (0: never)", 0)
     log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
     pictures: bool = _flag(
-        "when the schedule ends, draw the training curves (curves.png) and the decoder's "
-        "reconstructions of validation images (reconstructions.png) into --output_dir",
+        "when the schedule ends, draw the training curves (curves.png), the validation "
+        "confusion matrix (confusion.png) and the decoder's reconstructions of validation "
+        "images (reconstructions.png) into --output_dir",
         False,
     )
     version: str = _flag(

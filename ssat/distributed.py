@@ -112,6 +112,16 @@ def gather_to_main(obj: Any, dist_ctx: DistContext) -> list[Any] | None:
     return gathered
 
 
+def broadcast_from_main(obj: Any, dist_ctx: DistContext) -> Any:
+    """The main rank's `obj` (picklable) on every rank, over the host group. Every rank must
+    call it at the same point."""
+    if not dist_ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=dist_ctx.host_group)
+    return box[0]
+
+
 def barrier(dist_ctx: DistContext) -> None:
     """Wait until every rank gets here (over the host group: no device work is waited for)."""
     if dist_ctx.enabled:

@@ -1,14 +1,31 @@
-"""Evaluation: a model's accuracy and loss over a whole split, every sample counted once across
-ranks, and the test split read once when the schedule is done. The loop only iterates batch
-dicts (`crops`, `labels`), so it needs no loader code."""
+"""Evaluation: a model's metrics over a whole split, and the test split read once when the
+schedule is done. One function, `evaluate`, serves the per-epoch evaluation, `train.py --eval`,
+the test split and (through the runs' logs) `compare.py`; the loop only iterates batch dicts
+(`crops`, `labels`, `indices`), so it needs no loader code.
+
+Every rank keeps its logits, labels and sample indices; they are gathered on the main rank,
+each sample kept once (by its index: a sampler that pads a shard to whole batches repeats
+samples), the metrics computed there once over the whole split with scikit-learn and sent to
+every rank, so they are the same numbers on 1 or N processes:
+
+- `acc1` (and `acc5` with more than 5 classes), `balanced_acc` (the mean of the per-class
+  accuracies) and `per_class_acc`, in percent;
+- `f1`: macro-F1 over the classes present in the labels or the predictions (scikit-learn's);
+- `auc`: ROC-AUC of the softmax scores, binary for 2 classes, else one-vs-rest averaged over
+  the classes (MedMNIST's); None where it is undefined (a split with one class);
+- `confusion` (rows: true class, columns: predicted), `loss` (cross-entropy), `num_samples`.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.utils import accuracy
+from sklearn import metrics as skm
 
 from ssat import distributed
 from ssat.checkpoint import load_checkpoint
@@ -16,55 +33,172 @@ from ssat.config import TrainConfig
 from ssat.distributed import DistContext, print0
 from ssat.runlog import RunLog
 from ssat.training import TrainState, autocast
+from storage.atomic import atomic_path
+
+# the single numbers of a result: logged each epoch, tabulated by compare.py
+SCALARS = ("acc1", "acc5", "balanced_acc", "f1", "auc", "loss")
+TOP5_FROM = 6  # top-5 of 5 or fewer classes is always 100%
 
 
-def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Top-1 and top-5 hits in a batch (top-5 is top-C with fewer classes), as float64 counts.
-    timm's `accuracy` gives a percentage of the batch; rounding turns it back into a count."""
-    n = len(labels)
-    return [(acc.double() * n / 100).round() for acc in accuracy(logits, labels, topk=(1, 5))]
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """(N, C) logits and (N,) labels of a whole split -> the metrics above (on the host, in
+    float64: nothing here touches the device)."""
+    num_classes = logits.shape[1]
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # log-softmax
+    probs = np.exp(log_probs)
+    pred = probs.argmax(axis=1)
+    classes = np.arange(num_classes)
+    confusion = skm.confusion_matrix(labels, pred, labels=classes)
+    support = confusion.sum(axis=1)
+    per_class = [100 * confusion[c, c] / support[c] if support[c] else None for c in classes]
+    result = {"acc1": 100 * skm.accuracy_score(labels, pred)}
+    if num_classes >= TOP5_FROM:
+        result["acc5"] = 100 * skm.top_k_accuracy_score(labels, probs, k=5, labels=classes)
+    with warnings.catch_warnings():  # a class predicted but absent from the labels
+        warnings.simplefilter("ignore", UserWarning)
+        result["balanced_acc"] = 100 * skm.balanced_accuracy_score(labels, pred)
+    result["f1"] = skm.f1_score(labels, pred, average="macro", zero_division=0)
+    result["auc"] = roc_auc(probs, labels)
+    result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())  # cross-entropy
+    result["num_samples"] = len(labels)
+    result["per_class_acc"] = per_class
+    result["confusion"] = confusion.tolist()
+    return result
+
+
+def roc_auc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Binary ROC-AUC of class 1 for 2 classes; else the one-vs-rest AUCs averaged over the
+    classes present (scikit-learn's `multi_class='ovr'` macro AUC when all are). None with
+    fewer than two classes in `labels`."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(skm.roc_auc_score(labels, probs[:, 1]))
+    return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def gather_split(
+    indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, dist_ctx: DistContext
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's (n_r,) indices, (n_r,) labels and (n_r, C) logits -> on the main rank, the
+    whole split's labels and logits in index order, each sample once; None on the others.
+    Every rank must call it at the same point."""
+    parts = distributed.gather_to_main((indices, labels, logits), dist_ctx)
+    if parts is None:
+        return None
+    indices, labels, logits = (np.concatenate(p) for p in zip(*parts, strict=True))
+    _, first = np.unique(indices, return_index=True)  # sorted by index, repeats dropped
+    return labels[first], logits[first]
 
 
 @torch.no_grad()
 def evaluate(model, loader, cfg: TrainConfig, dist_ctx: DistContext) -> dict:
-    """Top-1/top-5 accuracy and loss over the whole split, every sample counted once across
-    ranks."""
+    """The metrics of `model` over the split `loader` reads (this rank's shard of it), every
+    sample counted once across ranks."""
     model.eval()
-    device = dist_ctx.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
+    indices, labels, logits = [], [], []
     for batch in loader:
-        images, labels = batch["crops"][0], batch["labels"]
-        with autocast(cfg.amp, device):
-            logits = model.classify(images)
-        logits = logits.float()
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                *correct_counts(logits, labels),
-                # filled on the device: a tensor made from the value would be a blocking copy
-                torch.full((), float(len(labels)), device=device, dtype=torch.float64),
-            ]
+        with autocast(cfg.amp, dist_ctx.device):
+            out = model.classify(batch["crops"][0])
+        logits.append(out.float())
+        labels.append(batch["labels"])
+        indices.append(batch["indices"])
+    if not logits:  # a shard with no samples (more ranks than samples)
+        local = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, model.num_classes))
+    else:  # the host reads the device once per split: indices, labels, logits in one copy
+        columns = [torch.cat(indices)[:, None], torch.cat(labels)[:, None], torch.cat(logits)]
+        packed = torch.cat([c.double() for c in columns], dim=1).numpy(force=True)  # exact ints
+        local = (
+            packed[:, 0].astype(np.int64),
+            packed[:, 1].astype(np.int64),
+            packed[:, 2:].astype(np.float32),
         )
-    loss, top1, top5, n = distributed.all_sum(totals, dist_ctx).tolist()
-    return {"acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "loss": loss / n, "num_samples": int(n)}
+    gathered = gather_split(*local, dist_ctx)
+    result = None if gathered is None else classification_metrics(gathered[1], gathered[0])
+    return distributed.broadcast_from_main(result, dist_ctx)
 
 
-def test_once(cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx: DistContext):
+def scalars(result: dict, prefix: str = "") -> dict:
+    """A result's single numbers, keys prefixed (`val_`, `test_`): what a log record holds."""
+    return {f"{prefix}{k}": result[k] for k in (*SCALARS, "num_samples") if k in result}
+
+
+def loggable(result: dict, prefix: str = "") -> dict:
+    """What a log record holds of a result: its single numbers and the per-class accuracies."""
+    extra = {f"{prefix}per_class_acc": result["per_class_acc"]} if result else {}
+    return {**scalars(result, prefix), **extra}
+
+
+def improved(result: dict, best: float | None, metric: str) -> bool:
+    """Whether `result` beats the best so far by --best_metric (the first epoch always does; an
+    undefined AUC never beats a defined one)."""
+    value = result[metric]
+    return best is None or (value is not None and value > best)
+
+
+def shown(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def brief(result: dict, acc1: bool = True) -> str:
+    """One line: [acc1] [acc5] balanced accuracy, macro-F1, AUC."""
+    parts = [f"acc1 {result['acc1']:.2f}%"] if acc1 else []
+    if "acc5" in result:
+        parts.append(f"acc5 {result['acc5']:.2f}%")
+    parts += [
+        f"balanced acc {result['balanced_acc']:.2f}%",
+        f"macro-F1 {result['f1']:.3f}",
+        f"AUC {shown(result['auc'], '.3f')}",
+    ]
+    return "  ".join(parts)
+
+
+def summary(name: str, result: dict, class_names: list[str] | None = None) -> list[str]:
+    """A few lines for the end of a run: the single numbers, per-class accuracy and (up to 10
+    classes) the confusion matrix."""
+    names = class_names or [str(c) for c in range(len(result["per_class_acc"]))]
+    lines = [
+        f"{name}: {brief(result)}  loss {result['loss']:.4f}  ({result['num_samples']} images)"
+    ]
+    per_class = [
+        f"{n} {shown(a, '.1f')}" for n, a in zip(names, result["per_class_acc"], strict=True)
+    ]
+    if len(names) <= 20:
+        lines.append(f"{name} per-class acc (%): " + ", ".join(per_class))
+    if len(names) <= 10:
+        lines.append(f"{name} confusion (rows true, columns predicted): {result['confusion']}")
+    return lines
+
+
+def write_eval(path: Path, results: dict, dist_ctx: DistContext) -> None:
+    """`eval.json`: every metric of the evaluated splits (rank 0, written atomically)."""
+    if dist_ctx.main:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def test_once(
+    cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx: DistContext
+) -> dict:
     """The test split, read once when the schedule is done: with the final weights, and with
-    those of the best validation epoch (checkpoint-best.pth). Recipes are chosen on the
-    validation split; these numbers only report how the chosen one does."""
+    those of the best validation epoch (checkpoint-best.pth, chosen by --best_metric). Recipes
+    are chosen on the validation split; these numbers only report how the chosen one does.
+    Returns the results by weights (`test`, and `test_at_best_val` where that file exists)."""
     done = state.epoch - 1
     final = evaluate(state.model, loader, cfg, dist_ctx)
+    results = {"test": final}
     record = {
         "type": "test",
         "split": "test",
         "epoch": done,
         "step": state.step,
-        **{f"test_{k}": final[k] for k in ("acc1", "acc5", "loss")},
+        **scalars(final, "test_"),
         "test_samples": final["num_samples"],
     }
     lines = [
-        f"test acc1 (final weights): {final['acc1']:.2f}%  acc5 {final['acc5']:.2f}%  "
+        f"test acc1 (final weights): {final['acc1']:.2f}%  {brief(final, acc1=False)}  "
         f"({final['num_samples']} images of {loader.path})"
     ]
     distributed.barrier(dist_ctx)  # rank 0 has written checkpoint-best.pth
@@ -75,12 +209,25 @@ def test_once(cfg: TrainConfig, state: TrainState, loader, log: RunLog, dist_ctx
         if int(best["epoch"]) != done:  # the final weights are in checkpoint-last.pth already
             state.model.load_state_dict(best["model"])
             at_best = evaluate(state.model, loader, cfg, dist_ctx)
-        record.update(best_val_epoch=int(best["epoch"]), test_acc1_at_best_val=at_best["acc1"])
+        results["test_at_best_val"] = at_best
+        record["best_val_epoch"] = int(best["epoch"])
+        record.update({f"{k}_at_best_val": v for k, v in scalars(at_best, "test_").items()})
         lines.append(
             f"test acc1 (best-val weights, epoch {best['epoch']}): {at_best['acc1']:.2f}%  "
-            f"acc5 {at_best['acc5']:.2f}%"
+            + brief(at_best, acc1=False)
         )
     else:
         lines.append(f"test acc1 (best-val weights): no {best_path} (resumed from elsewhere)")
     log.write(record)
     print0(dist_ctx, "\n".join(lines))
+    return results
+
+
+def report(cfg: TrainConfig, results: dict, class_names, dist_ctx: DistContext) -> None:
+    """The end of a run: every metric of the evaluated splits in `<output_dir>/eval.json`, and
+    the first split's in a few lines."""
+    first = next(iter(results))
+    print0(dist_ctx, "\n".join(summary(first, results[first], list(class_names))))
+    write_eval(
+        Path(cfg.output_dir) / "eval.json", {**results, "class_names": list(class_names)}, dist_ctx
+    )

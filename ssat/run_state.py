@@ -20,6 +20,7 @@ from ssat.checkpoint import (
 )
 from ssat.config import TrainConfig
 from ssat.distributed import DistContext, print0
+from ssat.export import is_export
 from ssat.models import list_models
 from ssat.preemption import StopSignals, exit_status
 from ssat.training import TrainError, TrainState, build_model, create_state
@@ -40,10 +41,12 @@ def build_state(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes)
     path, ckpt = _resume_checkpoint(cfg, dist_ctx)
-    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone)
-    weights = ckpt is not None and cfg.resume != "auto" and not cfg.eval
+    # MAE's --resume of a file without a run in it (pretrained or fine-tuned weights alone),
+    # and export.py's weights (to train on, or to evaluate)
+    exported = path is not None and is_export(path)
+    weights = ckpt is not None and cfg.resume != "auto" and (not cfg.eval or exported)
     weights = weights and (not isinstance(ckpt, dict) or ckpt.get("optimizer") is None)
-    if weights:
+    if weights and not cfg.eval:
         print0(
             dist_ctx,
             f"--resume {path}: the file holds weights but no optimizer state, so the run "
@@ -55,6 +58,8 @@ def build_state(
             result = load_pretrained(model, source)
         except RuntimeError as err:
             raise TrainError(f"cannot initialise from {source}: {err}") from err
+        if cfg.eval and result.head_reset:
+            raise TrainError(f"{source}: its head does not classify the {num_classes} classes")
         print0(
             dist_ctx,
             f"initialised from {source}: missing {len(result.missing_keys)} "
@@ -81,6 +86,8 @@ def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | 
     if auto and not path.exists():
         print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
         return None, None
+    if is_export(path):  # read by load_pretrained
+        return path, {}
     try:
         return path, load_checkpoint(path, map_location=dist_ctx.device)
     except RuntimeError as err:  # unreadable file

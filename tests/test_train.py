@@ -167,7 +167,8 @@ def test_test_split_is_read_once_at_the_end(tmp_path, data, capsys):
 
 def test_embedded_default_learns_the_digits(tmp_path, capsys):
     """`python train.py`'s recipe on all the digits, its schedule shortened to 6 epochs: well
-    above chance (10%) on the validation split, and its pictures drawn and named last."""
+    above chance (10%) on the validation split, and its pictures (the curves, the validation
+    confusion matrix, the reconstructions) drawn and named last."""
     cfg = dataclasses.replace(
         parse_config([]),
         data_dir=str(tmp_path / "data"),
@@ -184,8 +185,9 @@ def test_embedded_default_learns_the_digits(tmp_path, capsys):
     assert f"data: digits ({data}: 1,077 train, 270 val, 450 test images, 10 classes)" in printed
     assert "recipe: the digits recipe (RECIPES in ssat/config.py)" in printed
     assert '"blr"' not in printed
-    last = printed.strip().splitlines()[-2:]
-    for line, name in zip(last, ("curves.png", "reconstructions.png"), strict=True):
+    last = printed.strip().splitlines()[-3:]
+    names = ("curves.png", "confusion.png", "reconstructions.png")
+    for line, name in zip(last, names, strict=True):
         assert line.endswith(str(tmp_path / "demo" / name)), line
         assert matplotlib.image.imread(tmp_path / "demo" / name).std() > 0.05  # drawn, not blank
 
