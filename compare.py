@@ -803,27 +803,28 @@ def _one_value(values: list) -> Any:
     return distinct[0] if len(distinct) == 1 else distinct
 
 
-def study_summary(runs: list[Run], split: str) -> dict[str, Any]:
-    """Per fraction: the methods' numbers over the seeds (as `summarize`), each auxiliary
-    method's gap to scratch per metric, and the runs' training samples, epochs and optimizer
-    steps. Test numbers only where every run of the study has its test record."""
-    results = [result(run) for run in runs]
+def study_summary(runs: list[Run], split: str, metric: str = "acc1") -> dict[str, Any]:
+    """Per fraction: the methods' numbers in `metric` (--metric) over the seeds (as
+    `summarize`), each auxiliary method's gap to scratch, and the runs' training samples,
+    epochs and optimizer steps. Test numbers only where every run of the study has its test
+    record."""
+    results = [result(run, metric) for run in runs]
     missing = sum(r.test is None for r in results)
     if missing:  # one split for every row
         results = [dataclasses.replace(r, test=None) for r in results]
     rows = []
     for fraction in sorted({r.run.fraction for r in results}):
         mine = [r for r in results if r.run.fraction == fraction]
-        summary = summarize(mine, split)
+        summary = summarize(mine, split, metric)
         last = [read_log(r.run.folder)[0][-1] for r in mine]
         gaps = {}
         if "scratch" in (m["method"] for m in summary["methods"]):
-            for metric in STUDY_METRICS:
+            for column in STUDY_METRICS:
                 by = {}
                 for row in summary["runs"]:
-                    by.setdefault(row["method"], {})[row["seed"]] = row[metric]
+                    by.setdefault(row["method"], {})[row["seed"]] = row[column]
                 scratch = by.pop("scratch")
-                gaps[metric] = {m: paired_gap(values, scratch) for m, values in by.items()}
+                gaps[column] = {m: paired_gap(values, scratch) for m, values in by.items()}
         rows.append(
             {
                 "fraction": fraction,
@@ -841,7 +842,8 @@ def study_summary(runs: list[Run], split: str) -> dict[str, Any]:
             f"{missing} of {len(results)} runs have no test record, so every table reports {split}"
         )
     return {
-        "columns": columns(not missing, split),
+        "columns": columns(not missing, split, metric),
+        "metric": metric,
         "note": note,
         "evaluated_each_epoch": split,
         "fractions": rows,
@@ -933,12 +935,13 @@ def study_markdown(study: dict[str, Any], heading: str, ran: dict[str, Any]) -> 
     for row in rows:
         cells = [_cell(m["train_seconds"], scale, 1) for m in row["methods"]]
         lines.append(f"| {row['fraction']} | {' | '.join(cells)} |")
+    gap_unit = "in points" if study["metric"] in ("acc1", "balanced_acc") else "as a difference"
     lines += [
         "",
         f"Mean ± standard deviation over the seeds (sample, n - 1). {cols['final']}: "
         f"{cols['final_means']}. {cols['best']}: {cols['best_means']}. <method> − scratch: the "
         f"mean over the seeds of the difference to the scratch run of the same seed (same "
-        f"subset, same data order), in points, with its 95% interval [low, high] (Student t "
+        f"subset, same data order), {gap_unit}, with its 95% interval [low, high] (Student t "
         f"over the seeds, n - 1 degrees of freedom). Train samples: the fraction of the "
         f"training split each run trained on, stratified by class; one draw for every method "
         f"and seed, a smaller fraction's samples inside a larger's. Steps: optimizer steps per "
@@ -1000,7 +1003,8 @@ def plot_study(study: dict[str, Any], title: str, out: Path) -> Path:
             axes[1].plot(x, mean, marker="o", color=f"C{i}", label=label)
             axes[1].fill_between(x, low, high, color=f"C{i}", alpha=0.2)
         axes[1].axhline(0.0, color="grey", linestyle="--", linewidth=1)
-        axes[1].set(title="gap to scratch, 95% interval over seeds", ylabel="points")
+        unit = "points" if study["metric"] in ("acc1", "balanced_acc") else "difference"
+        axes[1].set(title="gap to scratch, 95% interval over seeds", ylabel=unit)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(x, [f"{f:g}" for f in x])
@@ -1018,7 +1022,7 @@ def plot_study(study: dict[str, Any], title: str, out: Path) -> Path:
 
 def study_report(runs: list[Run], args: argparse.Namespace, shared: list[str], split: str) -> None:
     """The study's tables on stdout and in results.md, the numbers in results.json, study.png."""
-    study = study_summary(runs, split)
+    study = study_summary(runs, split, args.metric)
     ran = launches(runs, args.output_dir)
     head = study_heading(runs, args, shared)
     table = study_markdown(study, head, ran)

@@ -41,15 +41,12 @@ continue the same sample order but draw the rest of that epoch's crops afresh. A
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from convert import first_use
@@ -64,31 +61,17 @@ from ssat.preemption import StopSignals, exit_status
 from ssat.run_state import build_state, save, stop_here
 from ssat.runlock import FolderInUse, hold_output_dir
 from ssat.runlog import DataWait, RunLog, peak_memory_mb
-from ssat.training import LOSS_PARTS, TrainError, TrainState, TrainStep, host_values
+from ssat.training import (
+    LOSS_PARTS,
+    TrainError,
+    TrainState,
+    TrainStep,
+    host_values,
+    seed_everything,
+    use_all_cores,
+)
 from storage.atomic import atomic_path
 from storage.verify import verify_files
-
-
-def seed_everything(seed: int, rank: int, epoch: int) -> None:
-    """Every generator from (seed, rank, epoch), at the start of each epoch: an epoch's
-    randomness does not depend on what ran before it, so a run resumed at an epoch's start
-    repeats the uninterrupted one. A run resumed inside an epoch then also restores the
-    generator states its checkpoint saved when it stopped (each rank its own), so the rest of
-    that epoch draws what the uninterrupted run drew."""
-    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
-    random.seed(int(state[0]))
-    np.random.seed(int(state[1]))
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def use_all_cores(dist_ctx: DistContext) -> None:
-    """Train on every core of a CPU: importing ffcv sets torch's threads to 1. OMP_NUM_THREADS
-    still decides where it is set (torchrun sets it to 1 when it starts several processes)."""
-    if dist_ctx.device.type != "cpu":
-        return
-    given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(int(given) if given.isdigit() and int(given) > 0 else cores)
 
 
 # ------------------------------------------------------------------------------ data
@@ -155,21 +138,7 @@ def build_loaders(
         train=True,
         batch_size=cfg.batch_size,
         crops=cfg.crops,
-        aa=None if cfg.aa == "none" else cfg.aa,
-        scale=(cfg.min_scale, 1.0),
-        hflip=cfg.hflip,
-        reprob=cfg.reprob,
-        remode=cfg.remode,
-        recount=cfg.recount,
-        mixup=cfg.mixup,
-        mixup_prob=cfg.mixup_prob,
-        mixup_switch_prob=cfg.mixup_switch_prob,
-        mixup_mode=cfg.mixup_mode,
-        cutmix_minmax=tuple(cfg.cutmix_minmax) if cfg.cutmix_minmax else None,
-        cutmix=cfg.cutmix,
-        smoothing=cfg.smoothing,
-        subset_size=cfg.subset_size,
-        subset_seed=cfg.subset_seed,
+        **cfg.train_loader_options(),
         **common,
     )
     evaluation = dict(
@@ -343,14 +312,6 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
             f"--nb_classes {cfg.nb_classes} disagrees with the {classes} classes in "
             f"{train_loader.path.with_suffix('.json')}"
         )
-    if train_loader.subset is not None:
-        print0(
-            dist_ctx,
-            f"training on a fixed subset: {train_loader.num_samples} of "
-            f"{train_loader.info.num_samples} samples of {train_loader.path} "
-            f"(--subset_size {cfg.subset_size}, stratified by class, drawn by seed "
-            f"{train_loader.subset_seed})",
-        )
     if len(train_loader) < cfg.accum_iter:
         raise TrainError(
             f"--accum_iter {cfg.accum_iter} needs that many batches per epoch; "
@@ -458,6 +419,11 @@ def fit(
     return 0
 
 
+# what ends a run with its one-line message (exit 1) rather than a traceback
+CLEAR_ERRORS = (TrainError, DatasetError, DiskSpaceError, FolderInUse)
+CLEAR_ERRORS += (ValueError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     dist_ctx = None
@@ -466,14 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         dist_ctx = distributed.setup(cfg.device)
         with hold_output_dir(cfg.output_dir, dist_ctx):  # one run per folder
             return run(cfg, dist_ctx)
-    except (
-        TrainError,
-        DatasetError,
-        DiskSpaceError,
-        FolderInUse,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
+    except CLEAR_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training began

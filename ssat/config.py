@@ -276,6 +276,26 @@ class TrainConfig:
                 self.pipeline = "torch"
         return self
 
+    def train_loader_options(self) -> dict[str, Any]:
+        """The train loader's augmentation and subset options (`pipelines.create_loader`)."""
+        return dict(
+            aa=None if self.aa == "none" else self.aa,
+            scale=(self.min_scale, 1.0),
+            hflip=self.hflip,
+            reprob=self.reprob,
+            remode=self.remode,
+            recount=self.recount,
+            mixup=self.mixup,
+            mixup_prob=self.mixup_prob,
+            mixup_switch_prob=self.mixup_switch_prob,
+            mixup_mode=self.mixup_mode,
+            cutmix_minmax=tuple(self.cutmix_minmax) if self.cutmix_minmax else None,
+            cutmix=self.cutmix,
+            smoothing=self.smoothing,
+            subset_size=self.subset_size,
+            subset_seed=self.subset_seed,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -457,10 +477,19 @@ def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
         if cfg.data_path in RECIPES
         else "the published defaults for every setting not given"
     )
+    train = loaders[0]
+    subset = []
+    if getattr(train, "subset", None) is not None:
+        subset = [
+            f"training on a fixed subset: {train.num_samples:,} of {train.info.num_samples:,} "
+            f"(--subset_size {cfg.subset_size}, stratified by class, drawn by seed "
+            f"{train.subset_seed})"
+        ]
     return "\n".join(
         [
             f"data: {cfg.data_path} ({loaders[0].path}: {counts} images, "
             f"{loaders[0].info.num_classes} classes), {cfg.pipeline} loader",
+            *subset,
             f"model: {cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}, trained with "
             f"{method}",
             f"schedule: {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, batch {cfg.batch_size} x "

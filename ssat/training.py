@@ -14,10 +14,13 @@ needs; `create_state` builds it from the config.
 
 from __future__ import annotations
 
+import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -34,6 +37,28 @@ LOSS_PARTS = ("loss", "cls", "rec", "fgc")
 
 class TrainError(Exception):
     """A run that cannot go on; the message says why."""
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> None:
+    """Every generator from (seed, rank, epoch), at the start of each epoch: an epoch's
+    randomness does not depend on what ran before it, so a run resumed at an epoch's start
+    repeats the uninterrupted one. A run resumed inside an epoch then also restores the
+    generator states its checkpoint saved when it stopped (each rank its own), so the rest of
+    that epoch draws what the uninterrupted run drew."""
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def use_all_cores(dist_ctx: DistContext) -> None:
+    """Train on every core of a CPU: importing ffcv sets torch's threads to 1. OMP_NUM_THREADS
+    still decides where it is set (torchrun sets it to 1 when it starts several processes)."""
+    if dist_ctx.device.type != "cpu":
+        return
+    given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(int(given) if given.isdigit() and int(given) > 0 else cores)
 
 
 def autocast(amp: str, device: torch.device):

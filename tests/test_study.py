@@ -278,6 +278,23 @@ def test_study_stops_continues_refuses_and_reports(data, tmp_path, capsys):
     picture = matplotlib.image.imread(out / "study.png")
     assert picture.std() > 0.05  # drawn, not blank
 
+    # --metric: the finished study tabulated again in balanced accuracy, from the runs' logs
+    assert compare.main(_study(data, out, flags, "--metric balanced_acc")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 8
+    assert "**final balanced accuracy, test (%)**" in printed
+    results = json.loads((out / "results.json").read_text())
+    for row in results["fractions"]:
+        diffs = []
+        for seed in (0, 1):
+            pair = []
+            for method in ("scratch", "ssat"):
+                folder = out / method / f"subset{row['fraction']}" / f"seed{seed}"
+                test = [r for r in _log(folder) if r.get("split") == "test"][-1]
+                pair.append(test["test_balanced_acc"])
+            diffs.append(pair[1] - pair[0])
+        assert row["gaps"]["final_top1"]["ssat"]["per_seed"] == pytest.approx(diffs)
+
     # 4. a folder trained on another fraction is refused, never tabulated
     other = tmp_path / "other"
     (other / "scratch" / "subset0.5").mkdir(parents=True)
