@@ -754,6 +754,11 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
         title="final numbers (mean ± std over seeds)", ylabel=_named("top-1 (%)", summary["metric"])
     )
     finals.legend()
+    return _save(fig, title, out)
+
+
+def _save(fig, title: str, out: Path) -> Path:
+    """The figure under its title, written to `out` (PNG) atomically, and closed."""
     fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     with atomic_path(out) as tmp:
@@ -1012,12 +1017,7 @@ def plot_study(study: dict[str, Any], title: str, out: Path) -> Path:
         ax.set_xlabel("fraction of the training split (log scale)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, title, out)
 
 
 def study_report(runs: list[Run], args: argparse.Namespace, shared: list[str], split: str) -> None:

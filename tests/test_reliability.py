@@ -21,6 +21,7 @@ import torch
 
 import train
 from convert.digits_to_ffcv import main as convert_digits
+from processes import torchrun_workers
 from ssat.checkpoint import load_checkpoint
 from ssat.runlock import LOCK_NAME, STALE_S, FolderInUse, RunLock
 from storage.beton import BetonFile
@@ -318,7 +319,7 @@ def test_elastic_restart_resumes_and_logs_every_epoch_once(tmp_path, data):
     job = _start([*torchrun, "train.py", *_args(data, out, *flags)], tmp_path / "job", env)
     try:
         _wait_for(out, '"epoch": 1, "step": 12', job)  # 10 steps an epoch a rank
-        os.kill(_workers(job.pid)[1], signal.SIGKILL)
+        os.kill(torchrun_workers(job.pid)[1], signal.SIGKILL)
         status = job.wait(timeout=300)
     finally:
         _end(job)
@@ -359,21 +360,6 @@ def test_two_nodes_train_together_and_ctrl_c_to_one_stops_both(tmp_path, data):
     assert 2 <= position["batch"] < 10 and len(ckpt["rng_ranks"]) == 2
     printed = "".join(Path(f"{tmp_path / f'n{r}'}.stdout").read_text() for r in (0, 1))
     assert f"stopped by SIGINT after step {ckpt['step']}" in printed, printed[-2000:]
-
-
-def _workers(parent: int) -> dict[int, int]:
-    """rank -> pid of the children of `parent` (torchrun) that have a RANK in their environment."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        ranks = [v[5:] for v in environment if v.startswith(b"RANK=")]
-        if parent_of == parent and ranks:
-            found[int(ranks[0])] = int(entry.name)
-    return found
 
 
 # -------------------------------------------------- the commands that start runs, on Ctrl-C

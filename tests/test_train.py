@@ -23,6 +23,7 @@ import fabricate
 import ssat.training
 import train
 from convert.digits_to_ffcv import main as convert_digits
+from processes import torchrun_workers
 from ssat.checkpoint import load_checkpoint
 from ssat.config import parse_config
 from ssat.distributed import DistContext
@@ -271,29 +272,14 @@ def _stop(command: list[str], out: Path, when: str, signum: int, logs: Path, ran
         proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
         try:
             _wait_for_log(out, when, proc)
-            os.kill(proc.pid if rank is None else _workers(proc.pid)[rank], signum)
+            os.kill(proc.pid if rank is None else torchrun_workers(proc.pid)[rank], signum)
             return proc.wait(timeout=180)
         finally:
             if proc.poll() is None:  # a failed test: leave no process behind
-                for pid in _workers(proc.pid).values():
+                for pid in torchrun_workers(proc.pid).values():
                     os.kill(pid, signal.SIGKILL)
                 proc.kill()
                 proc.wait()
-
-
-def _workers(parent: int) -> dict[int, int]:
-    """rank -> pid of the children of `parent` (torchrun) that have a RANK in their environment."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        ranks = [v[5:] for v in environment if v.startswith(b"RANK=")]
-        if parent_of == parent and ranks:
-            found[int(ranks[0])] = int(entry.name)
-    return found
 
 
 def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, data, capsys):
