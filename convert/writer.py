@@ -304,8 +304,8 @@ def write_split(
             source=source.location,
             skipped=written.skipped,
             converter_version=CONVERTER_VERSION,
+            fingerprint=written.fingerprint,
         )
-        meta["fingerprint"] = written.fingerprint
         verify(tmp, split.labels[written.kept], meta)
         nbytes = tmp.stat().st_size
     seconds = time.perf_counter() - start

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import log_softmax
 from sklearn import metrics as skm
 
 from ssat import distributed
@@ -44,8 +45,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     """(N, C) logits and (N,) labels of a whole split -> the metrics above (on the host, in
     float64: nothing here touches the device)."""
     num_classes = logits.shape[1]
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # log-softmax
+    log_probs = log_softmax(logits.astype(np.float64), axis=1)
     probs = np.exp(log_probs)
     pred = probs.argmax(axis=1)
     classes = np.arange(num_classes)

@@ -54,10 +54,12 @@ def build_metadata(
     source: str,
     skipped: list[dict],
     converter_version: str,
+    fingerprint: str,
 ) -> dict:
     """The metadata of one written split. `labels`: (N,) the labels of the samples written;
     `mean`/`std`: 0-255 channel statistics of split `stats_split`; `storage`: how the images were
-    written (write mode, resolution, quality), to which the layout's fields are added."""
+    written (write mode, resolution, quality), to which the layout's fields are added;
+    `fingerprint`: the file's content fingerprint (`storage.fingerprint`)."""
     return {
         "dataset": dataset,
         "split": split,
@@ -72,6 +74,7 @@ def build_metadata(
         "source": source,
         "skipped": skipped,
         "converter_version": converter_version,
+        "fingerprint": fingerprint,
     }
 
 
