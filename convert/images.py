@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import os
 
-import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from convert.area import area_resize
 
 # Truncated files must raise, not decode to a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -54,13 +55,14 @@ def target_size(width: int, height: int, max_side: int | None) -> tuple[int, int
 
 
 def shrink(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Downscale (never up) so the longer side is at most `max_side`. Area interpolation averages
-    every source pixel into the output (no aliasing), at a third of Lanczos' cost."""
+    """Downscale an (H, W, 3) image (never up) so the longer side is at most `max_side`. Area
+    averaging (`convert.area`, ffcv's filter) takes every source pixel into the output (no
+    aliasing), at a third of Lanczos' cost."""
     height, width = image.shape[:2]
     size = target_size(width, height, max_side)
     if size == (width, height):
         return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return area_resize(image, *size)
 
 
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:

@@ -1,15 +1,19 @@
 """One source image -> the record a `.beton` stores for it: mode, size, bytes, pixel statistics.
 
 The work of a converter's worker process, done once per sample with as little waste as the
-field allows:
-- a JPEG that already fits (baseline or progressive, RGB, no EXIF rotation, longer side at most
-  the maximum resolution) is stored as it is, byte for byte: no decode-and-encode, no second loss
-  of quality. It is decoded once, by ffcv's own decoder (the function its loaders call), which
-  checks that ffcv reads it and gives the pixels for the channel statistics;
-- a larger RGB JPEG is decoded by libjpeg-turbo (`simplejpeg`) at the smallest of its DCT scales
-  1/2, 1/4, 1/8 that is not below the target size (a 4000x3000 photo to 256 px decodes 1/64 of
-  the pixels), then shrunk the rest of the way with an area filter: the pixels PIL's `draft`
-  path gives, bit for bit, without PIL's overhead;
+field allows. A JPEG is read by its header alone (libjpeg-turbo's, through `simplejpeg`, and a
+walk over its segments for the frame type and the EXIF orientation) before anything is decoded:
+- a JPEG that already fits (baseline or progressive, colour, no EXIF rotation, longer side at
+  most the maximum resolution, complete up to its end-of-image marker) is stored as it is, byte
+  for byte: no decode-and-encode, no second loss of quality. The first such JPEG of every run of
+  samples (`run`: 8 samples, or 1 among the first 256) is decoded once, by ffcv's own decoder
+  (the function its loaders call): that checks that ffcv reads it, and its pixel statistics
+  stand in for the run's other JPEGs stored as they are, which are not decoded at all
+  (`convert.writer` adds them up);
+- a larger colour JPEG is decoded by libjpeg-turbo at the smallest of its DCT scales 1/2, 1/4,
+  1/8 that is not below the target size (a 4000x3000 photo to 256 px decodes 1/64 of the
+  pixels), then averaged down the rest of the way (`convert.area`): the pixels PIL's `draft`
+  path gives, without PIL's overhead;
 - every other file (PNG, grey or CMYK JPEG, an EXIF rotation, a JPEG libjpeg-turbo refuses) goes
   through PIL (`convert.images.decode_rgb`: every mode, EXIF orientation, clear reasons for bad
   files).
@@ -19,7 +23,6 @@ worker.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 from dataclasses import dataclass
@@ -39,6 +42,11 @@ _ORIENTATION = 0x0112  # the EXIF tag
 # Start-of-frame markers of the JPEGs every decoder reads: baseline, extended and progressive
 # Huffman-coded DCT (lossless and arithmetic-coded files are re-encoded).
 _COMMON_FRAMES = (0xC0, 0xC1, 0xC2)
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+# Which JPEGs stored as they are get decoded (`run`): the first in every run of CHECK_EVERY
+# samples, and all of them among a split's first DECODE_ALL samples (exact statistics for a small
+# split, at a cost of about 0.1 s).
+CHECK_EVERY, DECODE_ALL = 8, 256
 STATS = 7  # per sample: pixel count, 3 channel sums, 3 channel sums of squares
 
 
@@ -60,8 +68,14 @@ class Stored(NamedTuple):
     height: int
     width: int
     data: bytes
-    stats: np.ndarray  # (STATS,) float64
+    stats: np.ndarray | None  # (STATS,) float64; None: a JPEG stored as it is, not decoded
     passed_through: bool  # a source JPEG stored as it is
+
+
+def run(i: int) -> int:
+    """The first sample of sample i's run: in a run, the first JPEG stored as it is is decoded,
+    and its pixel statistics stand in for the run's others."""
+    return i if i < DECODE_ALL else i - i % CHECK_EVERY
 
 
 def pixel_stats(image: np.ndarray) -> np.ndarray:
@@ -72,30 +86,62 @@ def pixel_stats(image: np.ndarray) -> np.ndarray:
     return np.array([count, *(mean * count), *((std**2 + mean**2) * count)])
 
 
-def _jpeg_frame(data: bytes) -> int | None:
-    """The start-of-frame marker of a JPEG file (0xC0 baseline, 0xC2 progressive, ...), found by
-    walking its segments up to the frame header; None if there is none."""
-    pos = 2  # after SOI
+class _Header(NamedTuple):
+    """What a colour JPEG's header says: its size, its kind of frame (0xC0 baseline, 0xC2
+    progressive, ...) and whether the file runs to its end-of-image marker."""
+
+    height: int
+    width: int
+    frame: int | None
+    complete: bool
+
+
+def _segments(data: bytes) -> tuple[int | None, bytes | None]:
+    """The start-of-frame marker of a JPEG file and its EXIF block (None where there is none),
+    found by walking its segments up to the frame header."""
+    pos, exif = 2, None  # after SOI
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header first
-            return None
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return None
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker, exif
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header first
+            return None, exif
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            exif = data[pos + 4 : end]
+        pos = end
+    return None, exif
 
 
-def _rotated(img: Image.Image) -> bool:
-    """Whether the EXIF orientation asks for a rotation or flip (unreadable EXIF: assume so,
-    and let PIL's path handle it)."""
+def _rotated(exif: bytes) -> bool:
+    """Whether an EXIF block's orientation asks for a rotation or flip (unreadable EXIF: assume
+    so, and let PIL's path handle it)."""
     try:
-        return img.getexif().get(_ORIENTATION, 1) != 1
+        tags = Image.Exif()
+        tags.load(exif)
+        return tags.get(_ORIENTATION, 1) != 1
     except Exception:
         return True
+
+
+def _colour_jpeg(data: bytes) -> _Header | None:
+    """The header of a colour JPEG that libjpeg-turbo reads and that needs no rotation; None for
+    anything else (PIL's path then decodes it, or says what is wrong with it)."""
+    if data[:2] != _SOI:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "RGB"):
+        return None
+    frame, exif = _segments(data)
+    if exif is not None and _rotated(exif):
+        return None
+    return _Header(height, width, frame, data.endswith(_EOI))
 
 
 def _decode_as_ffcv(data: bytes, height: int, width: int) -> np.ndarray | None:
@@ -107,13 +153,12 @@ def _decode_as_ffcv(data: bytes, height: int, width: int) -> np.ndarray | None:
     return pixels if status == 0 else None
 
 
-def _fast_rgb(data: bytes, img: Image.Image, max_side: int | None) -> np.ndarray | None:
+def _fast_rgb(data: bytes, height: int, width: int, max_side: int | None) -> np.ndarray | None:
     """An RGB JPEG decoded at a reduced DCT scale, then shrunk to its target size; None for a
     file libjpeg-turbo reports anything about (PIL's path then says what). The scale is the one
     PIL's `draft` picks: 1/2, 1/4 or 1/8, the smallest not below the target size. (The scales
     between, such as 5/8, decode no faster here and cost about 5 dB of PSNR against an area
     filter.)"""
-    width, height = img.size
     target = target_size(width, height, max_side)
     ratio = min(width // target[0], height // target[1])
     scale = next(s for s in (8, 4, 2, 1) if s <= ratio)
@@ -154,8 +199,10 @@ def encode(image: np.ndarray, storage: Storage, index: int) -> Stored:
     return Stored(JPEG, height, width, data, stats, False)
 
 
-def store_file(path: str | os.PathLike, storage: Storage, index: int) -> Stored:
-    """The stored record of an image file; a `BadImage` says why a file cannot be stored."""
+def store_file(path: str | os.PathLike, storage: Storage, index: int, check: bool = True) -> Stored:
+    """The stored record of an image file; a `BadImage` says why a file cannot be stored.
+    `check`: decode a JPEG stored as it is with ffcv's decoder (for the check and the pixel
+    statistics); without it, a complete JPEG that fits is stored on its header alone."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -163,22 +210,20 @@ def store_file(path: str | os.PathLike, storage: Storage, index: int) -> Stored:
     except OSError as err:
         raise BadImage(f"{type(err).__name__}: {err}") from None
     max_side = storage.max_resolution
-    try:
-        img = Image.open(io.BytesIO(data))  # by content, not by name; reads the header only
-    except Exception:
-        img = None  # decode_rgb says why
-    if img is not None and img.format == "JPEG" and img.mode == "RGB" and not _rotated(img):
-        size = target_size(*img.size, max_side)
-        width, height = img.size
+    header = _colour_jpeg(data)
+    if header is not None:
+        height, width = header.height, header.width
         if (
-            size == img.size
+            target_size(width, height, max_side) == (width, height)
             and _jpeg_or_raw(storage, width * height * 3, index)
-            and _jpeg_frame(data) in _COMMON_FRAMES
+            and header.frame in _COMMON_FRAMES
         ):
+            if header.complete and not check:
+                return Stored(JPEG, height, width, data, None, True)
             pixels = _decode_as_ffcv(data, height, width)
             if pixels is not None:
                 return Stored(JPEG, height, width, data, pixel_stats(pixels), True)
-        pixels = _fast_rgb(data, img, max_side)
+        pixels = _fast_rgb(data, height, width, max_side)
         if pixels is not None:
             return encode(pixels, storage, index)
     return encode(decode_rgb(data, max_side), storage, index)

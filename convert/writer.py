@@ -28,8 +28,9 @@ from ffcv.reader import Reader
 from ffcv.writer import MIN_PAGE_SIZE
 from tqdm import tqdm
 
+from convert.area import area_resize
 from convert.images import BadImage
-from convert.stored import STATS, Storage, Stored, store_array, store_file
+from convert.stored import CHECK_EVERY, STATS, Storage, Stored, run, store_array, store_file
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.beton import BetonFile, BetonWriter
@@ -109,11 +110,11 @@ class WriteOptions:
 _WORK: tuple[Split, Storage] | None = None  # what a worker process stores (inherited by fork)
 
 
-def _store(split: Split, storage: Storage, i: int) -> Stored | str:
+def _store(split: Split, storage: Storage, i: int, check: bool) -> Stored | str:
     """Sample i's stored record, or why it cannot be stored."""
     try:
         if split.files is not None:
-            return store_file(split.files[i], storage, i)
+            return store_file(split.files[i], storage, i, check)
         return store_array(split.arrays[i], storage, i)
     except BadImage as err:
         return str(err)
@@ -121,9 +122,21 @@ def _store(split: Split, storage: Storage, i: int) -> Stored | str:
         return f"{type(err).__name__}: {err}"
 
 
+def _store_run(split: Split, storage: Storage, start: int, stop: int) -> list[Stored | str]:
+    """The records of samples start..stop-1 (`start` the first of a run): in each run, JPEGs
+    stored as they are get decoded until one is (`convert.stored.run`)."""
+    records, checked = [], False
+    for i in range(start, stop):
+        checked = checked and run(i) != i
+        record = _store(split, storage, i, check=not checked)
+        checked = checked or (not isinstance(record, str) and record.passed_through)
+        records.append(record)
+    return records
+
+
 def _store_chunk(bounds: tuple[int, int]) -> list[Stored | str]:
     split, storage = _WORK
-    return [_store(split, storage, i) for i in range(*bounds)]
+    return _store_run(split, storage, *bounds)
 
 
 def _start_worker(work: tuple[Split, Storage]) -> None:
@@ -141,11 +154,17 @@ def _records(
     processes store chunks of samples and send back their records (encoded bytes, small); with
     one, this process stores them."""
     n = len(split)
-    if workers == 1:
-        yield ((i, _store(split, storage, i)) for i in range(n))
-        return
-    chunk = int(np.clip(n // (workers * 8), 1, 64))  # several chunks per worker: even finish
+    # several chunks per worker for an even finish, each made of whole runs of CHECK_EVERY
+    chunk = CHECK_EVERY * int(np.clip(n // (workers * 8 * CHECK_EVERY), 1, 8))
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    if workers == 1:
+        yield (
+            (i, record)
+            for start, stop in bounds
+            for i, record in enumerate(_store_run(split, storage, start, stop), start)
+        )
+        return
+    area_resize(np.zeros((2, 2, 3), np.uint8), 1, 1)  # compiled (or loaded) once, before forking
     pool = ProcessPoolExecutor(
         workers, mp.get_context("fork"), initializer=_start_worker, initargs=((split, storage),)
     )
@@ -191,12 +210,13 @@ def _page_size(split: Split, opts: WriteOptions) -> int:
 @dataclass
 class _Written:
     """What `_write` stored: the samples kept (indices into the split), the sum of their pixel
-    statistics, how many JPEGs were stored as they were, the files skipped and why, and the
-    content fingerprint of the file (`storage.fingerprint`)."""
+    statistics, how many JPEGs were stored as they were (and how many of those were decoded),
+    the files skipped and why, and the content fingerprint of the file (`storage.fingerprint`)."""
 
     kept: np.ndarray
     stats: np.ndarray
     passed_through: int
+    decoded: int
     skipped: list[dict]
     fingerprint: str
 
@@ -207,8 +227,9 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
     and listed (skip)."""
     storage = opts.storage
     workers = max(1, min(opts.num_workers, len(split)))
-    kept, skipped, passed = [], [], 0
+    kept, skipped, passed, decoded = [], [], 0, 0
     stats = np.zeros(STATS)
+    standing_in = (-1, None)  # (run, statistics) of the run's decoded JPEG stored as it is
     fingerprint = Fingerprint()
     with (
         _records(split, storage, workers) as records,
@@ -229,11 +250,19 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                 raise ConvertError(f"{split.describe(i)}: {err}; set --max_resolution") from None
             # each stored record, in index order, exactly as the file holds it: no second pass
             fingerprint.update(label, *record[:4])
-            stats += record.stats
+            if record.stats is None:  # not decoded: its run's decoded one stands in for it
+                first, sample = standing_in
+                assert first == run(i), "a run decodes its first JPEG stored as it is"
+                stats += sample
+            else:
+                stats += record.stats
+                if record.passed_through:
+                    standing_in = (run(i), record.stats)
+                    decoded += 1
             passed += record.passed_through
             kept.append(i)
     kept = np.asarray(kept, dtype=np.int64)
-    return _Written(kept, stats, passed, skipped, fingerprint.value)
+    return _Written(kept, stats, passed, decoded, skipped, fingerprint.value)
 
 
 def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
@@ -300,6 +329,7 @@ def write_split(
                 "max_resolution": opts.max_resolution,
                 "jpeg_quality": opts.jpeg_quality,
                 "passed_through": written.passed_through,
+                "passed_through_decoded": written.decoded,
             },
             source=source.location,
             skipped=written.skipped,

@@ -126,6 +126,7 @@ def test_imagenet_image_folder(tmp_path):
         "max_resolution": 256,
         "jpeg_quality": 90,
         "passed_through": 6,  # the JPEG half of the folder already fits: stored as it is
+        "passed_through_decoded": 6,  # a small split: each one decoded (checked and measured)
         "fields": {"image": "RGBImageField", "label": "IntField"},
     }
 
@@ -475,7 +476,7 @@ def test_killed_conversion_leaves_no_final_file_and_cleans_up_next_time(tmp_path
                 "the conversion never started writing"
             )
             time.sleep(0.02)
-        time.sleep(0.3)
+        time.sleep(0.05)  # mid-write: the whole conversion takes about 0.5 s
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the writer and its worker processes
         proc.wait()  # (the writer keeps its tables in its own memory: no shared memory is left)
