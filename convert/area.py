@@ -35,7 +35,7 @@ def _coverage(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True)
 def _area(image: np.ndarray, height: int, width: int) -> np.ndarray:
     rows, cols = image.shape[:2]
     row_index, row_weight = _coverage(rows, height)

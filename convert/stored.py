@@ -46,7 +46,7 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 # Which JPEGs stored as they are get decoded (`run`): the first in every run of CHECK_EVERY
 # samples, and all of them among a split's first DECODE_ALL samples (exact statistics for a small
 # split, at a cost of about 0.1 s).
-CHECK_EVERY, DECODE_ALL = 8, 256
+CHECK_EVERY, DECODE_ALL = 8, 64
 STATS = 7  # per sample: pixel count, 3 channel sums, 3 channel sums of squares
 
 
@@ -67,7 +67,7 @@ class Stored(NamedTuple):
     mode: int  # storage.beton.JPEG or RAW
     height: int
     width: int
-    data: bytes
+    data: bytes | None  # None: a source file stored as it is, not sent (`convert.writer`)
     stats: np.ndarray | None  # (STATS,) float64; None: a JPEG stored as it is, not decoded
     passed_through: bool  # a source JPEG stored as it is
 

@@ -10,8 +10,10 @@ from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from PIL import Image
 
+from convert.area import area_resize
 from convert.imagenet_to_ffcv import main as convert_folder
 from convert.images import load_rgb
+from convert.stored import CHECK_EVERY, DECODE_ALL
 from convert.synthetic import photo_variants
 from storage.beton import JPEG, RAW, BetonFile, BetonWriter
 from storage.fingerprint import beton_fingerprint
@@ -151,3 +153,89 @@ def test_beton_writer_fills_pages_that_ffcv_reads(tmp_path):
         raw = np.arange(24) % 3 != 0
         assert np.array_equal(read[raw], images[raw])
         assert np.abs(read[~raw].astype(int) - images[~raw]).mean() < 4
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ((500, 375), (256, 192)),
+        ((300, 225), (256, 192)),
+        ((1200, 900), (256, 192)),
+        ((64, 48), (32, 24)),
+        ((37, 23), (5, 3)),
+        ((100, 1), (7, 1)),
+        ((40, 30), (40, 30)),
+    ],
+)
+def test_area_averaging_is_opencvs_inter_area(source, target):
+    image = next(photo_variants(1, seed=3, size=(max(source[0], 64), max(source[1], 48))))
+    image = np.ascontiguousarray(image[: source[1], : source[0]])
+    ours = area_resize(image, *target)
+    opencv = cv2.resize(image, target, interpolation=cv2.INTER_AREA)
+    diff = np.abs(ours.astype(int) - opencv)
+    assert ours.shape == opencv.shape and diff.max() <= 1 and diff.mean() < 0.02, diff.mean()
+    with pytest.raises(ValueError, match="shrinks"):
+        area_resize(image, source[0] + 1, source[1])
+
+
+def test_jpegs_that_fit_are_decoded_once_per_run(tmp_path):
+    """Beyond the first DECODE_ALL samples, one JPEG stored as it is in each run of CHECK_EVERY
+    is decoded; a file that does not end where a JPEG ends is always decoded (and a truncated
+    one reported); the file and its metadata do not depend on the number of workers."""
+    count = DECODE_ALL + 3 * CHECK_EVERY + 5
+    folder = tmp_path / "src" / "train" / "only"
+    folder.mkdir(parents=True)
+    for k, image in enumerate(photo_variants(count, seed=5, size=(64, 48), noise=8.0)):
+        Image.fromarray(image).save(folder / f"{k:03d}.jpg", quality=90)
+    truncated = DECODE_ALL + 2  # in a run whose first JPEG decodes fine
+    data = (folder / f"{truncated:03d}.jpg").read_bytes()
+    (folder / f"{truncated:03d}.jpg").write_bytes(data[: len(data) // 2])
+    metas = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        metas[workers] = _convert(
+            tmp_path / "src", out, "--num_workers", workers, "--on_error", "skip"
+        )
+    assert (tmp_path / "out1" / "imagenet_train.beton").read_bytes() == (
+        tmp_path / "out2" / "imagenet_train.beton"
+    ).read_bytes()
+    meta = metas[1]
+    assert {k: v for k, v in metas[2].items() if k != "source"} == {
+        k: v for k, v in meta.items() if k != "source"
+    }
+    [skipped] = meta["skipped"]
+    assert skipped["path"].endswith(f"{truncated:03d}.jpg") and "truncated" in skipped["reason"]
+    runs = -(-(count - DECODE_ALL) // CHECK_EVERY)
+    assert meta["storage"]["passed_through"] == count - 1
+    assert meta["storage"]["passed_through_decoded"] == DECODE_ALL + runs
+    # 24 of the 92 photos are not decoded, 4 decoded ones standing in for them: mean and std
+    # within 2.5 grey levels of all stored pixels' here
+    beton = BetonFile(tmp_path / "out1" / "imagenet_train.beton")
+    pixels = np.concatenate([beton.decode(i).reshape(-1, 3) for i in range(len(beton))])
+    np.testing.assert_allclose(meta["mean"], pixels.mean(0), atol=3)
+    np.testing.assert_allclose(meta["std"], pixels.std(0), atol=3)
+
+
+def test_a_decoded_jpeg_stands_in_for_its_runs_others(tmp_path):
+    """Channel statistics with JPEGs that are not decoded: DECODE_ALL PNGs of one colour, then
+    as many JPEGs that fit of another, one in CHECK_EVERY of them decoded, each standing in for
+    its run. Counted once each instead, the JPEGs' colour would weigh a CHECK_EVERY-th of the
+    PNGs'."""
+    folder = tmp_path / "src" / "train" / "only"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    colours = {"png": (200, 40, 90), "jpg": (30, 160, 220)}
+    for k in range(2 * DECODE_ALL):
+        kind = "png" if k < DECODE_ALL else "jpg"
+        noise = rng.integers(-3, 4, (32, 48, 3))
+        image = np.clip(np.array(colours[kind]) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"{k:03d}.{kind}", quality=95)
+    meta = _convert(tmp_path / "src", tmp_path / "out", "--num_workers", 2)
+    assert meta["storage"]["passed_through"] == DECODE_ALL
+    assert meta["storage"]["passed_through_decoded"] == DECODE_ALL // CHECK_EVERY
+    beton = BetonFile(tmp_path / "out" / "imagenet_train.beton")
+    pixels = np.concatenate([beton.decode(i).reshape(-1, 3) for i in range(len(beton))])
+    # (the PNGs' statistics are taken before their JPEG encoding: within about a grey level; a
+    # JPEG counted once would put the red mean near 181)
+    np.testing.assert_allclose(meta["mean"], pixels.mean(0), atol=1.5)
+    np.testing.assert_allclose(meta["std"], pixels.std(0), atol=1.5)
