@@ -1,7 +1,8 @@
 """The one writing module behind every converter: a `Source` of splits -> `.beton` + `.json`.
 
 Worker processes turn chunks of source images into stored records (`convert.stored`: the bytes
-the file will hold, a JPEG often as it came, and pixel statistics), and the parent appends them
+the file will hold, a JPEG often as it came, and pixel statistics; a JPEG stored as it is comes
+back without its bytes, which the parent reads from the file), and the parent appends them
 in index order to a temporary file in the output folder (`storage.beton.BetonWriter`), in one
 pass: a bad source image comes back as its reason, and `--on_error fail` stops at the first one
 in index order and names it, `skip` leaves it out and lists it. The file is then verified
