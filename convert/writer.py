@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from convert.area import area_resize
 from convert.images import BadImage
-from convert.stored import CHECK_EVERY, STATS, Storage, Stored, run, store_array, store_file
+from convert.stored import STATS, Storage, Stored, run, store_array, store_file
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.beton import BetonFile, BetonWriter
@@ -150,6 +150,20 @@ def _start_worker(work: tuple[Split, Storage]) -> None:
     cv2.setNumThreads(1)  # one core per worker process: the processes are the parallelism
 
 
+def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    """Bounds of the chunks of samples the workers store: whole runs (`convert.stored.run`), at
+    most about 64 samples, shrinking towards the end (guided scheduling: each about a quarter of
+    a worker's share of what is left) so that the workers finish together."""
+    bounds, start = [], 0
+    while start < n:
+        stop = min(n, start + int(np.clip((n - start) // (4 * workers), 1, 64)))
+        while stop < n and run(stop) != stop:  # a chunk ends where a run ends
+            stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 @contextmanager
 def _records(
     split: Split, storage: Storage, workers: int
@@ -157,10 +171,7 @@ def _records(
     """(index, record or reason) of every sample, in index order. With several workers, forked
     processes store chunks of samples and send back their records (encoded bytes, small); with
     one, this process stores them."""
-    n = len(split)
-    # several chunks per worker for an even finish, each made of whole runs of CHECK_EVERY
-    chunk = CHECK_EVERY * int(np.clip(n // (workers * 16 * CHECK_EVERY), 1, 8))
-    bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    bounds = _chunks(len(split), workers)
     if workers == 1:
         yield (
             (i, record)
