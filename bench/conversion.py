@@ -16,12 +16,19 @@ of the repeats is printed for 1 worker and for all cores. The last lines, one pe
     RATIO convert/stock <set>: 1 worker <r1>, <n> workers <rn>, scaling <s>
 
 r1 and rn are ours / stock images per second; s is ours at n workers / ours at 1 worker.
+
+`--profile` instead runs cProfile over this converter with one worker (in this process) on each
+set and prints where the time goes per image, by stage: reading the file, its header (EXIF and
+mode included), decoding, resizing, encoding, the pixel statistics, writing (the fingerprint
+included), the read-back verification, and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -67,6 +74,71 @@ def stock(src: Path, out: Path, workers: int) -> None:
     )
 
 
+# (file, function) of each stage, the file "~" for built-ins; tottime, except `verify`'s cumtime.
+STAGES = {
+    "read": [("~", "read"), ("pathlib", "read_bytes"), ("~", "io.open")],
+    "header": [
+        ("~", "decode_jpeg_header"),
+        ("stored", "_colour_jpeg"),
+        ("stored", "_segments"),
+        ("stored", "_rotated"),
+        ("stored", "_jpeg_frame"),
+        ("PIL", "open"),
+        ("PIL", "_open"),
+        ("PIL", "_open_core"),
+        ("PIL", "jpeg_factory"),
+        ("PIL", "getexif"),
+    ],
+    "decode": [
+        ("stored", "_fast_rgb"),  # libjpeg-turbo's decoder, called from here
+        ("libffcv", "imdecode"),
+        ("PIL", "load"),
+        ("~", "decode"),
+    ],
+    "resize": [("~", "resize"), ("area", "_area"), ("area", "area_resize"), ("images", "shrink")],
+    "encode": [("~", "imencode"), ("~", "cvtColor"), ("stored", "encode")],
+    "statistics": [("~", "meanStdDev"), ("stored", "pixel_stats")],
+    "writing": [
+        ("~", "posix.pwrite"),
+        ("beton", "append"),
+        ("fingerprint", "update"),
+        ("~", "update"),
+        ("~", "posix.fsync"),
+    ],
+}
+
+
+def _name(function: str) -> str:
+    """A profile's function name without the decoration of built-ins."""
+    for prefix in ("<built-in method ", "<method '", "<"):
+        if function.startswith(prefix):
+            return function[len(prefix) :].split("'")[0].rstrip(">")
+    return function
+
+
+def profile(src: Path, out: Path, count: int) -> dict[str, float]:
+    """Milliseconds per image of one worker converting `src`, by stage."""
+    ours(src, out, 1)  # warm: compiled code loaded, files in the page cache
+    profiler = cProfile.Profile()
+    profiler.enable()
+    ours(src, out, 1)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (.., .., tottime, cumtime, ..)
+    total = sum(row[2] for row in stats.values())
+    times = dict.fromkeys([*STAGES, "verification", "other"], 0.0)
+    for (file, _, function), row in stats.items():
+        name = _name(function)
+        for stage, places in STAGES.items():
+            if any(place in file and name == fn for place, fn in places):
+                times[stage] += row[2]
+                break
+    times["verification"] = sum(
+        row[3] for (file, _, fn), row in stats.items() if fn == "verify" and "writer" in file
+    )
+    times["other"] = total - sum(times.values())
+    return {stage: 1e3 * t / count for stage, t in times.items()}
+
+
 def rates(src: Path, out: Path, count: int, workers: int, repeats: int) -> tuple[float, float]:
     """Median images/s of ours and of stock, runs alternating so both see the same load."""
     mine, base = [], []
@@ -85,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1000, help="images of the photos set")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    p.add_argument("--profile", action="store_true", help="where one worker's time goes")
     a = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     counts = sorted({1, cores})
@@ -96,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             count = make_jpegs(src, max(10, round(a.images * share)), size, cores)
             kb = np.median([f.stat().st_size for f in src.glob("*/*.JPEG")]) / 1e3
             print(f"{name}: {count} JPEGs of about {size[0]}x{size[1]}, median {kb:.0f} KB")
+            if a.profile:
+                times = profile(src, out, count)
+                total = sum(times.values())
+                print(f"  one worker: {total:.3f} ms per image (profiled)")
+                for stage, ms in sorted(times.items(), key=lambda item: -item[1]):
+                    print(f"  {stage:>13} {ms:8.3f} ms {100 * ms / total:5.1f}%")
+                continue
             measured = {w: rates(src, out, count, w, a.repeats) for w in counts}
             print(f"{'workers':>8} {'ours img/s':>11} {'stock img/s':>12} {'ours/stock':>11}")
             for w, (mine, base) in measured.items():
