@@ -1,7 +1,7 @@
 """tools/build_ffcv_bundle.sh: the offline ffcv bundle for GPU machines without network, built
 for this Python and installed into a new venv with pip reaching no index. The build itself
-downloads ffcv's sdist and the wheels it names, so the test skips where no package index is
-reachable."""
+downloads ffcv's sdist and the wheels it names from the package index: the test runs only when
+asked for (`pytest -m network`), and skips where no index is reachable."""
 
 import os
 import subprocess
@@ -36,6 +36,7 @@ def _view_without(brought: tuple[str, ...], into: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_bundle_builds_and_installs_offline(tmp_path):
     bundle = tmp_path / "bundle"
     build = subprocess.run(
