@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _coverage(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """(dst, taps) source indices and weights: output pixel d covers source [d*s, (d+1)*s) with
     s = src/dst, each source pixel weighted by the part of it covered, over s."""
@@ -35,7 +35,7 @@ def _coverage(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _area(image: np.ndarray, height: int, width: int) -> np.ndarray:
     rows, cols = image.shape[:2]
     row_index, row_weight = _coverage(rows, height)

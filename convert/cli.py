@@ -81,7 +81,7 @@ def build_parser(
         "--num_workers",
         type=int,
         default=len(os.sched_getaffinity(0)),
-        help="writer processes (default: all cores)",
+        help="worker threads (default: all cores)",
     )
     p.add_argument(
         "--on_error",

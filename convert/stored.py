@@ -1,6 +1,6 @@
 """One source image -> the record a `.beton` stores for it: mode, size, bytes, pixel statistics.
 
-The work of a converter's worker process, done once per sample with as little waste as the
+The work of a converter's worker thread, done once per sample with as little waste as the
 field allows. A JPEG is read by its header alone (libjpeg-turbo's, through `simplejpeg`, and a
 walk over its segments for the frame type and the EXIF orientation) before anything is decoded:
 - a JPEG that already fits (baseline or progressive, colour, no EXIF rotation, longer side at
@@ -67,7 +67,7 @@ class Stored(NamedTuple):
     mode: int  # storage.beton.JPEG or RAW
     height: int
     width: int
-    data: bytes | None  # None: a source file stored as it is, not sent (`convert.writer`)
+    data: bytes
     stats: np.ndarray | None  # (STATS,) float64; None: a JPEG stored as it is, not decoded
     passed_through: bool  # a source JPEG stored as it is
 

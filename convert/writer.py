@@ -1,8 +1,7 @@
 """The one writing module behind every converter: a `Source` of splits -> `.beton` + `.json`.
 
-Worker processes turn chunks of source images into stored records (`convert.stored`: the bytes
-the file will hold, a JPEG often as it came, and pixel statistics; a JPEG stored as it is comes
-back without its bytes, which the parent reads from the file), and the parent appends them
+Worker threads turn chunks of source images into stored records (`convert.stored`: the bytes
+the file will hold, a JPEG often as it came, and pixel statistics), and this thread appends them
 in index order to a temporary file in the output folder (`storage.beton.BetonWriter`), in one
 pass: a bad source image comes back as its reason, and `--on_error fail` stops at the first one
 in index order and names it, `skip` leaves it out and lists it. The file is then verified
@@ -13,13 +12,12 @@ loaders' reader in `storage/`), and only then renamed into place, with its metad
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,14 +27,12 @@ from ffcv.reader import Reader
 from ffcv.writer import MIN_PAGE_SIZE
 from tqdm import tqdm
 
-from convert.area import area_resize
 from convert.images import BadImage
 from convert.stored import STATS, Storage, Stored, run, store_array, store_file
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.beton import BetonFile, BetonWriter
 from storage.fingerprint import Fingerprint
-from storage.forking import forking
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
 CONVERTER_VERSION = "ssat-convert 1.0"
@@ -108,9 +104,6 @@ class WriteOptions:
 
 
 # ---------------------------------------------------------------------------- samples
-_WORK: tuple[Split, Storage] | None = None  # what a worker process stores (inherited by fork)
-
-
 def _store(split: Split, storage: Storage, i: int, check: bool) -> Stored | str:
     """Sample i's stored record, or why it cannot be stored."""
     try:
@@ -135,21 +128,6 @@ def _store_run(split: Split, storage: Storage, start: int, stop: int) -> list[St
     return records
 
 
-def _store_chunk(bounds: tuple[int, int]) -> list[Stored | str]:
-    """A worker's records of a chunk, a JPEG stored as it is without its bytes: the parent
-    reads the file itself, at a fraction of the cost of sending it through a pipe."""
-    split, storage = _WORK
-    records = _store_run(split, storage, *bounds)
-    return [r._replace(data=None) if getattr(r, "passed_through", False) else r for r in records]
-
-
-def _start_worker(work: tuple[Split, Storage]) -> None:
-    global _WORK
-    _WORK = work
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the pool
-    cv2.setNumThreads(1)  # one core per worker process: the processes are the parallelism
-
-
 def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
     """Bounds of the chunks of samples the workers store: whole runs (`convert.stored.run`), at
     most about 64 samples, shrinking towards the end (guided scheduling: each about a quarter of
@@ -168,9 +146,10 @@ def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
 def _records(
     split: Split, storage: Storage, workers: int
 ) -> Iterator[Iterator[tuple[int, Stored | str]]]:
-    """(index, record or reason) of every sample, in index order. With several workers, forked
-    processes store chunks of samples and send back their records (encoded bytes, small); with
-    one, this process stores them."""
+    """(index, record or reason) of every sample, in index order. With several workers, threads
+    store chunks of samples: the work of a sample runs in libjpeg-turbo, OpenCV, numba and PIL
+    code that releases the GIL, and a record (its bytes included) needs no copy to reach the
+    writer; with one, this thread stores them."""
     bounds = _chunks(len(split), workers)
     if workers == 1:
         yield (
@@ -179,22 +158,21 @@ def _records(
             for i, record in enumerate(_store_run(split, storage, start, stop), start)
         )
         return
-    area_resize(np.zeros((2, 2, 3), np.uint8), 1, 1)  # compiled (or loaded) once, before forking
-    pool = ProcessPoolExecutor(
-        workers, mp.get_context("fork"), initializer=_start_worker, initargs=((split, storage),)
-    )
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one core per worker: the workers are the parallelism
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
-        with forking():  # the workers are forked at the first submission
-            results = pool.map(_store_chunk, bounds)
+        starts, stops = zip(*bounds, strict=True)
+        results = pool.map(partial(_store_run, split, storage), starts, stops)
         yield (
             (i, record)
             for (start, stop), records in zip(bounds, results, strict=True)
             for i, record in zip(range(start, stop), records, strict=True)
         )
     finally:
-        # Done, a failure or Ctrl-C: nothing more is started, and the workers exit on their
-        # own (a worker that dies instead is an error here, never a hang).
+        # Done, a failure or Ctrl-C: no chunk is started after the ones under way
         pool.shutdown(wait=False, cancel_futures=True)
+        cv2.setNumThreads(threads)
 
 
 def channel_stats(stats: np.ndarray) -> tuple[list[float], list[float]]:
@@ -259,8 +237,6 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                 skipped.append({"path": split.describe(i), "reason": record})
                 continue
             label = int(split.labels[i])
-            if record.data is None:  # a source file stored as it is (`_store_chunk`)
-                record = record._replace(data=_read(split.files[i]))
             try:
                 out.append(label, *record[:4])
             except ValueError as err:  # larger than a page
@@ -280,13 +256,6 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
             kept.append(i)
     kept = np.asarray(kept, dtype=np.int64)
     return _Written(kept, stats, passed, decoded, skipped, fingerprint.value)
-
-
-def _read(path: str | os.PathLike) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise ConvertError(f"{path}: {type(err).__name__}: {err}") from None
 
 
 def verify(path: Path, labels: np.ndarray, meta: dict) -> None:
