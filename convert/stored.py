@@ -6,10 +6,10 @@ walk over its segments for the frame type and the EXIF orientation) before anyth
 - a JPEG that already fits (baseline or progressive, colour, no EXIF rotation, longer side at
   most the maximum resolution, complete up to its end-of-image marker) is stored as it is, byte
   for byte: no decode-and-encode, no second loss of quality. The first such JPEG of every run of
-  samples (`run`: 8 samples, or 1 among the first 256) is decoded once, by ffcv's own decoder
-  (the function its loaders call): that checks that ffcv reads it, and its pixel statistics
-  stand in for the run's other JPEGs stored as they are, which are not decoded at all
-  (`convert.writer` adds them up);
+  samples (`run`: CHECK_EVERY samples, or one among a split's first DECODE_ALL) is decoded once,
+  by ffcv's own decoder (the function its loaders call): that checks that ffcv reads it, and its
+  pixel statistics stand in for the run's other JPEGs stored as they are, which are not decoded
+  at all (`convert.writer` adds them up);
 - a larger colour JPEG is decoded by libjpeg-turbo at the smallest of its DCT scales 1/2, 1/4,
   1/8 that is not below the target size (a 4000x3000 photo to 256 px decodes 1/64 of the
   pixels), then averaged down the rest of the way (`convert.area`): the pixels PIL's `draft`
