@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -142,6 +144,22 @@ def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def _in_order(
+    pool: ThreadPoolExecutor, store, bounds: list[tuple[int, int]], ahead: int
+) -> Iterator[list[Stored | str]]:
+    """store(start, stop) of each chunk, in order, with at most `ahead` chunks under way or
+    waiting to be written: when the writer is the slower side (many cores), the records it has
+    not written yet stay a few chunks, not the whole dataset."""
+    chunks, pending = iter(bounds), deque()
+    for start, stop in islice(chunks, ahead):
+        pending.append(pool.submit(store, start, stop))
+    while pending:
+        records = pending.popleft().result()
+        for start, stop in islice(chunks, 1):
+            pending.append(pool.submit(store, start, stop))
+        yield records
+
+
 @contextmanager
 def _records(
     split: Split, storage: Storage, workers: int
@@ -162,8 +180,7 @@ def _records(
     cv2.setNumThreads(1)  # one core per worker: the workers are the parallelism
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
-        starts, stops = zip(*bounds, strict=True)
-        results = pool.map(partial(_store_run, split, storage), starts, stops)
+        results = _in_order(pool, partial(_store_run, split, storage), bounds, 4 * workers)
         yield (
             (i, record)
             for (start, stop), records in zip(bounds, results, strict=True)
