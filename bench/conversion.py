@@ -82,7 +82,6 @@ STAGES = {
         ("stored", "_colour_jpeg"),
         ("stored", "_segments"),
         ("stored", "_rotated"),
-        ("stored", "_jpeg_frame"),
         ("PIL", "open"),
         ("PIL", "_open"),
         ("PIL", "_open_core"),

@@ -118,16 +118,19 @@ def _store(split: Split, storage: Storage, i: int, check: bool) -> Stored | str:
         return f"{type(err).__name__}: {err}"
 
 
-def _store_run(split: Split, storage: Storage, start: int, stop: int) -> list[Stored | str]:
-    """The records of samples start..stop-1 (`start` the first of a run): in each run, JPEGs
-    stored as they are get decoded until one is (`convert.stored.run`)."""
-    records, checked = [], False
+def _store_run(split: Split, storage: Storage, start: int, stop: int) -> Iterator[Stored | str]:
+    """The records of samples start..stop-1 (`start` the first of a run), one at a time: in
+    each run, JPEGs stored as they are get decoded until one is (`convert.stored.run`)."""
+    checked = False
     for i in range(start, stop):
         checked = checked and run(i) != i
         record = _store(split, storage, i, check=not checked)
         checked = checked or (not isinstance(record, str) and record.passed_through)
-        records.append(record)
-    return records
+        yield record
+
+
+def _store_chunk(split: Split, storage: Storage, start: int, stop: int) -> list[Stored | str]:
+    return list(_store_run(split, storage, start, stop))
 
 
 def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
@@ -168,19 +171,15 @@ def _records(
     store chunks of samples: the work of a sample runs in libjpeg-turbo, OpenCV, numba and PIL
     code that releases the GIL, and a record (its bytes included) needs no copy to reach the
     writer; with one, this thread stores them."""
-    bounds = _chunks(len(split), workers)
     if workers == 1:
-        yield (
-            (i, record)
-            for start, stop in bounds
-            for i, record in enumerate(_store_run(split, storage, start, stop), start)
-        )
+        yield enumerate(_store_run(split, storage, 0, len(split)))
         return
+    bounds = _chunks(len(split), workers)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core per worker: the workers are the parallelism
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
-        results = _in_order(pool, partial(_store_run, split, storage), bounds, 4 * workers)
+        results = _in_order(pool, partial(_store_chunk, split, storage), bounds, 4 * workers)
         yield (
             (i, record)
             for (start, stop), records in zip(bounds, results, strict=True)
