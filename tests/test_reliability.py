@@ -195,9 +195,10 @@ def test_ctrl_c_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_pa
     assert "warning: " in capsys.readouterr().out
 
 
-def test_second_ctrl_c_stops_at_once_and_leaves_no_partial_checkpoint(tmp_path, data):
-    out = tmp_path / "run"
-    run = _start([sys.executable, "train.py", *_args(data, out, "--epochs", 5)], tmp_path / "r")
+def _two_ctrl_c(tmp_path: Path, data: Path, attempt: int) -> tuple[int, str, str, Path]:
+    """A run given Ctrl-C twice, 10 ms apart: its status, stdout, stderr and output folder."""
+    out, logs = tmp_path / f"run{attempt}", tmp_path / f"r{attempt}"
+    run = _start([sys.executable, "train.py", *_args(data, out, "--epochs", 5)], logs)
     try:
         _wait_for(out, '"step": 2,', run)
         os.killpg(run.pid, signal.SIGINT)
@@ -206,7 +207,17 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_partial_checkpoint(tmp_path, 
         status = run.wait(timeout=120)
     finally:
         _end(run)
-    err = Path(f"{tmp_path / 'r'}.stderr").read_text()
+    return status, Path(f"{logs}.stdout").read_text(), Path(f"{logs}.stderr").read_text(), out
+
+
+def test_second_ctrl_c_stops_at_once_and_leaves_no_partial_checkpoint(tmp_path, data):
+    # On a busy machine both signals can arrive before Python runs the handler of the first:
+    # a pending signal is not queued twice, so the run sees one Ctrl-C and stops as after one
+    # (stderr empty, its message on stdout). That run is set aside and the test tries again.
+    for attempt in range(3):
+        status, printed, err, out = _two_ctrl_c(tmp_path, data, attempt)
+        if err.strip() or "stopped by SIGINT" not in printed:
+            break
     assert status == 130 and "interrupted (SIGINT after SIGINT" in err, err[-3000:]
     # only a traceback Python prints for an exception raised in a destructor (the loader's,
     # when the second Ctrl-C lands there; the run then stops at its next check)
