@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2
@@ -199,12 +198,30 @@ def encode(image: np.ndarray, storage: Storage, index: int) -> Stored:
     return Stored(JPEG, height, width, data, stats, False)
 
 
+def _read(path: str | os.PathLike) -> bytes:
+    """A file's bytes, in as few system calls as the file allows (pathlib's `read_bytes` takes
+    about twice as long on a 30 KB JPEG)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        if len(data) < size:  # a short read: the rest
+            parts, got = [data], len(data)
+            while got < size and (part := os.read(fd, size - got)):
+                parts.append(part)
+                got += len(part)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
 def store_file(path: str | os.PathLike, storage: Storage, index: int, check: bool = True) -> Stored:
     """The stored record of an image file; a `BadImage` says why a file cannot be stored.
     `check`: decode a JPEG stored as it is with ffcv's decoder (for the check and the pixel
     statistics); without it, a complete JPEG that fits is stored on its header alone."""
     try:
-        data = Path(path).read_bytes()
+        data = _read(path)
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except OSError as err:

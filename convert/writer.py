@@ -11,8 +11,10 @@ loaders' reader in `storage/`), and only then renamed into place, with its metad
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from storage.metadata import build_metadata, check_metadata, metadata_path, read
 
 CONVERTER_VERSION = "ssat-convert 1.0"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+_BATCH = 64  # records written (and hashed) together
 
 
 class ConvertError(DatasetError):
@@ -240,6 +243,15 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
     stats = np.zeros(STATS)
     standing_in = (-1, None)  # (run, statistics) of the run's decoded JPEG stored as it is
     fingerprint = Fingerprint()
+    labels, images = [], []  # records not yet written: one write and one hash for each batch
+
+    def write_batch() -> None:
+        out.extend(labels, images)
+        # each stored record, in index order, exactly as the file holds it: no second pass
+        fingerprint.extend(labels, images)
+        labels.clear()
+        images.clear()
+
     with (
         _records(split, storage, workers) as records,
         BetonWriter(path, len(split), _page_size(split, opts)) as out,
@@ -252,13 +264,15 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                     raise ConvertError(f"{split.describe(i)}: {record}")
                 skipped.append({"path": split.describe(i), "reason": record})
                 continue
-            label = int(split.labels[i])
-            try:
-                out.append(label, *record[:4])
-            except ValueError as err:  # larger than a page
-                raise ConvertError(f"{split.describe(i)}: {err}; set --max_resolution") from None
-            # each stored record, in index order, exactly as the file holds it: no second pass
-            fingerprint.update(label, *record[:4])
+            if len(record.data) > out.page_size:
+                raise ConvertError(
+                    f"{split.describe(i)}: a stored image of {len(record.data)} bytes does not "
+                    f"fit in a page of {out.page_size} bytes; set --max_resolution"
+                )
+            labels.append(int(split.labels[i]))
+            images.append(record[:4])
+            if len(images) == _BATCH:
+                write_batch()
             if record.stats is None:  # not decoded: its run's decoded one stands in for it
                 first, sample = standing_in
                 assert first == run(i), "a run decodes its first JPEG stored as it is"
@@ -270,6 +284,7 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                     decoded += 1
             passed += record.passed_through
             kept.append(i)
+        write_batch()
     kept = np.asarray(kept, dtype=np.int64)
     return _Written(kept, stats, passed, decoded, skipped, fingerprint.value)
 
@@ -318,6 +333,22 @@ def write_split(
     """Write one split; returns its metadata (also written as JSON beside the .beton).
     `stats_from`: the train split's metadata, whose mean/std the other splits carry."""
     final = opts.out_dir / f"{source.name}_{split.name}.beton"
+    try:
+        return _write_split(source, split, opts, final, stats_from)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(final.parent).free
+        raise ConvertError(
+            f"{final}: the disk filled while it was written ({free / 2**20:.1f} MiB free on its "
+            f"filesystem without it); nothing was written in its place. Free some space or choose "
+            f"another --out_dir"
+        ) from None
+
+
+def _write_split(
+    source: Source, split: Split, opts: WriteOptions, final: Path, stats_from: dict | None
+) -> dict:
     start = time.perf_counter()
     with atomic_path(final) as tmp:
         written = _write(tmp, split, opts)

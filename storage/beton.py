@@ -16,7 +16,9 @@ JPEG cannot be stored as it is and no process sees the stored bytes in index ord
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +45,10 @@ ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 # An image's row in the sample table; `mode` is one of the storage modes below.
 IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
 JPEG, RAW = 0, 1  # how an image's bytes are stored: a JPEG file, or height*width*3 RGB pixels
+
+
+WRITE_BACK = 8 << 20  # bytes written between two write-backs of a file being written
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per write
 
 
 class Field(NamedTuple):
@@ -148,6 +154,21 @@ class BetonFile:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _write_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write buffers back to back from `offset`, in as few calls as the system allows (a call
+    may write less than asked, as on a disk that fills up: the next one then says why)."""
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if written == 0 and any(len(view) for view in views):
+            raise OSError(errno.EIO, "the file took none of the bytes written to it")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views = views[1:]
+        if views and written:
+            views = [views[0][written:], *views[1:]]
+
+
 def _row_dtype() -> np.dtype:
     """One sample's row of the sample table: each field's metadata, as ffcv aligns them."""
     return np.dtype([(f.name, f.meta) for f in EXPECTED_FIELDS], align=True)
@@ -173,46 +194,96 @@ class BetonWriter:
         table_end += self._table.nbytes
         self._next = -(-table_end // page_size) * page_size  # the first page boundary
         self._file = open(self.path, "wb")
+        self._flushed, self._flush, self._flush_error = self._next, None, None  # `_write_back`
 
     def append(self, label: int, mode: int, height: int, width: int, data) -> None:
         """The next sample: its label, how its image is stored (JPEG or RAW), its size in
         pixels and its stored bytes (anything with the buffer protocol)."""
-        view = memoryview(data).cast("B")
-        size = len(view)
-        if size > self.page_size:
-            raise ValueError(
-                f"a stored image of {size} bytes does not fit in a page of {self.page_size} bytes"
-            )
-        ptr = self._next
-        if ptr // self.page_size != (ptr + size - 1) // self.page_size:  # to the next page
-            ptr = (ptr // self.page_size + 1) * self.page_size
-        os.pwrite(self._file.fileno(), view, ptr)
-        self._next = ptr + size
-        i = self.num_samples
-        self._table[i] = ((mode, width, height, ptr), label)  # IMAGE_META's order
-        self._alloc.append((i, ptr, size))
-        self.num_samples += 1
+        self.extend([label], [(mode, height, width, data)])
+
+    def extend(self, labels, images) -> None:
+        """The next samples, in order: their labels and, for each, (mode, height, width, stored
+        bytes) as `append` takes them. Samples that lie back to back in the file go out in one
+        write."""
+        views = [memoryview(data).cast("B") for *_, data in images]
+        for view in views:
+            if len(view) > self.page_size:
+                raise ValueError(
+                    f"a stored image of {len(view)} bytes does not fit in a page of "
+                    f"{self.page_size} bytes"
+                )
+        fd, page, first = self._file.fileno(), self.page_size, self.num_samples
+        span, start = [], self._next
+        for i, ((mode, height, width, _), view, label) in enumerate(
+            zip(images, views, labels, strict=True)
+        ):
+            size, ptr = len(view), self._next
+            if ptr // page != (ptr + size - 1) // page:  # to the next page
+                ptr = (ptr // page + 1) * page
+                _write_all(fd, span, start)
+                span, start = [], ptr
+            span.append(view)
+            self._next = ptr + size
+            self._table[first + i] = ((mode, width, height, ptr), label)  # IMAGE_META's order
+            self._alloc.append((first + i, ptr, size))
+        _write_all(fd, span, start)
+        self.num_samples += len(views)
+        self._write_back()
+
+    def _write_back(self) -> None:
+        """Send what has been written to the disk while writing goes on, so that the sync
+        before the file is renamed into place (`storage.atomic`) finds little left to do: one
+        `fdatasync` at a time in a helper thread (waiting on the disk, not holding the GIL),
+        started when WRITE_BACK more bytes have been written since the last one started. An
+        error it meets is raised here, by the next write (or by `close`)."""
+        if self._flush is not None and self._flush.is_alive():
+            return
+        if self._flush_error is not None:
+            raise self._flush_error
+        if self._next - self._flushed < WRITE_BACK:
+            return
+        self._flushed = self._next
+        self._flush = threading.Thread(target=self._sync, name="beton-write-back", daemon=True)
+        self._flush.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._file.fileno())
+        except OSError as err:  # a disk that is full or fails: the writer says so
+            self._flush_error = err
+
+    def _close_file(self) -> None:
+        if self._flush is not None:
+            self._flush.join()  # its descriptor is the file's
+        self._file.close()
 
     def close(self) -> None:
         """Write the allocation table after the last page, the sample table and the header."""
         if self._file.closed:
             return
-        with self._file as f:
-            alloc_ptr = -(-self._next // self.page_size) * self.page_size  # the last page's end
-            f.seek(alloc_ptr)
-            f.write(np.array(self._alloc, dtype=ALLOC).tobytes())
-            header = np.zeros(1, dtype=HEADER)
-            header["version"], header["num_fields"] = FORMAT_VERSION, len(EXPECTED_FIELDS)
-            header["page_size"], header["num_samples"] = self.page_size, self.num_samples
-            header["alloc_table_ptr"] = alloc_ptr
-            fields = np.zeros(len(EXPECTED_FIELDS), dtype=FIELD)
-            for k, field in enumerate(EXPECTED_FIELDS):
-                name = field.name.encode("ascii")
-                fields["type_id"][k] = field.type_id
-                fields["name"][k, : len(name)] = np.frombuffer(name, dtype=np.uint8)
-            f.seek(0)
-            f.write(header.tobytes() + fields.tobytes())
-            f.write(self._table[: self.num_samples].tobytes())
+        try:
+            self._write_tables(self._file)
+        finally:
+            self._close_file()
+        if self._flush_error is not None:
+            raise self._flush_error
+
+    def _write_tables(self, f) -> None:
+        alloc_ptr = -(-self._next // self.page_size) * self.page_size  # the last page's end
+        f.seek(alloc_ptr)
+        f.write(np.array(self._alloc, dtype=ALLOC).tobytes())
+        header = np.zeros(1, dtype=HEADER)
+        header["version"], header["num_fields"] = FORMAT_VERSION, len(EXPECTED_FIELDS)
+        header["page_size"], header["num_samples"] = self.page_size, self.num_samples
+        header["alloc_table_ptr"] = alloc_ptr
+        fields = np.zeros(len(EXPECTED_FIELDS), dtype=FIELD)
+        for k, field in enumerate(EXPECTED_FIELDS):
+            name = field.name.encode("ascii")
+            fields["type_id"][k] = field.type_id
+            fields["name"][k, : len(name)] = np.frombuffer(name, dtype=np.uint8)
+        f.seek(0)
+        f.write(header.tobytes() + fields.tobytes())
+        f.write(self._table[: self.num_samples].tobytes())
 
     def __enter__(self) -> "BetonWriter":
         return self
@@ -221,4 +292,4 @@ class BetonWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._file.close()  # the caller's temporary file is removed by its atomic_path
+            self._close_file()  # the caller's temporary file is removed by its atomic_path

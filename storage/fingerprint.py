@@ -38,10 +38,17 @@ class Fingerprint:
     def update(self, label: int, mode: int, height: int, width: int, data) -> None:
         """Add the next sample: its label, its stored image record and its stored bytes
         (anything with the buffer protocol: bytes, a numpy array, a memoryview)."""
-        view = memoryview(data).cast("B")
-        self._hash.update(_RECORD.pack(int(label), int(mode), int(height), int(width), len(view)))
-        self._hash.update(view)
-        self.count += 1
+        self.extend([label], [(mode, height, width, data)])
+
+    def extend(self, labels, images) -> None:
+        """Add the next samples: their labels and, for each, (mode, height, width, stored
+        bytes) as `update` takes them; hashed in one call (which runs without the GIL)."""
+        parts = []
+        for label, (mode, height, width, data) in zip(labels, images, strict=True):
+            view = memoryview(data).cast("B")
+            parts += (_RECORD.pack(int(label), int(mode), int(height), int(width), len(view)), view)
+        self._hash.update(b"".join(parts))
+        self.count += len(parts) // 2
 
     @property
     def value(self) -> str:

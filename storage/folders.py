@@ -26,15 +26,19 @@ class FolderListing(NamedTuple):
 
 
 def _images_under(folder: Path) -> list[Path]:
-    found = []
+    """The images below a class folder, in torchvision's ImageFolder order: the folders by their
+    paths as strings (a folder's own files before its subfolders'), the files of each by name.
+    Hidden files and folders are left out."""
+    walk = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            Path(dirpath, f)
-            for f in filenames
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-        ]
-    return sorted(found)
+        walk.append((dirpath, filenames))
+    return [
+        Path(dirpath, name)
+        for dirpath, filenames in sorted(walk)
+        for name in sorted(filenames)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    ]
 
 
 def class_folders(root: Path) -> list[Path]:

@@ -131,6 +131,39 @@ def test_imagenet_image_folder(tmp_path):
     }
 
 
+def test_folders_list_in_torchvision_order(tmp_path):
+    """Sample i of a converted folder is sample i of torchvision's ImageFolder over it, also
+    when a class folder holds files beside subfolders ('a/sub-2' sorts between 'a/sub' and
+    'a/sub/deep' as strings, not as path parts)."""
+    from torchvision.datasets import ImageFolder
+
+    from storage.folders import list_image_folder
+
+    for name in [
+        "a/z.jpg",
+        "a/b-1.jpg",
+        "a/sub/x.jpg",
+        "a/sub-2/y.png",
+        "a/sub/deep/w.jpeg",
+        "b/10.jpg",
+        "b/2.JPG",
+        "b/1.jpg",
+    ]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listing = list_image_folder(tmp_path)
+    samples = ImageFolder(str(tmp_path), allow_empty=True).samples
+    assert [str(f) for f in listing.files] == [path for path, _ in samples]
+    assert listing.labels.tolist() == [label for _, label in samples]
+    assert [f.relative_to(tmp_path).as_posix() for f in listing.files][:5] == [
+        "a/b-1.jpg",
+        "a/z.jpg",
+        "a/sub/x.jpg",
+        "a/sub-2/y.png",
+        "a/sub/deep/w.jpeg",
+    ]
+
+
 def test_single_split_folder_in_raw_mode_is_exact(tmp_path):
     expected = fabricate.image_folder(tmp_path, {"val": 3})
     assert (
@@ -363,6 +396,33 @@ def test_bad_files_fail_with_one_message_and_keep_the_old_file(tmp_path, capsys)
     assert path.endswith("a_truncated.JPEG") and "truncated" in reason.lower()
     assert _digest(out / "x_train.beton") == old  # the older good file is untouched
     assert sorted(os.listdir(out)) == ["x_train.beton", "x_train.json"]  # no temporary left
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path, small_disk, capsys):
+    """On a 2 MiB filesystem: a converted split of 5 photos fits, 80 of them (about 2.3 MB)
+    do not. The second conversion ends with one message naming the file, and leaves the first
+    file as it was, with no temporary file."""
+    from PIL import Image
+
+    from convert.synthetic import photo_variants
+
+    folder = tmp_path / "src" / "train" / "only"
+    folder.mkdir(parents=True)
+    for k, image in enumerate(photo_variants(80, seed=2, size=(256, 192), noise=20.0)):
+        Image.fromarray(image).save(folder / f"{k:02d}.jpg", quality=90)
+    out = small_disk("2m")
+    args = ("--src", tmp_path / "src", "--out_dir", out, "--name", "x")
+    assert convert("imagenet", *args, "--limit", 5) == 0
+    old = _digest(out / "x_train.beton")
+    capsys.readouterr()
+    assert convert("imagenet", *args) == 1
+    err = [
+        line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line
+    ]
+    assert len(err) == 1 and err[0].startswith(f"error: {out / 'x_train.beton'}: the disk filled")
+    assert "MiB free" in err[0], err
+    assert _digest(out / "x_train.beton") == old
+    assert sorted(os.listdir(out)) == ["x_train.beton", "x_train.json"]
 
 
 def test_bad_files_are_skipped_and_listed(tmp_path, capsys):

@@ -16,7 +16,7 @@ from convert.images import load_rgb
 from convert.stored import CHECK_EVERY, DECODE_ALL
 from convert.synthetic import photo_variants
 from storage.beton import JPEG, RAW, BetonFile, BetonWriter
-from storage.fingerprint import beton_fingerprint
+from storage.fingerprint import Fingerprint, beton_fingerprint
 
 # Mean PSNR (dB) of the stored 256-px photos, decoded, against their source shrunk by an area
 # filter, as the converter stored them before the DCT-scaled decode (PIL's draft + OpenCV's
@@ -153,6 +153,49 @@ def test_beton_writer_fills_pages_that_ffcv_reads(tmp_path):
         raw = np.arange(24) % 3 != 0
         assert np.array_equal(read[raw], images[raw])
         assert np.abs(read[~raw].astype(int) - images[~raw]).mean() < 4
+
+
+def test_batched_writes_equal_one_at_a_time_and_write_back_errors_are_raised(tmp_path, monkeypatch):
+    """`BetonWriter.extend` and `Fingerprint.extend` (what the converter calls, a batch at a
+    time, page jumps inside a batch included) give the bytes and the fingerprint that one
+    sample at a time gives, while the file is written back to the disk as it grows; a failing
+    write-back is an error of the writer, not one lost in its thread."""
+    import errno
+
+    import storage.beton
+
+    photos = photo_variants(24, seed=1, size=(200, 150), noise=0.0)
+    images = [np.ascontiguousarray(p[:144, :192]) for p in photos]  # 83 KB raw
+    records = [
+        (RAW, 144, 192, image) if i % 3 else (JPEG, 144, 192, cv2.imencode(".jpg", image)[1])
+        for i, image in enumerate(images)
+    ]
+    labels = [i % 5 for i in range(len(records))]
+    page = 1 << 18  # 2 to 3 samples a page
+    one, fingerprints = Fingerprint(), []
+    with BetonWriter(tmp_path / "one.beton", capacity=30, page_size=page) as out:
+        for label, record in zip(labels, records, strict=True):
+            out.append(label, *record)
+            one.update(label, *record)
+    for name, write_back in (("batched.beton", storage.beton.WRITE_BACK), ("synced.beton", 1)):
+        monkeypatch.setattr(storage.beton, "WRITE_BACK", write_back)  # 1: after every batch
+        batched = Fingerprint()
+        with BetonWriter(tmp_path / name, capacity=30, page_size=page) as out:
+            for k in range(0, len(records), 7):
+                out.extend(labels[k : k + 7], records[k : k + 7])
+                batched.extend(labels[k : k + 7], records[k : k + 7])
+        fingerprints.append(batched.value)
+        assert (tmp_path / name).read_bytes() == (tmp_path / "one.beton").read_bytes()
+    assert fingerprints == [one.value] * 2 == [beton_fingerprint(tmp_path / "one.beton")] * 2
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage.beton.os, "fdatasync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        with BetonWriter(tmp_path / "failed.beton", capacity=30, page_size=page) as out:
+            for k in range(0, len(records), 7):
+                out.extend(labels[k : k + 7], records[k : k + 7])
 
 
 @pytest.mark.parametrize(
