@@ -76,7 +76,13 @@ def stock(src: Path, out: Path, workers: int) -> None:
 
 # (file, function) of each stage, the file "~" for built-ins; tottime, except `verify`'s cumtime.
 STAGES = {
-    "read": [("~", "read"), ("pathlib", "read_bytes"), ("~", "io.open")],
+    "read": [
+        ("stored", "_read"),
+        ("~", "posix.open"),
+        ("~", "posix.fstat"),
+        ("~", "posix.read"),
+        ("~", "posix.close"),
+    ],
     "header": [
         ("~", "decode_jpeg_header"),
         ("stored", "_colour_jpeg"),
@@ -98,9 +104,12 @@ STAGES = {
     "encode": [("~", "imencode"), ("~", "cvtColor"), ("stored", "encode")],
     "statistics": [("~", "meanStdDev"), ("stored", "pixel_stats")],
     "writing": [
-        ("~", "posix.pwrite"),
-        ("beton", "append"),
-        ("fingerprint", "update"),
+        ("~", "posix.pwritev"),
+        ("beton", "extend"),
+        ("beton", "_write_all"),
+        ("beton", "_write_back"),
+        ("fingerprint", "extend"),
+        ("~", "join"),  # a batch's records joined for the hash
         ("~", "update"),
         ("~", "posix.fsync"),
     ],
