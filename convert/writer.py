@@ -41,7 +41,9 @@ from storage.metadata import build_metadata, check_metadata, metadata_path, read
 
 CONVERTER_VERSION = "ssat-convert 1.0"
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
-_BATCH = 64  # records written (and hashed) together
+# Records written (and hashed) together: at most _BATCH of them, and at most _BATCH_BYTES bytes
+# unless one record alone is larger.
+_BATCH, _BATCH_BYTES = 64, 8 << 20
 
 
 class ConvertError(DatasetError):
@@ -244,13 +246,16 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
     standing_in = (-1, None)  # (run, statistics) of the run's decoded JPEG stored as it is
     fingerprint = Fingerprint()
     labels, images = [], []  # records not yet written: one write and one hash for each batch
+    batch_bytes = 0
 
     def write_batch() -> None:
+        nonlocal batch_bytes
         out.extend(labels, images)
         # each stored record, in index order, exactly as the file holds it: no second pass
         fingerprint.extend(labels, images)
         labels.clear()
         images.clear()
+        batch_bytes = 0
 
     with (
         _records(split, storage, workers) as records,
@@ -269,8 +274,11 @@ def _write(path: Path, split: Split, opts: WriteOptions) -> _Written:
                     f"{split.describe(i)}: a stored image of {len(record.data)} bytes does not "
                     f"fit in a page of {out.page_size} bytes; set --max_resolution"
                 )
+            if images and batch_bytes + len(record.data) > _BATCH_BYTES:
+                write_batch()
             labels.append(int(split.labels[i]))
             images.append(record[:4])
+            batch_bytes += len(record.data)
             if len(images) == _BATCH:
                 write_batch()
             if record.stats is None:  # not decoded: its run's decoded one stands in for it
