@@ -48,6 +48,7 @@ JPEG, RAW = 0, 1  # how an image's bytes are stored: a JPEG file, or height*widt
 
 
 WRITE_BACK = 8 << 20  # bytes written between two write-backs of a file being written
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per write
 
 
@@ -248,7 +249,7 @@ class BetonWriter:
 
     def _sync(self) -> None:
         try:
-            os.fdatasync(self._file.fileno())
+            _datasync(self._file.fileno())
         except OSError as err:  # a disk that is full or fails: the writer says so
             self._flush_error = err
 

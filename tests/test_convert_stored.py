@@ -191,7 +191,7 @@ def test_batched_writes_equal_one_at_a_time_and_write_back_errors_are_raised(tmp
     def failing(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(storage.beton.os, "fdatasync", failing)
+    monkeypatch.setattr(storage.beton, "_datasync", failing)
     with pytest.raises(OSError, match="Input/output error"):
         with BetonWriter(tmp_path / "failed.beton", capacity=30, page_size=page) as out:
             for k in range(0, len(records), 7):
