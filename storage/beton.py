@@ -159,7 +159,10 @@ def _write_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write buffers back to back from `offset`, in as few calls as the system allows (a call
     may write less than asked, as on a disk that fills up: the next one then says why)."""
     while views:
-        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if hasattr(os, "pwritev"):
+            written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        else:  # one buffer a call where the system has no pwritev
+            written = os.pwrite(fd, views[0], offset)
         if written == 0 and any(len(view) for view in views):
             raise OSError(errno.EIO, "the file took none of the bytes written to it")
         offset += written
