@@ -159,8 +159,8 @@ def test_batched_writes_equal_one_at_a_time_and_write_back_errors_are_raised(tmp
     """`BetonWriter.extend` and `Fingerprint.extend` (what the converter calls, a batch at a
     time, page jumps inside a batch included) give the bytes and the fingerprint that one
     sample at a time gives, while the file is written back to the disk as it grows and on a
-    system without `pwritev`; a failing
-    write-back is an error of the writer, not one lost in its thread."""
+    system without `pwritev`; a failing write-back is an error of the writer, not one lost in
+    its thread."""
     import errno
 
     import storage.beton
