@@ -11,7 +11,6 @@ loaders' reader in `storage/`), and only then renamed into place, with its metad
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from convert.images import BadImage
 from convert.stored import STATS, Storage, Stored, run, store_array, store_file
 from storage import DatasetError
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, no_space
 from storage.beton import BetonFile, BetonWriter
 from storage.fingerprint import Fingerprint
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
@@ -344,7 +343,7 @@ def write_split(
     try:
         return _write_split(source, split, opts, final, stats_from)
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not no_space(err):
             raise
         free = shutil.disk_usage(final.parent).free
         raise ConvertError(

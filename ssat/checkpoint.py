@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import random
 import shutil
@@ -36,7 +35,7 @@ from torch import nn
 
 from ssat.export import is_export, read_weights
 from ssat.pos_embed import sincos_2d
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, no_space
 
 # Classes a published checkpoint may pickle besides tensors and plain values.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -138,18 +137,6 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _no_space(err: BaseException) -> bool:
-    """Whether `err`, or an error it was raised from or during, is a full disk or quota.
-    torch.save reports a failed write as a RuntimeError raised while handling the OSError."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through `storage.atomic.atomic_path`: readers see the old file or the new one.
     Raises DiskSpaceError before writing when the filesystem lacks the room, or when it fills
@@ -172,7 +159,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             finally:
                 written = f.tell()
     except Exception as err:
-        if not _no_space(err):
+        if not no_space(err):
             raise
         raise DiskSpaceError(
             f"cannot save {path}: the disk filled during the write; it needs "

@@ -3,11 +3,13 @@
 The writer fills a temporary file in the destination folder (same filesystem), which is synced and
 renamed over the final path. A process killed mid-write leaves only its temporary file, named after
 the final file and the writer's pid; the next write of that file removes such leftovers whose
-writer is gone.
+writer is gone. `no_space` tells a write that failed on a full disk (or quota) from other
+failures, for the writers' messages.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -68,3 +70,16 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync(final.parent, directory=True)  # make the rename itself durable
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from or during, is a full disk or quota.
+    (torch.save, for one, reports a failed write as a RuntimeError raised while handling the
+    OSError.)"""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
