@@ -5,6 +5,11 @@ ends. A second Ctrl-C is the way out when that is too slow: it raises KeyboardIn
 wherever the run is (a checkpoint being written is abandoned; its atomic write leaves the
 previous file in place).
 
+A command started with SIGINT ignored keeps ignoring it (Python's own rule, and what a shell
+relies on to keep a terminal's Ctrl-C away from a background job, `cmd &` or nohup): the run
+goes on to its end, and SIGTERM or SIGUSR1 still stop it cleanly. Every command of the project
+(train.py, the converters, compare.py and the runs it starts) follows this rule.
+
 With several processes a signal may reach some ranks one step later than others, or only one
 rank. `StopSignals.requested()` is the ranks' agreement: the largest signal number any rank has
 seen, exchanged over the host group (a CPU tensor: the device is never waited on), so every rank
@@ -25,6 +30,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_SIGNALS = (*SIGNALS, signal.SIGINT)
 
 
+def sigint_ignored() -> bool:
+    """Whether this process ignores SIGINT: Python leaves an inherited SIG_IGN in place (it
+    installs its KeyboardInterrupt handler only where SIGINT was at its default)."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def exit_status(signum: int) -> int:
     """The shell's convention for a process ended by signal `signum`: 128 + its number."""
     return 128 + signum
@@ -32,8 +43,9 @@ def exit_status(signum: int) -> int:
 
 class StopSignals:
     """`with StopSignals(dist_ctx) as stop:` catches SIGTERM, SIGUSR1 and SIGINT inside the block
-    (the previous handlers come back after it); `stop.requested()` -> the agreed signal or 0. Python
-    lets only the main thread set handlers: elsewhere the signals keep their handlers."""
+    (the previous handlers come back after it); `stop.requested()` -> the agreed signal or 0. An
+    ignored SIGINT stays ignored (see the module's docstring). Python lets only the main thread
+    set handlers: elsewhere the signals keep their handlers."""
 
     def __init__(self, dist_ctx: DistContext):
         self.dist_ctx = dist_ctx
@@ -46,6 +58,8 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum in STOP_SIGNALS:
+            if signum == signal.SIGINT and sigint_ignored():
+                continue
             self._previous[signum] = signal.signal(signum, self._catch)
         return self
 

@@ -1,5 +1,6 @@
 """What the tests that start torchrun need to know of its processes."""
 
+import sys
 from pathlib import Path
 
 
@@ -16,3 +17,19 @@ def torchrun_workers(parent: int) -> dict[int, int]:
         if parent_of == parent and ranks:
             found[int(ranks[0])] = int(entry.name)
     return found
+
+
+# sets SIGINT's disposition, then becomes the command (exec keeps an ignored or default SIGINT)
+_WITH_SIGINT = (
+    "import os, signal, sys; "
+    "signal.signal(signal.SIGINT, getattr(signal, sys.argv[1])); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_sigint(disposition: str, command: list[str]) -> list[str]:
+    """`command` started with SIGINT at `disposition`, "SIG_DFL" (a terminal's foreground job)
+    or "SIG_IGN" (a background job, `cmd &` in a script, nohup), whatever the test process
+    itself inherited."""
+    assert disposition in ("SIG_DFL", "SIG_IGN"), disposition
+    return [sys.executable, "-c", _WITH_SIGINT, disposition, *command]

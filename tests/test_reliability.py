@@ -21,7 +21,7 @@ import torch
 
 import train
 from convert.digits_to_ffcv import main as convert_digits
-from processes import torchrun_workers
+from processes import torchrun_workers, with_sigint
 from ssat.checkpoint import load_checkpoint
 from ssat.runlock import LOCK_NAME, STALE_S, FolderInUse, RunLock
 from storage.beton import BetonFile
@@ -61,12 +61,20 @@ def _wait_for(out: Path, text: str, proc: subprocess.Popen, seconds: float = 300
         time.sleep(0.02)
 
 
-def _start(command: list[str], logs: Path, env: dict | None = None) -> subprocess.Popen:
+def _start(
+    command: list[str], logs: Path, env: dict | None = None, sigint: str = "SIG_DFL"
+) -> subprocess.Popen:
     """`command` in its own process group (signals to the group: what a terminal's Ctrl-C
-    does), its output in `logs`.stdout / .stderr."""
+    does), with SIGINT at `sigint` whatever pytest inherited, its output in `logs`.stdout /
+    .stderr."""
     with open(f"{logs}.stdout", "w") as stdout, open(f"{logs}.stderr", "w") as stderr:
         return subprocess.Popen(
-            command, cwd=REPO, env=env or ENV, stdout=stdout, stderr=stderr, start_new_session=True
+            with_sigint(sigint, command),
+            cwd=REPO,
+            env=env or ENV,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
         )
 
 
@@ -374,10 +382,12 @@ def test_two_nodes_train_together_and_ctrl_c_to_one_stops_both(tmp_path, data):
 
 
 # -------------------------------------------------- the commands that start runs, on Ctrl-C
-def test_ctrl_c_during_a_conversion_leaves_nothing_at_the_final_paths(tmp_path):
-    out = tmp_path / "out"
+def _ctrl_c_mid_conversion(tmp_path: Path, sigint: str) -> tuple[int, str, Path]:
+    """The digits converter started with SIGINT at `sigint`, given a terminal's Ctrl-C once its
+    train split is written under its temporary name: its status, stderr and output folder."""
+    out, logs = tmp_path / "out", tmp_path / "c"
     command = [sys.executable, "convert/digits_to_ffcv.py", "--out_dir", str(out)]
-    proc = _start([*command, "--num_workers", "1"], tmp_path / "c")
+    proc = _start([*command, "--num_workers", "1"], logs, sigint=sigint)
     try:
         deadline = time.time() + 120
         # the train split's .beton under its temporary name: written, not yet renamed
@@ -388,24 +398,71 @@ def test_ctrl_c_during_a_conversion_leaves_nothing_at_the_final_paths(tmp_path):
         status = proc.wait(timeout=60)
     finally:
         _end(proc)
-    err = Path(f"{tmp_path / 'c'}.stderr").read_text()
+    return status, Path(f"{logs}.stderr").read_text(), out
+
+
+def test_ctrl_c_during_a_conversion_leaves_nothing_at_the_final_paths(tmp_path):
+    status, err, out = _ctrl_c_mid_conversion(tmp_path, "SIG_DFL")
     assert status == 130 and "interrupted: nothing was written at the final paths" in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == []
 
 
-def test_compare_holds_its_folder_and_stops_cleanly_on_ctrl_c(tmp_path, data, capsys):
-    import compare
+def test_a_conversion_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    status, err, out = _ctrl_c_mid_conversion(tmp_path, "SIG_IGN")
+    assert status == 0 and "interrupted" not in err, err
+    written = [
+        f"digits_{split}{suffix}"
+        for split in ("test", "train", "val")
+        for suffix in (".beton", ".json")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == written
 
-    out = tmp_path / "cmp"
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, data):
+    """A background job's run (SIGINT ignored, as `cmd &` in a script starts it): a Ctrl-C to
+    its group inside epoch 0 changes nothing, and the run trains to its end."""
+    out, logs = tmp_path / "run", tmp_path / "run"
+    command = [sys.executable, "train.py", *_args(data, out, "--epochs", 2)]
+    run = _start(command, logs, sigint="SIG_IGN")
+    try:
+        _wait_for(out, '"step": 2,', run)  # 18 steps still to go
+        os.killpg(run.pid, signal.SIGINT)
+        status = run.wait(timeout=120)
+    finally:
+        _end(run)
+    stdout = Path(f"{logs}.stdout").read_text()
+    assert status == 0, Path(f"{logs}.stderr").read_text()[-3000:]
+    assert "SIGINT" not in stdout and _epochs(out) == [0, 1]
+    assert load_checkpoint(out / "checkpoint-last.pth")["step"] == 20
+
+
+def _compare(
+    tmp_path: Path, data: Path, name: str, sigint: str
+) -> tuple[list, Path, subprocess.Popen]:
+    """compare.py started with SIGINT at `sigint`, once its run has logged step 2: its argv,
+    the run's folder and the process (its output in `tmp_path / name`.stdout / .stderr)."""
+    out = tmp_path / name
     argv = ["--methods", "ssat", "--seeds", "0", "--size", "micro", "--output_dir", str(out)]
     argv += ["--", "--data_dir", str(data), "--img_size", "16", "--patch_size", "4"]
     argv += ["--batch_size", "32", "--epochs", "1", "--log_interval", "2", "--pipeline", "torch"]
     run = out / "ssat" / "seed0"
-    proc = _start([sys.executable, "compare.py", *argv], tmp_path / "cmp")
+    proc = _start([sys.executable, "compare.py", *argv], tmp_path / name, sigint=sigint)
     try:
         _wait_for(run, '"step": 2,', proc)
+    except BaseException:
+        _end(proc)
+        raise
+    return argv, run, proc
+
+
+def test_compare_holds_its_folder_and_stops_cleanly_on_ctrl_c(tmp_path, data, capsys):
+    import compare
+
+    argv, run, proc = _compare(tmp_path, data, "cmp", "SIG_DFL")
+    try:
         assert compare.main(argv) == 1  # a second comparison into the same folder
+        out = tmp_path / "cmp"
         assert f"{out} is in use by another run: PID {proc.pid}" in capsys.readouterr().err
         os.killpg(proc.pid, signal.SIGINT)
         status = proc.wait(timeout=120)
@@ -416,3 +473,18 @@ def test_compare_holds_its_folder_and_stops_cleanly_on_ctrl_c(tmp_path, data, ca
     assert "Traceback" not in err
     position = load_checkpoint(run / "checkpoint-last.pth")["position"]
     assert position["epoch"] == 0 and position["batch"] >= 2  # the run saved inside its epoch
+
+
+def test_compare_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, data):
+    """compare.py in a background job: it and the run it starts (which inherits the ignored
+    SIGINT) go on through a Ctrl-C to their group, and the comparison is complete."""
+    _, run, proc = _compare(tmp_path, data, "cmp", "SIG_IGN")
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=120)
+    finally:
+        _end(proc)
+    err = Path(f"{tmp_path / 'cmp'}.stderr").read_text()
+    assert status == 0 and "interrupted" not in err, err[-3000:]
+    assert (tmp_path / "cmp" / "results.md").is_file()
+    assert load_checkpoint(run / "checkpoint-last.pth")["step"] == 10
