@@ -63,7 +63,8 @@ from scipy import stats  # noqa: E402
 
 from pipelines.dataset import open_image_folder  # noqa: E402
 from pipelines.sampling import num_batches, training_subset  # noqa: E402
-from ssat.config import EMBEDDED_DEFAULT, TrainConfig, build_parser, load_file  # noqa: E402
+from ssat.config import EMBEDDED_DEFAULT, TrainConfig, load_file  # noqa: E402
+from ssat.config import build_parser as train_parser  # noqa: E402
 from ssat.config import parse_config as parse_train_config  # noqa: E402
 from ssat.distributed import DistContext  # noqa: E402
 from ssat.models import list_models  # noqa: E402
@@ -72,6 +73,7 @@ from ssat.runlock import FolderInUse, RunLock  # noqa: E402
 from storage import DatasetError  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from storage.metadata import open_dataset  # noqa: E402
+from storage.version import add_version_flag  # noqa: E402
 from train import TrainError, find_dataset  # noqa: E402
 
 METHODS = ("scratch", "ssat", "fgcr")
@@ -141,9 +143,8 @@ class Result:
 
 
 # ---------------------------------------------------------------------------- the command line
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """compare.py's flags, and the train.py flags after `--`."""
-    cut = argv.index("--") if "--" in argv else len(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """compare.py's own flags (train.py's come after `--`)."""
     p = argparse.ArgumentParser(
         prog="python compare.py",
         description=__doc__,
@@ -196,6 +197,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="train N runs at once, each pinned to its own 1/N of this process's CPU cores "
         "with as many threads (never more runs than cores)",
     )
+    return add_version_flag(p)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """compare.py's flags, and the train.py flags after `--`."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = build_parser()
     args = p.parse_args(argv[:cut])
     if len(set(args.methods)) < len(args.methods) or len(set(args.seeds)) < len(args.seeds):
         p.error("--methods and --seeds each name a method or a seed once")
@@ -231,7 +239,7 @@ def _flag_words(name: str, value: Any) -> list[str]:
 
 def given_settings(shared: list[str]) -> dict[str, Any]:
     """The train.py settings that `shared` (and a --config file it names) set, by field name."""
-    parser = build_parser()
+    parser = train_parser()
     parser.prog = "train.py flags after --"  # its errors name the flag; no page of usage
     parser.usage = "python compare.py [compare.py flags] -- [train.py flags]"
     names = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]

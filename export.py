@@ -41,6 +41,7 @@ from ssat.models import create_model
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.metadata import read_metadata
+from storage.version import add_version_flag
 
 
 class ExportError(Exception):
@@ -285,7 +286,7 @@ def write_export(
         export_onnx(model, model.patch_embed.img_size[0], out / "model.onnx")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python export.py",
         description=__doc__,
@@ -309,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the training split's metadata (.json, .beton or their folder), when the "
         "run's data is not where it was",
     )
-    args = parser.parse_args(argv)
+    return add_version_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = export(
             args.source,

@@ -35,6 +35,7 @@ from pipelines import DatasetError, create_loader  # noqa: E402
 from ssat.checkpoint import load_checkpoint  # noqa: E402
 from ssat.models import create_model  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
+from storage.version import add_version_flag  # noqa: E402
 
 
 def _pixels(images: torch.Tensor, mean, std) -> np.ndarray:
@@ -271,12 +272,13 @@ def draw_run(out: Path, has_decoder: bool, data: Path) -> None:
         print(f"{what}: {path}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python visualize.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recon", help="inputs, mask views and reconstructions, one PNG per image")
     rec.add_argument("--checkpoint", type=Path, required=True)
@@ -297,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     con.add_argument("results", type=Path, help="eval.json (train.py writes it)")
     con.add_argument("--split", default="val", help="val, test, ... (a key of the file)")
     con.add_argument("--out", type=Path, default=None, help="default: confusion.png beside it")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "recon":
             draw = reconstruction_grid if args.grid else reconstructions

@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 from bench.photos import make_jpegs
 from convert.imagenet_to_ffcv import read_source
 from convert.writer import WriteOptions, write_source
+from storage.version import add_version_flag
 
 MAX_RESOLUTION, QUALITY = 256, 90
 # name: (width, height), share of --images
@@ -158,7 +159,7 @@ def rates(src: Path, out: Path, count: int, workers: int, repeats: int) -> tuple
     return statistics.median(mine), statistics.median(base)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     p.add_argument("--profile", action="store_true", help="where one worker's time goes")
-    a = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     counts = sorted({1, cores})
     lines = []

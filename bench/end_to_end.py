@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 from bench.photos import prepare
 from bench.train_step import Endless, _config, build_step, images_per_s
 from ssat.training import TrainStep, build_model, grad_scaler
+from storage.version import add_version_flag
 
 AA, REPROB = "rand-m9-mstd0.5-inc1", 0.25  # the recipe's augmentation, on both sides
 MODEL, METHOD = "mae_vit_tiny", "ssat"
@@ -166,7 +167,7 @@ def skipped(photos: dict) -> dict[str, str]:
     return why
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         "row fed by the ffcv loader, the same measurement)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     photos = prepare(args.data, args.images, workers=args.workers)
     result = {

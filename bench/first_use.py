@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 
 import train
 from convert.cifar_to_ffcv import main as convert_cifar
+from storage.version import add_version_flag
 
 # a micro model; --start_epoch 1 of --epochs 1: everything up to the first epoch, no training
 UP_TO_THE_FIRST_EPOCH = (
@@ -82,11 +83,15 @@ def serve(folder: Path) -> http.server.ThreadingHTTPServer:
     return httpd
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--per_batch", type=int, default=10000, help="images per batch file (6 files)")
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    return add_version_flag(p)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     first, by_hand = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -21,6 +21,11 @@ import re
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.version import add_version_flag
+
 # compiled bf16 images/s and MFU on one GPU at 224 px, batch 256 (bench/README.md)
 IMAGES_PER_S = {("mae_vit_tiny", "ssat"): 15_000, ("vit_small", "scratch"): 8_000}
 MFU = {("vit_base", "scratch"): 0.35}
@@ -271,7 +276,7 @@ def table(out: Path, runs: list[tuple[str, str]], dry_run: bool, seconds: int | 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -280,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="*", default=[], metavar="MODEL:METHOD")
     p.add_argument("--dry_run", action="store_true")
     p.add_argument("--seconds", type=int, default=None, help="how long the check took")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.what == "probe":
         print(probe(args.out))
         return 0

@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 
 from bench.photos import prepare
 from pipelines import create_loader
+from storage.version import add_version_flag
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADERS = ("ffcv", "ffcv-engine", "dali", "dali-folder", "torch", "torchvision")
@@ -176,7 +177,7 @@ def run(args, data: Path, workers: int) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -198,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None, help="threads or processes (default: all cores)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workers = args.workers or len(os.sched_getaffinity(0))
     if args.data:
         run(args, args.data, workers)

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 from convert.synthetic import make_image_folder
 from storage.atomic import atomic_path
 from storage.forking import forking
+from storage.version import add_version_flag
 
 CLASSES = 10  # the training-step benchmark's models have 10 outputs
 RECORD = "photos.json"
@@ -114,7 +115,7 @@ def prepare(
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=int, nargs=2, default=[500, 375], help="JPEG width and height (about)"
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     record = prepare(args.out, args.images, tuple(args.size), args.workers)
     print(json.dumps(record), flush=True)
     return 0

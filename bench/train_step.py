@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 from ssat.config import TrainConfig
 from ssat.distributed import DistContext
 from ssat.training import TrainStep, build_model, create_state
+from storage.version import add_version_flag
 
 # Dense bf16 tensor-core FLOP/s, by a pattern of torch.cuda.get_device_name(); other cards (the
 # H100 PCIe and NVL, the H200 NVL: lower clocks and power) have an unknown peak here.
@@ -231,7 +232,7 @@ def compile_only(args, device: torch.device, synthetic_batch) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None, help="the real loader's threads (default: all cores)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     synthetic_batch = synthetic(args, device)
     if args.compile_only:

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a file (python bench/x.py): import this 
 from bench.photos import prepare
 from pipelines import create_loader
 from storage.verify import verify_file
+from storage.version import add_version_flag
 
 
 def ffcv_epoch(beton: Path, workers: int, size: int, batch_size: int) -> float:
@@ -53,7 +54,7 @@ def ffcv_epoch(beton: Path, workers: int, size: int, batch_size: int) -> float:
     return rate
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--data", type=Path, default=None, help="photos made or reused here")
     p.add_argument("--workers", type=int, default=None, help="default: all cores")
-    args = p.parse_args(argv)
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workers = args.workers or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         photos = prepare(args.data or Path(tmp), args.images, workers=workers)

@@ -5,12 +5,13 @@
 `name` is the image path relative to `--src`; labels 0..3.
 """
 
+import argparse
 import json
 import sys
 
 import numpy as np
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.sources import parse_label, require_files, safe_join
 from convert.writer import ConvertError, Source, Split
 
@@ -44,8 +45,13 @@ def read_source(args) -> Source:
     return Source(args.name, CLASSES, splits, str(args.src), photos=True)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="chaoyang", photos=True)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="chaoyang", photos=True)
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

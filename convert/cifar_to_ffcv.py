@@ -8,13 +8,14 @@ Stored raw at 32x32 by default. The pickles are read with an unpickler that only
 arrays and plain values.
 """
 
+import argparse
 import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.writer import ConvertError, Source, Split
 
 LAYOUTS = {
@@ -86,8 +87,13 @@ def read_source(args) -> Source:
     return Source(args.name, names, splits, str(root), photos=False)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="c10", photos=False)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="c10", photos=False)
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

@@ -4,9 +4,11 @@ A converter script only says how to read its source:
 
     def read_source(args) -> Source: ...
 
+    def build_parser() -> argparse.ArgumentParser:
+        return converter_parser(__doc__, default_name="c10", photos=False)
+
     def main(argv: list[str] | None = None) -> int:
-        parser = build_parser(__doc__, default_name="c10", photos=False)
-        return run(read_source, parser, argv)
+        return run(read_source, build_parser(), argv)
 
     if __name__ == "__main__":
         sys.exit(main())
@@ -22,14 +24,16 @@ from typing import Callable
 
 from convert.writer import WRITE_MODES, ConvertError, Source, WriteOptions, write_source
 from storage import DatasetError
+from storage.version import add_version_flag
 
 
-def build_parser(
+def converter_parser(
     description: str, *, default_name: str, photos: bool, src_required: bool = True
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    add_version_flag(p)
     p.add_argument(
         "--src",
         type=Path,

@@ -8,13 +8,14 @@ the test split is read once, at the end of a run. Pixel values 0..16 are scaled 
 stored raw as 3 equal channels at 8x8.
 """
 
+import argparse
 import sys
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.writer import Source, Split
 
 SEED = 0
@@ -42,8 +43,13 @@ def read_source(args) -> Source:
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="digits", photos=False, src_required=False)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="digits", photos=False, src_required=False)
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

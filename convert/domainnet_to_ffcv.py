@@ -6,11 +6,12 @@ Each list line is `<path relative to --src> <label>`, labels 0..344. Each chosen
 dataset, `<name>_<domain>_<split>.beton`. Class names come from the paths' class folders.
 """
 
+import argparse
 import sys
 
 import numpy as np
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.sources import parse_label, require_files, safe_join
 from convert.writer import ConvertError, Source, Split
 
@@ -49,8 +50,8 @@ def read_domain(root, domain: str, name: str) -> Source:
     return Source(f"{name}_{domain}", class_names, splits, str(root), photos=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="domainnet", photos=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="domainnet", photos=True)
     parser.add_argument(
         "--domain",
         action="append",
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="domain to convert (repeatable); default: every domain with lists in --src",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     domains = args.domain or [d for d in DOMAINS if (args.src / f"{d}_train.txt").is_file()]
     if not domains:

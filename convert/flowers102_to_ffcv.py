@@ -7,11 +7,12 @@ Splits train, val, test as `setid.mat` defines them (`--merge_val`: train + val 
 test). Classes are the official label numbers 1..102, stored as labels 0..101.
 """
 
+import argparse
 import sys
 
 import numpy as np
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.sources import read_mat, require_files
 from convert.writer import ConvertError, Source, Split
 
@@ -40,9 +41,14 @@ def read_source(args) -> Source:
     return Source(args.name, [str(c) for c in range(1, 103)], splits, str(root), photos=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="flowers102", photos=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="flowers102", photos=True)
     parser.add_argument("--merge_val", action="store_true", help="train on train + val")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

@@ -8,10 +8,11 @@
 such split folder itself. Class names and label order come from the train split's folder names.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.sources import image_folder
 from convert.writer import ConvertError, Source
 
@@ -39,8 +40,13 @@ def read_source(args) -> Source:
     return Source(args.name, classes, splits, str(root), photos=True)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="imagenet", photos=True)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="imagenet", photos=True)
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

@@ -10,13 +10,14 @@
 writes train + val as train (what the published recipe trains on), and test.
 """
 
+import argparse
 import sys
 import zipfile
 
 import numpy as np
 from medmnist import INFO
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.writer import ConvertError, Source, Split
 
 ALIASES = {"pmnist": "pneumoniamnist"}
@@ -75,13 +76,18 @@ def read_source(args) -> Source:
     return Source(args.name, names, splits, str(path), photos=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="pmnist", photos=False)
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="pmnist", photos=False)
     parser.add_argument("--flag", default=None, help="MedMNIST flag; default: from --name")
     parser.add_argument(
         "--size", type=int, choices=SIZES, default=28, help="image size of the .npz"
     )
     parser.add_argument("--merge_val", action="store_true", help="train on train + val")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

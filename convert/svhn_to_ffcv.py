@@ -5,11 +5,12 @@
 Label 10 in the .mat files means the digit 0 and becomes label 0. Stored raw at 32x32.
 """
 
+import argparse
 import sys
 
 import numpy as np
 
-from convert.cli import build_parser, run
+from convert.cli import converter_parser, run
 from convert.sources import read_mat
 from convert.writer import ConvertError, Source, Split
 
@@ -30,8 +31,13 @@ def read_source(args) -> Source:
     return Source(args.name, [str(d) for d in range(10)], splits, str(args.src), photos=False)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(__doc__, default_name="svhn", photos=False)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__, default_name="svhn", photos=False)
+    parser = build_parser()
     return run(read_source, parser, argv)
 
 

@@ -10,11 +10,14 @@ quick try of the converters:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
+
+from storage.version import add_version_flag
 
 
 def _tile(photo: np.ndarray, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -70,7 +73,7 @@ def make_image_folder(
     return files
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -78,6 +81,15 @@ if __name__ == "__main__":
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per_class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    return add_version_flag(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     made = make_image_folder(a.out, a.classes, a.per_class, a.seed)
     print(f"{len(made)} images in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from storage.version import version_line
+
 METHODS = ("ssat", "fgcr", "scratch")
 PIPELINES = ("ffcv", "dali", "torch")
 AMP = ("bf16", "fp16", "none")
@@ -218,7 +220,7 @@ class TrainConfig:
     )
     version: str = _flag(
         "run name, as the FGCR scripts take it: recorded in config.json, and the run's files go "
-        "to <output_dir>/<version>",
+        "to <output_dir>/<version>; --version alone prints the project's version",
         "",
     )
     config: str = _flag("YAML or JSON file of these settings; command-line flags override it", "")
@@ -381,6 +383,17 @@ def _add_published_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+class _RunNameOrVersion(argparse.Action):
+    """`--version NAME` is the published scripts' run name; `--version` alone prints the
+    project's version and exits, as every command's `--version` does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            print(version_line())
+            parser.exit()
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a ViT with the SSAT / FGCR auxiliary task, or the scratch baseline.",
@@ -395,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if kind in (bool, bool | None):
+        if f.name == "version":
+            kwargs.update(nargs="?", action=_RunNameOrVersion, metavar="NAME")
+        elif kind in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "nargs" in f.metadata:  # a list of floats
             kwargs.update(nargs=f.metadata["nargs"], type=float)

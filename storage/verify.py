@@ -27,6 +27,7 @@ from storage.beton import BetonFile
 from storage.fingerprint import beton_fingerprint, short
 from storage.forking import forking
 from storage.metadata import metadata_path, open_dataset, read_metadata
+from storage.version import add_version_flag
 
 # chunks per worker process: small enough to balance uneven JPEG sizes, large enough that
 # handing them out costs nothing
@@ -135,7 +136,7 @@ def verify_files(paths: Sequence[str | Path], workers: int | None = None) -> lis
     return verdicts
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m storage.verify",
         description="Decode every sample of .beton files and check their labels and "
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: all cores)"
     )
-    args = parser.parse_args(argv)
+    return add_version_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         verdicts = verify_files(args.files, args.workers)
     except KeyboardInterrupt:
