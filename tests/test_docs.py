@@ -233,7 +233,8 @@ def test_placeholders_stand_for_values_or_for_more_flags():
 COMMANDS = sorted(
     str(path.relative_to(REPO))
     for path in [*REPO.glob("*.py"), *REPO.glob("*/*.py")]
-    if re.search(r'^if __name__ == "__main__":', path.read_text(), re.MULTILINE) and path.parts[-2] not in ("tests", "tools")
+    if re.search(r'^if __name__ == "__main__":', path.read_text(), re.MULTILINE)
+    and path.parts[-2] not in ("tests", "tools")
 )
 
 

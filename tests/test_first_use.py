@@ -328,6 +328,7 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.xdist_group("processes")
 @pytest.mark.slow
 def test_two_ranks_download_once(tmp_path, server, monkeypatch):
     _, md5 = _serve_cifar(server)

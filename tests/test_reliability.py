@@ -319,6 +319,7 @@ def test_verify_names_an_undecodable_sample_and_accepts_older_metadata(tmp_path,
 
 
 # -------------------------------------------------------------------------------- torchrun
+@pytest.mark.xdist_group("processes")
 @pytest.mark.slow
 def test_elastic_restart_resumes_and_logs_every_epoch_once(tmp_path, data):
     """torchrun --max-restarts 1: a worker killed by SIGKILL inside epoch 1 ends the workers'
@@ -350,6 +351,7 @@ def test_elastic_restart_resumes_and_logs_every_epoch_once(tmp_path, data):
     assert load_checkpoint(out / "checkpoint-last.pth")["step"] == 20
 
 
+@pytest.mark.xdist_group("processes")
 @pytest.mark.slow
 def test_two_nodes_train_together_and_ctrl_c_to_one_stops_both(tmp_path, data):
     """`torchrun --nnodes 2 --node_rank 0/1` with a c10d rendezvous on localhost, one process

@@ -314,6 +314,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
         assert torch.equal(value, b["model"][key]), key
 
 
+@pytest.mark.xdist_group("processes")
 def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data):
     """torchrun, 2 ranks; SIGUSR1 reaches rank 1 only. Both ranks stop after the same step (else
     rank 0 would wait in the next gradient all-reduce until torchrun killed it, saving nothing),
@@ -409,6 +410,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("processes")
 def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
     """The FGCR README's multi-GPU command shape, on the CPU: `python -m torch.distributed.launch
     --nproc_per_node=2 train.py ...` (which passes --local-rank=N), with published flags that
