@@ -266,6 +266,9 @@ def write_export(
         k: config.get(k) for k in ("model", "img_size", "patch_size", "global_pool", "method")
     }
     ssat_model["pos_embed"] = "learned" if model.learned_pos_embed else "sincos"
+    # the converter's limit on the training images' longer side: predict.py resizes new images
+    # the same way before the eval resize
+    ssat_model["max_resolution"] = (meta.get("storage") or {}).get("max_resolution")
     config_json = timm_config(
         model,
         mean=meta["mean"],

@@ -13,7 +13,10 @@ every rank, so they are the same numbers on 1 or N processes:
 - `f1`: macro-F1 over the classes present in the labels or the predictions (scikit-learn's);
 - `auc`: ROC-AUC of the softmax scores, binary for 2 classes, else one-vs-rest averaged over
   the classes (MedMNIST's); None where it is undefined (a split with one class);
-- `confusion` (rows: true class, columns: predicted), `loss` (cross-entropy), `num_samples`.
+- `confusion` (rows: true class, columns: predicted), `loss` (cross-entropy), `num_samples`;
+- calibration: `ece`, the expected calibration error of the top-1 confidence over 15
+  equal-width bins (in percent, as accuracies are), and `nll`, the negative log-likelihood
+  of the true class (the same number as `loss`, under the name calibration work gives it).
 """
 
 from __future__ import annotations
@@ -37,8 +40,32 @@ from ssat.training import TrainState, autocast
 from storage.atomic import atomic_path
 
 # the single numbers of a result: logged each epoch, tabulated by compare.py
-SCALARS = ("acc1", "acc5", "balanced_acc", "f1", "auc", "loss")
+SCALARS = ("acc1", "acc5", "balanced_acc", "f1", "auc", "loss", "ece", "nll")
 TOP5_FROM = 6  # top-5 of 5 or fewer classes is always 100%
+ECE_BINS = 15  # equal-width bins of the top-1 confidence (Guo et al. 2017)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """(N, C) probabilities and (N,) labels -> per equal-width bin of the top-1 confidence
+    (bin b holds confidences in (b/bins, (b+1)/bins], the first also 0): `count`, mean
+    `confidence` and `accuracy` (None for an empty bin), and `ece`, the count-weighted mean of
+    |accuracy - confidence|, as a fraction."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    sums = np.bincount(which, weights=confidence, minlength=bins)
+    hits = np.bincount(which, weights=correct, minlength=bins)
+    filled = count > 0
+    mean_conf = np.divide(sums, count, out=np.zeros(bins), where=filled)
+    accuracy = np.divide(hits, count, out=np.zeros(bins), where=filled)
+    ece = float(np.sum(count * np.abs(accuracy - mean_conf)) / max(len(labels), 1))
+    return {
+        "count": count.tolist(),
+        "confidence": [float(c) if f else None for c, f in zip(mean_conf, filled, strict=True)],
+        "accuracy": [float(a) if f else None for a, f in zip(accuracy, filled, strict=True)],
+        "ece": ece,
+    }
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -61,6 +88,10 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     result["f1"] = skm.f1_score(labels, pred, average="macro", zero_division=0)
     result["auc"] = roc_auc(probs, labels)
     result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())  # cross-entropy
+    result["nll"] = result["loss"]
+    bins = reliability(probs, labels)
+    result["ece"] = 100 * bins.pop("ece")
+    result["reliability"] = bins
     result["num_samples"] = len(labels)
     result["per_class_acc"] = per_class
     result["confusion"] = confusion.tolist()
@@ -152,6 +183,8 @@ def brief(result: dict, acc1: bool = True) -> str:
         f"macro-F1 {result['f1']:.3f}",
         f"AUC {shown(result['auc'], '.3f')}",
     ]
+    if "ece" in result:  # results logged before calibration was measured have none
+        parts.append(f"ECE {result['ece']:.2f}%  NLL {result['nll']:.4f}")
     return "  ".join(parts)
 
 

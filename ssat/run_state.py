@@ -83,6 +83,10 @@ def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | 
         return None, None
     auto = cfg.resume == "auto"
     path = Path(cfg.output_dir) / "checkpoint-last.pth" if auto else Path(cfg.resume)
+    if not auto and path.is_dir() and not is_export(path):  # a run folder: its last checkpoint
+        if not (path / "checkpoint-last.pth").is_file():
+            raise TrainError(f"--resume {path}: no checkpoint-last.pth in this run folder")
+        path = path / "checkpoint-last.pth"
     if auto and not path.exists():
         print0(dist_ctx, f"no checkpoint in {cfg.output_dir}: starting afresh")
         return None, None

@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def digits320(tmp_path_factory) -> Path:
+    """The bundled digits converted once for the session (each xdist worker has its own):
+    320 scans of train and test (10 steps of 32), the whole val split (270). Read-only: a test
+    that changes a file copies it first."""
+    from convert.digits_to_ffcv import main as convert_digits
+
+    out = tmp_path_factory.mktemp("digits320")
+    assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -184,7 +184,42 @@ def test_a_two_class_run_reports_auc_and_no_top5(tmp_path, capsys):
     assert "AUC" in block and "acc5" not in printed
     assert "val per-class acc (%): normal" in block and "confusion" in block
     assert (out / "confusion.png").stat().st_size > 0
+    # calibration: in eval.json, the log and the printed block, and its picture
+    assert evaluated["test"]["nll"] == pytest.approx(evaluated["test"]["loss"])
+    assert (
+        0 <= evaluated["val"]["ece"] <= 100 and sum(evaluated["val"]["reliability"]["count"]) == 4
+    )
+    assert {"val_ece", "val_nll"} <= set(epochs[-1]) and {"test_ece", "test_nll"} <= set(test)
+    assert "ECE" in block and "NLL" in block
+    assert (out / "reliability.png").stat().st_size > 0
     print(block)
+
+
+def test_ece_and_nll_equal_a_direct_computation():
+    """Known logits: the top-1 confidences fall in known bins; ECE is the count-weighted
+    |accuracy - confidence| over the 15 equal-width bins, NLL the mean -log p(true class)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 4)) * 3
+    labels = rng.integers(0, 4, size=200)
+    result = classification_metrics(logits, labels)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    ece = 0.0
+    for b in range(15):
+        inside = (confidence > b / 15) & (confidence <= (b + 1) / 15)
+        if inside.any():
+            gap = (predicted[inside] == labels[inside]).mean() - confidence[inside].mean()
+            ece += inside.mean() * abs(gap)
+    assert result["ece"] == pytest.approx(100 * ece, abs=1e-9)
+    nll = -np.log(probs[np.arange(200), labels]).mean()
+    assert result["nll"] == pytest.approx(nll, rel=1e-9)
+    assert (
+        result["reliability"]["count"]
+        == np.histogram(confidence, np.linspace(0, 1, 16))[0].tolist()
+    )
+    # a certain, right model: no calibration error, nothing to pay
+    sure = classification_metrics(np.eye(3)[[0, 1, 2, 1]] * 50, np.array([0, 1, 2, 1]))
+    assert sure["ece"] == pytest.approx(0, abs=1e-9) and sure["nll"] == pytest.approx(0, abs=1e-9)
 
 
 def test_compare_tabulates_any_metric(tmp_path):

@@ -38,10 +38,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits320")
-    assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
-    return out
+def data(digits320) -> Path:
+    """Digits, 320 scans of train and test (10 steps of 32) and the whole val split (270)."""
+    return digits320
 
 
 def _args(data: Path, out: Path, *extra) -> list[str]:

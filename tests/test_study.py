@@ -17,7 +17,6 @@ import pytest
 from scipy import stats
 
 import compare
-from convert.digits_to_ffcv import main as convert_digits
 from pipelines import create_loader
 from pipelines.sampling import num_batches, subset_order, training_subset
 
@@ -30,11 +29,9 @@ TRAIN_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Digits: 320 scans of train and test, the whole val split (270)."""
-    out = tmp_path_factory.mktemp("study_data")
-    assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
-    return out
+def data(digits320) -> Path:
+    """Digits, 320 scans of train and test (10 steps of 32) and the whole val split (270)."""
+    return digits320
 
 
 def _study(data: Path, out: Path, *flags: str, train: str = TRAIN_FLAGS) -> list[str]:

@@ -22,7 +22,6 @@ import torch
 import fabricate
 import ssat.training
 import train
-from convert.digits_to_ffcv import main as convert_digits
 from processes import torchrun_workers
 from ssat.checkpoint import load_checkpoint
 from ssat.config import parse_config
@@ -42,11 +41,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(digits320) -> Path:
     """Digits, 320 scans of train and test (10 steps of 32) and the whole val split (270)."""
-    out = tmp_path_factory.mktemp("train_data")
-    assert convert_digits(["--out_dir", str(out), "--limit", "320", "--num_workers", "2"]) == 0
-    return out
+    return digits320
 
 
 def _args(data: Path, out: Path, *extra) -> list[str]:
@@ -186,8 +183,8 @@ def test_embedded_default_learns_the_digits(tmp_path, capsys):
     assert f"data: digits ({data}: 1,077 train, 270 val, 450 test images, 10 classes)" in printed
     assert "recipe: the digits recipe (RECIPES in ssat/config.py)" in printed
     assert '"blr"' not in printed
-    last = printed.strip().splitlines()[-3:]
-    names = ("curves.png", "confusion.png", "reconstructions.png")
+    last = printed.strip().splitlines()[-4:]
+    names = ("curves.png", "confusion.png", "reliability.png", "reconstructions.png")
     for line, name in zip(last, names, strict=True):
         assert line.endswith(str(tmp_path / "demo" / name)), line
         assert matplotlib.image.imread(tmp_path / "demo" / name).std() > 0.05  # drawn, not blank

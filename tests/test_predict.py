@@ -1,0 +1,188 @@
+"""`python predict.py`: a model trained at the digits' size, put through new images. Its
+predictions over a split's .beton equal `train.py --eval`'s; a run folder, its checkpoint, its
+export and the export's ONNX give the same predictions; images come as files, a folder, a list
+or a .beton; an image that does not decode stops the run or becomes a row; one temperature,
+fitted on a split, calibrates an over-confident model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import export
+import predict
+import train
+from storage.beton import BetonFile
+
+SMALL = (
+    "--model mae_vit_micro --img_size 16 --patch_size 4 --batch_size 32 --warmup_epochs 0.5 "
+    "--blr 4e-3 --log_interval 5 --pipeline torch --num_workers 0"
+).split()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits320) -> dict[str, Path]:
+    """Three epochs of SSAT on 320 digit scans, exported with its ONNX graph."""
+    root = tmp_path_factory.mktemp("predict")
+    run, out = root / "run", root / "exported"
+    argv = ["--data_path", "digits", "--data_dir", str(digits320), "--output_dir", str(run)]
+    assert train.main([*argv, *SMALL, "--epochs", "3"]) == 0
+    assert export.main([str(run), "--out", str(out), "--onnx"]) == 0
+    return {"run": run, "export": out, "data": digits320, "root": root}
+
+
+def _read(path: Path) -> list[dict]:
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _predict(tmp_path: Path, *argv) -> list[dict]:
+    out = tmp_path / f"preds{len(list(tmp_path.glob('preds*')))}.csv"
+    assert predict.main([*map(str, argv), "--out", str(out)]) == 0
+    return _read(out)
+
+
+def test_predictions_over_a_split_equal_train_eval(trained, tmp_path, capsys):
+    """`train.py --eval --resume RUN_FOLDER` (the folder's checkpoint-last.pth) and predict.py
+    over the same .beton: the same top-1 for every image, the same NLL."""
+    val = trained["data"] / "digits_val.beton"
+    argv = ["--data_path", "digits", "--data_dir", str(trained["data"]), *SMALL]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(trained["run"])]
+    assert train.main(argv) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["val"]
+    rows = _predict(tmp_path, trained["run"], val, "--topk", 10)
+    labels = BetonFile(val).labels
+    assert [r["path"] for r in rows] == [f"{val}#{i}" for i in range(len(labels))]
+    predicted = np.array([int(r["label"]) for r in rows])
+    assert 100 * np.mean(predicted == labels) == pytest.approx(evaluated["acc1"])
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (labels, predicted), 1)
+    assert confusion.tolist() == evaluated["confusion"]  # image by image, not only on average
+    true_prob = [
+        float(
+            next(
+                r[f"{p}prob"]
+                for p in ["", *(f"top{k}_" for k in range(2, 11))]
+                if r[f"{p}label"] == str(y)
+            )
+        )
+        for r, y in zip(rows, labels, strict=True)
+    ]
+    assert -np.mean(np.log(true_prob)) == pytest.approx(evaluated["nll"], abs=1e-4)
+    assert "images/s" in capsys.readouterr().err
+
+
+def test_run_checkpoint_export_and_onnx_agree(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    test = trained["data"] / "digits_test.beton"
+    exported = trained["export"]
+    sources = {
+        "run folder": [trained["run"]],
+        "checkpoint": [trained["run"] / "checkpoint-last.pth"],
+        "export": [exported],
+        "onnx": [exported, "--onnx", exported / "model.onnx"],
+    }
+    found = {name: _predict(tmp_path, *src, test, "--topk", 3) for name, src in sources.items()}
+    reference = found["run folder"]
+    for name, rows in found.items():
+        assert [r["label"] for r in rows] == [r["label"] for r in reference], name
+        for key in ("prob", "top2_prob", "top3_prob"):
+            ours = np.array([float(r[key]) for r in rows])
+            assert np.abs(ours - [float(r[key]) for r in reference]).max() < 1e-4, (name, key)
+
+
+def _as_files(beton: Path, folder: Path, count: int) -> list[Path]:
+    """The first `count` samples of a raw .beton as PNG files (lossless: the same pixels)."""
+    stored = BetonFile(beton)
+    paths = []
+    for i in range(count):
+        path = folder / f"class{stored.labels[i]}" / f"scan{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(stored.decode(i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_files_a_folder_and_a_list_give_the_beton_predictions(trained, tmp_path):
+    test = trained["data"] / "digits_test.beton"
+    paths = _as_files(test, tmp_path / "scans", 12)
+    from_beton = _predict(tmp_path, trained["export"], test)[:12]
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,note\n" + "".join(f"{p.relative_to(tmp_path)},x\n" for p in paths))
+    text_list = tmp_path / "list.txt"
+    text_list.write_text("# scans\n" + "".join(f"{p}\n" for p in paths[:3]))
+    by_file = {p: i for i, p in enumerate(map(str, paths))}
+    for argv in ([*paths], [tmp_path / "scans"], [listing]):
+        rows = _predict(tmp_path, trained["export"], *argv, "--topk", 2)
+        assert sorted(r["path"] for r in rows) == sorted(by_file)
+        for row in rows:
+            expected = from_beton[by_file[row["path"]]]
+            assert row["label"] == expected["label"]
+            assert float(row["prob"]) == pytest.approx(float(expected["prob"]), abs=1e-5)
+    assert [r["path"] for r in _predict(tmp_path, trained["export"], text_list)] == list(
+        map(str, paths[:3])
+    )
+
+
+def test_an_image_that_does_not_decode_stops_the_run_or_becomes_a_row(trained, tmp_path, capsys):
+    paths = _as_files(trained["data"] / "digits_test.beton", tmp_path / "scans", 3)
+    broken = tmp_path / "scans" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "preds.json"
+    argv = [str(trained["run"]), *map(str, paths), str(broken), "--out", str(out)]
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {broken}: does not decode" in err and not out.exists()
+    assert predict.main([*argv, "--on_error", "skip"]) == 0
+    rows = _read(out)
+    assert [r["path"] for r in rows] == [*map(str, paths), str(broken)]
+    assert rows[-1]["error"] and "label" not in rows[-1]
+    assert all(r["error"] == "" and r["label"] for r in rows[:3])
+    assert predict.main([str(trained["run"]), str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: no such file or folder" in capsys.readouterr().err
+    assert predict.main([str(trained["run"]), *map(str, paths), "--out", "p.txt"]) == 1
+    assert "expected a .csv or a .json file" in capsys.readouterr().err
+
+
+def test_a_temperature_calibrates_an_over_confident_model(trained, tmp_path):
+    """A copy of the export whose head's weights are 8 times larger (the same predictions,
+    far too sure of them): the fitted temperature is above 1, lowers the validation NLL and
+    the ECE, is stored with the model and used by the next predictions."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sure = tmp_path / "sure"
+    shutil.copytree(trained["export"], sure)
+    for name in ("model.safetensors",):
+        weights = load_file(str(sure / name))
+        weights = {k: v * 8 if k.startswith("head.") else v for k, v in weights.items()}
+        save_file(weights, str(sure / name), metadata={"format": "pt"})
+    val = trained["data"] / "digits_val.beton"
+    test = trained["data"] / "digits_test.beton"
+    before = _predict(tmp_path, sure, test)
+    assert predict.main([str(sure), "--calibrate", str(val)]) == 0
+    stored = json.loads((sure / "calibration.json").read_text())
+    assert stored["temperature"] > 1.5
+    assert stored["after"]["nll"] < stored["before"]["nll"]
+    assert stored["after"]["ece"] < stored["before"]["ece"]
+    assert stored["after"]["acc1"] == stored["before"]["acc1"]  # T never changes the top-1
+    after = _predict(tmp_path, sure, test)
+    assert [r["label"] for r in after] == [r["label"] for r in before]
+    assert np.mean([float(r["prob"]) for r in after]) < np.mean([float(r["prob"]) for r in before])
+
+
+def test_fit_temperature_recovers_a_known_scale():
+    """Labels drawn from softmax(z): logits 4 z are best explained by T = 4."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5))
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert predict.fit_temperature(4 * z, labels) == pytest.approx(4, rel=0.1)
