@@ -5,13 +5,17 @@
     python visualize.py recon --grid ... --out runs/c10/reconstructions.png
     python visualize.py curves runs/c10/log.jsonl [--out runs/c10/curves.png]
     python visualize.py confusion runs/c10/eval.json [--split test] [--out runs/c10/conf.png]
+    python visualize.py attention runs/c10 photos/ [--num_images 8] --out runs/c10/attention.png
 
 `recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
 FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
 visible patches pasted back; with `--grid`, one PNG of them all, a row per image. `curves` draws
 the loss parts, the learning rate, validation accuracy and training images/s from a `log.jsonl`
 written by train.py; `confusion`, an `eval.json`'s confusion matrix normalised by row
-(`train.py --pictures` draws all three at the end of a run).
+(`train.py --pictures` draws all three at the end of a run). `attention` draws, a row per image,
+the classifier's attention rollout over the patches beside the input and over it, titled with the
+predicted class; its model and images are predict.py's (a run, a checkpoint or an export; image
+files, folders, .beton files or lists).
 
 A command beside train.py, not part of the method package: a reconstruction needs a loader.
 """
@@ -27,10 +31,13 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from torch import nn
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import predict  # noqa: E402
+from convert.images import BadImage  # noqa: E402
 from pipelines import DatasetError, create_loader  # noqa: E402
 from ssat.checkpoint import load_checkpoint  # noqa: E402
 from ssat.models import create_model  # noqa: E402
@@ -252,14 +259,157 @@ def confusion(results: Path, out: Path, split: str = "val") -> Path:
     return out
 
 
+def reliability_diagram(results: Path, out: Path, split: str = "val") -> Path:
+    """Accuracy against top-1 confidence per equal-width bin of an eval.json's `split`, each
+    bin's image count above its bar; the diagonal is perfect calibration, and the title gives
+    the expected calibration error (ECE)."""
+    try:
+        result = json.loads(results.read_text())[split]
+        bins = result["reliability"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{results}: no {split} reliability bins ({err})") from None
+    n = len(bins["count"])
+    edges = np.linspace(0.0, 1.0, n + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    accuracy = [a if a is not None else 0.0 for a in bins["accuracy"]]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.bar(centres, accuracy, width=1 / n, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for x, a, count in zip(centres, accuracy, bins["count"], strict=True):
+        if count:
+            ax.text(x, min(a, 0.93) + 0.02, str(count), ha="center", fontsize=7, rotation=90)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top-1 probability)")
+    ax.set(ylabel="accuracy")
+    ax.set_title(
+        f"{split} reliability: ECE {result['ece']:.2f}%, NLL {result['nll']:.3f} "
+        f"({sum(bins['count'])} images)",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities softmax(q k^T * scale) that a timm `Attention` computes from
+    its input x (B, N, D), with its own qkv projection (bias included), q/k norms and scale:
+    (B, heads, N, N)."""
+    b, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, N, d) each
+    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+
+
+@torch.no_grad()
+def rollout_matrix(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The attention rollout (Abnar & Zuidema, 2020) of the classifier's forward pass
+    (`module.classify`) on (B, 3, S, S) normalised images: (B, 1 + L, 1 + L), cls token first.
+
+    Each block's attention probabilities, averaged over the heads, plus the identity (the
+    residual), rows renormalised to sum to 1; the product over the blocks, the first on the
+    right. Row i says how much of token i's output comes from each input token. The
+    probabilities are recomputed from each attention module's input by a forward hook, so the
+    model's forward (its fused attention kernel) is left as it is."""
+    per_block = []  # (B, N, N) each
+
+    def keep(attn: nn.Module, args: tuple, _output) -> None:
+        per_block.append(_attention_probs(attn, args[0]).float().mean(dim=1))
+
+    hooks = [block.attn.register_forward_hook(keep) for block in module.blocks]
+    try:
+        module.classify(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n = per_block[0].shape[-1]
+    identity = torch.eye(n, device=per_block[0].device)
+    rollout = identity.expand_as(per_block[0])  # (B, N, N)
+    for probs in per_block:
+        mixed = probs + identity  # the residual keeps the token itself
+        rollout = (mixed / mixed.sum(dim=-1, keepdim=True)) @ rollout
+    return rollout
+
+
+def attention_rollout(module: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Where the classifier's head reads from: a map over the patch grid per image, (B, gh, gw),
+    each summing to 1. For a cls-token head, the cls token's row of the rollout
+    (`rollout_matrix`) over the patch tokens; for a global-pool head (the mean patch token),
+    the mean of the patch tokens' rows over the patch tokens."""
+    rollout = rollout_matrix(module, images)  # (B, 1 + L, 1 + L)
+    if module.global_pool:
+        weights = rollout[:, 1:, 1:].mean(dim=1)  # (B, L)
+    else:
+        weights = rollout[:, 0, 1:]  # (B, L)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.reshape(len(images), *module.patch_embed.grid_size).numpy(force=True)
+
+
+def attention_maps(
+    source: Path,
+    images: list[Path],
+    out: Path,
+    *,
+    num_images: int = 8,
+    data: Path | None = None,
+) -> Path:
+    """One PNG, a row per image of the first `num_images` that `images` name: the model's input
+    crop, its attention rollout over the patches (`attention_rollout`) and the two overlaid,
+    titled with the predicted class and its (calibrated) probability. The model and the images
+    are read as predict.py reads them."""
+    if num_images < 1:
+        raise ValueError(f"--num_images {num_images}: draw at least one image")
+    model = predict.load_model(source, data=data, device="cpu")
+    items = predict.collect(images, model.preprocess)[:num_images]
+    if not items:
+        raise predict.PredictError(f"{' '.join(map(str, images))}: no images")
+    crops = []
+    for item in items:
+        try:
+            crops.append(model.preprocess(item.read()))
+        except BadImage as err:
+            raise predict.PredictError(f"{item.name}: does not decode ({err})") from None
+    batch = torch.stack(crops)  # (B, 3, S, S)
+    maps = attention_rollout(model.module, batch)  # (B, gh, gw)
+    probs = predict.softmax(model.logits(batch), model.temperature)  # (B, C)
+    pixels = _pixels(batch, model.preprocess.mean, model.preprocess.std)  # (B, S, S, 3)
+    scale = pixels.shape[1] // maps.shape[1]  # the patch size
+    upsampled = maps.repeat(scale, axis=1).repeat(scale, axis=2)  # (B, S, S), patch by patch
+
+    fig, axes = plt.subplots(len(items), 3, figsize=(5.4, 1.9 * len(items)), squeeze=False)
+    for b, item in enumerate(items):
+        predicted = int(probs[b].argmax())
+        axes[b, 0].imshow(pixels[b])
+        axes[b, 0].set_ylabel(Path(item.name).name, fontsize=7)
+        axes[b, 1].imshow(upsampled[b], cmap="inferno")
+        axes[b, 1].set_title(
+            f"predicted {model.class_names[predicted]}, p = {probs[b, predicted]:.2f}", fontsize=9
+        )
+        axes[b, 2].imshow(pixels[b])
+        axes[b, 2].imshow(upsampled[b], cmap="inferno", alpha=0.55)
+    for column, name in enumerate(("input", "attention rollout", "overlay")):
+        axes[-1, column].set_xlabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    head = "mean patch token" if model.module.global_pool else "cls token"
+    fig.suptitle(f"{source}: attention rollout to the {head}", fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
 def draw_run(out: Path, has_decoder: bool, data: Path) -> None:
     """A run's pictures in its output folder (`train.py --pictures`): the training curves, the
-    validation confusion matrix and, for a model with a decoder, its reconstructions of the
-    first images of `data` by the final weights. Drawing is the run's last act: a failure is
-    reported, not fatal."""
+    validation confusion matrix, its reliability diagram and, for a model with a decoder, its
+    reconstructions of the first images of `data` by the final weights. Drawing is the run's
+    last act: a failure is reported, not fatal."""
     try:
         drawn = [("training curves", curves(out / "log.jsonl", out / "curves.png"))]
         drawn.append(("confusion matrix", confusion(out / "eval.json", out / "confusion.png")))
+        drawn.append(
+            ("reliability", reliability_diagram(out / "eval.json", out / "reliability.png"))
+        )
         if has_decoder:
             grid = reconstruction_grid(
                 out / "checkpoint-last.pth", data, out / "reconstructions.png"
@@ -299,6 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("results", type=Path, help="eval.json (train.py writes it)")
     con.add_argument("--split", default="val", help="val, test, ... (a key of the file)")
     con.add_argument("--out", type=Path, default=None, help="default: confusion.png beside it")
+    att = sub.add_parser(
+        "attention", help="the classifier's attention rollout over the patches, a row per image"
+    )
+    att.add_argument("model", type=Path, help="a run folder, a checkpoint or an export folder")
+    att.add_argument(
+        "images", type=Path, nargs="+", help="image files, folders, .beton files or lists"
+    )
+    att.add_argument("--out", type=Path, default=Path("attention.png"), help="the PNG to write")
+    att.add_argument("--num_images", type=int, default=8, help="the first N images, a row each")
+    att.add_argument(
+        "--data",
+        type=Path,
+        help="the training split's metadata (.json, .beton or their folder), for a run or a "
+        "checkpoint whose data is not where it was",
+    )
     return p
 
 
@@ -319,13 +484,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {drawn}")
             else:
                 print(f"wrote {len(drawn)} pictures to {args.out}")
+        elif args.command == "attention":
+            drawn = attention_maps(
+                args.model, args.images, args.out, num_images=args.num_images, data=args.data
+            )
+            print(f"wrote {drawn}")
         elif args.command == "confusion":
             out = args.out or args.results.with_name("confusion.png")
             print(f"wrote {confusion(args.results, out, args.split)}")
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))
             print(f"wrote {path}")
-    except (ValueError, OSError, DatasetError) as err:
+    except (ValueError, OSError, DatasetError, predict.PredictError, BadImage) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -186,3 +186,35 @@ def test_fit_temperature_recovers_a_known_scale():
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     labels = np.array([rng.choice(5, p=row) for row in p])
     assert predict.fit_temperature(4 * z, labels) == pytest.approx(4, rel=0.1)
+
+
+def test_original_photos_predict_as_their_converted_split(tmp_path, capsys):
+    """Photos (JPEG and PNG) converted with a resize (--max_resolution 24) and stored as JPEG:
+    predict.py over the original files resizes them as the converter did, so it differs from
+    the converted split only by JPEG storage: the same top-1 wherever the stored prediction is
+    not a near tie, and close probabilities."""
+    import fabricate
+    from convert.imagenet_to_ffcv import main as convert_folders
+
+    fabricate.image_folder(tmp_path / "src", {"train": 16, "val": 8}, classes=3)
+    argv = f"--src {tmp_path / 'src'} --out_dir {tmp_path / 'data'} --name photos"
+    assert convert_folders([*argv.split(), "--max_resolution", "24", "--num_workers", "1"]) == 0
+    flags = ["--data_path", "photos", "--data_dir", str(tmp_path / "data"), "--epochs", "2"]
+    flags += ["--output_dir", str(tmp_path / "run")]
+    assert train.main([*flags, *SMALL, "--batch_size", "8"]) == 0
+    stored = _predict(tmp_path, tmp_path / "run", tmp_path / "data" / "photos_val.beton")
+    files = _predict(tmp_path, tmp_path / "run", tmp_path / "src" / "val")
+    assert [Path(r["path"]).parent.name for r in files] == [
+        f"class_{c}" for c in range(3) for _ in range(8)
+    ]
+    gaps, same = [], []
+    for a, b in zip(stored, files, strict=True):
+        gaps.append(abs(float(a["prob"]) - float(b["prob"])))
+        same.append(a["label"] == b["label"])
+        if a["label"] != b["label"]:  # only where the stored prediction nearly ties
+            assert float(a["prob"]) - float(a["top2_prob"]) < 0.05, (a, b)
+    print(
+        f"photos through the converter's resize: top-1 agrees on {sum(same)}/{len(same)}, "
+        f"largest top-1 probability gap {max(gaps):.4f}"
+    )
+    assert max(gaps) < 0.05 and np.mean(same) >= 0.9

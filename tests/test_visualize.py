@@ -1,4 +1,5 @@
-"""`python visualize.py`: reconstruction grids from a checkpoint, curves from a log."""
+"""`python visualize.py`: reconstruction grids from a checkpoint, curves from a log, attention
+maps of a model on images."""
 
 from pathlib import Path
 
@@ -7,24 +8,37 @@ import numpy as np
 import pytest
 import torch
 
+import predict
 import train
-from convert.digits_to_ffcv import main as convert_digits
 from ssat.models import create_model
+from visualize import _attention_probs, attention_rollout, rollout_matrix
 from visualize import main as visualize
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
+def run(tmp_path_factory, digits320) -> dict[str, Path]:
     """Two epochs of FGCR (r = 2) on 320 digit scans."""
     root = tmp_path_factory.mktemp("visualize")
-    assert convert_digits(f"--out_dir {root / 'data'} --limit 320 --num_workers 1".split()) == 0
     argv = (
-        f"--data_path digits --data_dir {root / 'data'} --output_dir {root / 'run'} "
+        f"--data_path digits --data_dir {digits320} --output_dir {root / 'run'} "
         "--model mae_vit_tiny --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
         "--epochs 2 --pipeline torch --num_workers 0 --log_interval 2"
     )
     assert train.main(argv.split()) == 0
-    return {"run": root / "run", "data": root / "data" / "digits_test.beton"}
+    return {"run": root / "run", "data": digits320 / "digits_test.beton"}
+
+
+@pytest.fixture(scope="module")
+def pooled_run(tmp_path_factory, digits320) -> Path:
+    """One epoch of the scratch baseline with a global-pool head (the mean patch token)."""
+    out = tmp_path_factory.mktemp("pooled") / "run"
+    argv = (
+        f"--data_path digits --data_dir {digits320} --output_dir {out} --model vit_micro "
+        "--global_pool --img_size 16 --patch_size 4 --batch_size 32 --epochs 1 "
+        "--pipeline torch --num_workers 0"
+    )
+    assert train.main(argv.split()) == 0
+    return out
 
 
 def _recon(run, *flags) -> int:
@@ -90,3 +104,72 @@ def test_clear_errors(run, tmp_path, capsys):
     assert "not a readable log.jsonl" in capsys.readouterr().err
     assert _recon(run, "--data", tmp_path / "nosuch.beton") == 1
     assert "no such dataset file" in capsys.readouterr().err
+
+
+def _attention(model: Path, *flags) -> int:
+    """`python visualize.py attention MODEL ...` with `flags` (images and options)."""
+    return visualize(["attention", str(model), *map(str, flags)])
+
+
+@pytest.mark.parametrize("head", ["cls token", "global pool"])
+def test_attention_pictures(head, request, run, tmp_path, capsys):
+    """A row per image: the input, the rollout map and the overlay, for either head."""
+    model = run["run"] if head == "cls token" else request.getfixturevalue("pooled_run")
+    one, three = tmp_path / "one.png", tmp_path / "three.png"
+    assert _attention(model, run["data"], "--num_images", 1, "--out", one) == 0
+    assert f"wrote {one}" in capsys.readouterr().out
+    assert _attention(model, run["data"], "--num_images", 3, "--out", three) == 0
+    single, rows = _picture(one), _picture(three)
+    assert rows.std() > 0.05 and single.std() > 0.05  # drawn, not blank
+    assert rows.shape[0] > 2.2 * single.shape[0]  # a row per image
+    assert single.shape[1] > 1.5 * single.shape[0]  # three pictures across
+
+
+def _crops(model: predict.Model, data: Path, n: int) -> torch.Tensor:
+    """The first `n` images of `data` as the model sees them: (n, 3, S, S)."""
+    items = predict.collect([data], model.preprocess)[:n]
+    return torch.stack([model.preprocess(item.read()) for item in items])
+
+
+def test_attention_rollout(run, pooled_run):
+    """Maps over the 4 x 4 patch grid that sum to 1, each image its own; a cls-token head reads
+    the cls token's row of the rollout, a global-pool head the mean of the patch tokens' rows."""
+    for source, global_pool in ((run["run"], False), (pooled_run, True)):
+        model = predict.load_model(source, device="cpu")
+        assert model.module.global_pool == global_pool
+        images = _crops(model, run["data"], 4)
+        maps = attention_rollout(model.module, images)  # (4, 4, 4)
+        assert maps.shape == (4, 4, 4) and (maps >= 0).all()
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+        assert not np.allclose(maps[0], maps[1])
+        full = rollout_matrix(model.module, images)  # (4, 17, 17)
+        torch.testing.assert_close(full.sum(dim=-1), torch.ones(4, 17))  # rows stay weights
+        cls = full[:, 0, 1:] / full[:, 0, 1:].sum(dim=-1, keepdim=True)
+        pooled = full[:, 1:, 1:].mean(dim=1)
+        pooled = pooled / pooled.sum(dim=-1, keepdim=True)
+        expected = pooled if global_pool else cls
+        np.testing.assert_allclose(maps.reshape(4, 16), expected.numpy(), rtol=1e-5)
+        if global_pool:  # not what the cls row would say
+            assert not np.allclose(maps.reshape(4, 16), cls.numpy(), atol=1e-3)
+
+
+def test_attention_probabilities_are_the_models():
+    """The probabilities the rollout recomputes give the attention module's own output."""
+    attn = create_model("vit_micro", num_classes=10, img_size=16, patch_size=4).blocks[0].attn
+    x = torch.randn(2, 17, 128)
+    probs = _attention_probs(attn, x)  # (B, heads, N, N)
+    assert probs.shape == (2, 4, 17, 17)
+    v = attn.qkv(x).reshape(2, 17, 3, 4, 32)[:, :, 2].transpose(1, 2)  # (B, heads, N, d)
+    mixed = (probs @ v).transpose(1, 2).reshape(2, 17, 128)
+    torch.testing.assert_close(attn.proj(mixed), attn(x))
+
+
+def test_attention_errors(run, tmp_path, capsys):
+    assert _attention(run["run"], tmp_path / "nosuch.png") == 1
+    assert "error: " in (err := capsys.readouterr().err) and "no such file or folder" in err
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    assert _attention(run["run"], tmp_path / "broken.png", "--out", tmp_path / "a.png") == 1
+    assert "does not decode" in capsys.readouterr().err
+    assert _attention(tmp_path, run["data"]) == 1  # no checkpoint there
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "a.png").exists()
