@@ -2,8 +2,7 @@
 # Both start from the same idempotent setup step (tools/setup.sh); the tests start with the
 # linter and the format check (ruff, configured in pyproject.toml) and the documentation site's
 # strict build (a broken link or a missing page fails it); the suite runs on every core, the tests
-# that start several processes of their own one at a time (xdist_group "processes"). `make docs`
-# builds the site in site/.
+# that start torchrun one at a time (xdist_group "processes"). `make docs` builds the site in site/.
 PY := .venv/bin/python
 # mkdocs-material's notice about its successor, printed on every build
 export NO_MKDOCS_2_WARNING := 1

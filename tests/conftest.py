@@ -33,6 +33,28 @@ def digits320(tmp_path_factory) -> Path:
     return out
 
 
+# the tiny run several test modules read (pictures, predictions): its model flags, which
+# `train.py --eval` needs again
+TRAINED_FLAGS = (
+    "--model mae_vit_tiny --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
+    "--pipeline torch --num_workers 0"
+).split()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits320) -> dict:
+    """Two epochs of FGCR (r = 2) on `digits320`, trained once for the session (each xdist
+    worker has its own): `run` (its folder), `data` (the digits folder), `flags` (its model
+    flags). Read-only: a test that changes a file copies it first."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    argv = ["--data_path", "digits", "--data_dir", str(digits320)]
+    argv += ["--output_dir", str(root / "run"), "--epochs", "2", "--log_interval", "2"]
+    assert train.main([*argv, *TRAINED_FLAGS]) == 0
+    return {"run": root / "run", "data": digits320, "flags": list(TRAINED_FLAGS)}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

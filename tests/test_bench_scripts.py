@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.xdist_group("processes")
 def test_every_benchmark_runs_as_a_file():
     scripts = sorted((REPO / "bench").glob("*.py"))
     assert {"conversion.py", "end_to_end.py", "loaders.py", "train_step.py"} <= {

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("mae_vit_tiny ssat", "vit_small scratch", "vit_base scratch")
 ROWS = (
@@ -29,7 +27,6 @@ ROWS = (
 )
 
 
-@pytest.mark.xdist_group("processes")
 def test_dry_run_ends_with_every_row(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "WORK": str(tmp_path / "work")}

@@ -26,14 +26,11 @@ SMALL = (
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits320) -> dict[str, Path]:
-    """Three epochs of SSAT on 320 digit scans, exported with its ONNX graph."""
-    root = tmp_path_factory.mktemp("predict")
-    run, out = root / "run", root / "exported"
-    argv = ["--data_path", "digits", "--data_dir", str(digits320), "--output_dir", str(run)]
-    assert train.main([*argv, *SMALL, "--epochs", "3"]) == 0
-    assert export.main([str(run), "--out", str(out), "--onnx"]) == 0
-    return {"run": run, "export": out, "data": digits320, "root": root}
+def trained(tmp_path_factory, trained_run) -> dict:
+    """The session's tiny FGCR run on 320 digit scans, exported with its ONNX graph."""
+    out = tmp_path_factory.mktemp("predict") / "exported"
+    assert export.main([str(trained_run["run"]), "--out", str(out), "--onnx"]) == 0
+    return {**trained_run, "export": out}
 
 
 def _read(path: Path) -> list[dict]:
@@ -53,7 +50,7 @@ def test_predictions_over_a_split_equal_train_eval(trained, tmp_path, capsys):
     """`train.py --eval --resume RUN_FOLDER` (the folder's checkpoint-last.pth) and predict.py
     over the same .beton: the same top-1 for every image, the same NLL."""
     val = trained["data"] / "digits_val.beton"
-    argv = ["--data_path", "digits", "--data_dir", str(trained["data"]), *SMALL]
+    argv = ["--data_path", "digits", "--data_dir", str(trained["data"]), *trained["flags"]]
     argv += ["--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(trained["run"])]
     assert train.main(argv) == 0
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["val"]

@@ -189,7 +189,6 @@ def _stop_when(log: Path, text: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xdist_group("processes")
 @pytest.mark.slow
 def test_study_stops_continues_refuses_and_reports(data, tmp_path, capsys):
     """2 methods x 2 fractions x 2 seeds at 2 epochs: stopped in its second run, continued two

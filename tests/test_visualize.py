@@ -16,16 +16,9 @@ from visualize import main as visualize
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, digits320) -> dict[str, Path]:
-    """Two epochs of FGCR (r = 2) on 320 digit scans."""
-    root = tmp_path_factory.mktemp("visualize")
-    argv = (
-        f"--data_path digits --data_dir {digits320} --output_dir {root / 'run'} "
-        "--model mae_vit_tiny --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
-        "--epochs 2 --pipeline torch --num_workers 0 --log_interval 2"
-    )
-    assert train.main(argv.split()) == 0
-    return {"run": root / "run", "data": digits320 / "digits_test.beton"}
+def run(trained_run) -> dict[str, Path]:
+    """Two epochs of FGCR (r = 2) on 320 digit scans (the session's trained run)."""
+    return {"run": trained_run["run"], "data": trained_run["data"] / "digits_test.beton"}
 
 
 @pytest.fixture(scope="module")
