@@ -19,6 +19,9 @@ import predict
 import train
 from storage.beton import BetonFile
 
+# the session's trained run (and this module's fixtures) built once: these tests in one worker
+pytestmark = pytest.mark.xdist_group("trained_run")
+
 SMALL = (
     "--model mae_vit_micro --img_size 16 --patch_size 4 --batch_size 32 --warmup_epochs 0.5 "
     "--blr 4e-3 --log_interval 5 --pipeline torch --num_workers 0"

@@ -14,6 +14,9 @@ from ssat.models import create_model
 from visualize import _attention_probs, attention_rollout, rollout_matrix
 from visualize import main as visualize
 
+# the session's trained run (and this module's fixtures) built once: these tests in one worker
+pytestmark = pytest.mark.xdist_group("trained_run")
+
 
 @pytest.fixture(scope="module")
 def run(trained_run) -> dict[str, Path]:
