@@ -51,6 +51,7 @@ import torch
 
 from convert import first_use
 from pipelines import DatasetError, create_loader
+from pipelines.memory import resolve as resolve_in_memory
 from ssat import distributed
 from ssat.checkpoint import DiskSpaceError, restore_rng_state
 from ssat.config import NOTES, TrainConfig, flag_names, parse_config, start_summary
@@ -123,8 +124,13 @@ def build_loaders(
     val_path: Path,
     test_path: Path | None = None,
 ):
-    """The train loader, the loader evaluated every epoch, and the test split's (or None)."""
+    """The train loader, the loader evaluated every epoch, and the test split's (or None); the
+    splits are read through the page cache or in whole pages, as --in_memory says or decides
+    for them together (the train loader's `memory_note` says which and why)."""
+    asked = {"auto": None, "1": True, "0": False}[cfg.in_memory]
+    in_memory, note = resolve_in_memory(asked, [train_path, val_path, test_path])
     common = dict(
+        in_memory=in_memory,
         img_size=cfg.img_size,
         device=dist_ctx.device,
         rank=dist_ctx.rank,
@@ -151,6 +157,7 @@ def build_loaders(
     test = None
     if test_path is not None:  # read once, at the end of the schedule
         test = create_loader(cfg.pipeline, test_path, **evaluation)
+    train.memory_note = note
     return train, val, test
 
 

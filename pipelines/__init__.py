@@ -45,10 +45,13 @@ def create_loader(
     seed: int = 0,
     num_workers: int | None = None,
     dtype=None,
+    in_memory: bool | None = None,
     **augmentation,
 ) -> CropLoader:
     """A loader of `kind` over the .beton at `path` (its metadata beside it), or, for `dali`,
-    over the ImageFolder at `path`."""
+    over the ImageFolder at `path`. `in_memory`: read the file through the page cache in a
+    random order (True), or in whole pages in a page-aware order (False: a file larger than
+    memory); None decides by the memory this process may use (`pipelines.memory`)."""
     if kind == "ffcv":
         from pipelines.ffcv_engine import FFCVLoader as engine
     elif kind == "dali":
@@ -71,6 +74,7 @@ def create_loader(
         seed=seed,
         num_workers=num_workers,
         dtype=dtype or torch.float32,
+        in_memory=in_memory,
         **augmentation,
     )
 

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dataset import ImageFolder, open_image_folder
 from pipelines.loader import CropLoader
-from pipelines.sampling import epoch_order
+from pipelines.sampling import epoch_order, page_aware_order
 from storage.beton import RAW, BetonFile
 from storage.forking import forking
 from storage.metadata import open_dataset
@@ -63,25 +63,30 @@ class BetonSamples:
         length: int,
         first_skip: int = 0,
         subset: np.ndarray | None = None,
+        pages: np.ndarray | None = None,
     ):
         self.beton, self.train, self.batch_size = beton, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.first_epoch, self.length, self.first_skip = first_epoch, length, first_skip
         self.subset = subset
+        self.pages = pages  # each sample's page: the page-aware order (a file read in pages)
         self._cached = (None, None)
 
     def order(self, epoch: int) -> np.ndarray:
         if self._cached[0] != epoch:
-            order = epoch_order(
-                self.beton.num_samples,
-                train=self.train,
-                batch_size=self.batch_size,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                epoch=epoch,
-                subset=self.subset,
-            )
+            where = dict(rank=self.rank, world_size=self.world_size, seed=self.seed, epoch=epoch)
+            if self.train and self.pages is not None:
+                order = page_aware_order(
+                    self.pages, batch_size=self.batch_size, subset=self.subset, **where
+                )
+            else:
+                order = epoch_order(
+                    self.beton.num_samples,
+                    train=self.train,
+                    batch_size=self.batch_size,
+                    subset=self.subset,
+                    **where,
+                )
             self._cached = (epoch, padded(order, self.length))
         return self._cached[1]
 
@@ -163,6 +168,7 @@ class DALILoader(CropLoader):
                     length=length,
                     first_skip=skip,
                     subset=self.subset,
+                    pages=None if self.in_memory else self.source.pages(),
                 )
                 encoded, index = fn.external_source(
                     source=source,

@@ -202,7 +202,9 @@ class FFCVLoader(CropLoader):
                 num_workers=max(1, self.num_workers),
                 order=OrderOption.SEQUENTIAL,
                 drop_last=self.train,
-                os_cache=True,
+                # in memory: the page cache; else ffcv's process cache reads whole pages ahead
+                # of the batches that need them, as the page-aware order schedules them
+                os_cache=self.in_memory,
                 indices=self.order(),
                 batches_ahead=3,
                 pipelines={

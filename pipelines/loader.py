@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from pipelines.augment import AugmentConfig, DeviceAugment
-from pipelines.sampling import epoch_order, num_batches, training_subset
+from pipelines.memory import resolve
+from pipelines.sampling import epoch_order, num_batches, page_aware_order, training_subset
 from storage import DatasetError
 from storage.metadata import open_dataset
 
@@ -60,10 +61,16 @@ class CropLoader:
         dtype: torch.dtype = torch.float32,
         subset_size: float = 1.0,
         subset_seed: int | None = None,
+        in_memory: bool | None = None,
         **augmentation,
     ):
         self.source, self.info = self._open(path)
         self.path = self.info.path
+        # read through the page cache in a random order, or in whole pages in a page-aware
+        # order (a file larger than memory); None: whichever fits (pipelines.memory)
+        self.in_memory, self.memory_note = resolve(in_memory, [self.path])
+        if not hasattr(self.source, "pages"):  # an image folder (DALI): files, not pages
+            self.in_memory = True
         if crops < 1 or (not train and crops != 1):
             raise ValueError(f"crops must be >= 1 for training and 1 for eval, got {crops}")
         if batch_size < 1 or img_size < 1:
@@ -98,6 +105,7 @@ class CropLoader:
             seed=seed + rank,
         )
         self.epoch, self.start_batch = 0, 0
+        self._pages = None  # each sample's page, read when the page-aware order needs it
         if train:  # a shard too small for one batch is an error now, not at the first epoch
             self.order(0)
 
@@ -114,6 +122,18 @@ class CropLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def order(self, epoch: int | None = None) -> np.ndarray:
+        if self.train and not self.in_memory:
+            if self._pages is None:
+                self._pages = self.source.pages()
+            return page_aware_order(
+                self._pages,
+                batch_size=self.batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.seed,
+                epoch=self.epoch if epoch is None else epoch,
+                subset=self.subset,
+            )
         return epoch_order(
             self.info.num_samples,
             train=self.train,

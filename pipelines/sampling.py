@@ -5,6 +5,10 @@ trimmed to whole batches, so every rank yields the same number of batches. Eval:
 samples r, r + world_size, ... in order: across ranks every sample exactly once, no padding.
 A limited-data run trains on a fixed, class-stratified subset of the samples (`subset`), permuted
 the same way.
+
+A dataset read in whole pages (`in_memory=False`: larger than the memory at hand) is trained in
+the page-aware order of `page_aware_order` instead, with the same guarantees (each sample of the
+rank's shard once, disjoint shards, equal batch counts, a function of (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -82,6 +86,66 @@ def epoch_order(
         )
     permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
     shard = permutation[rank * per_rank : (rank + 1) * per_rank]
+    return shard[: batches * batch_size].astype(np.int64)
+
+
+# pages a block of the page-aware order draws from at the least (see page_aware_order)
+MIN_PAGES_AT_ONCE = 16
+# pages a block holds per sample of a batch: 4 keeps at least 0.9 of a random batch's distinct
+# classes on class-sorted files (12 to 1,000 classes; 1 gave 0.68 to 0.93, 2 gave 0.82 to 0.97)
+PAGES_PER_SAMPLE = 4
+
+
+def pages_at_once(batch_size: int) -> int:
+    """The pages a block of the page-aware order holds: PAGES_PER_SAMPLE per sample of a batch
+    (at least MIN_PAGES_AT_ONCE), so that a batch draws from about as many classes as a random
+    batch does, even where a converter wrote each class's samples on pages of their own."""
+    return max(MIN_PAGES_AT_ONCE, PAGES_PER_SAMPLE * batch_size)
+
+
+def page_aware_order(
+    pages: np.ndarray,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    subset: np.ndarray | None = None,
+    block_pages: int | None = None,
+) -> np.ndarray:
+    """The train order of rank `rank` in `epoch` for a dataset read in whole pages (`pages`:
+    (N,) the page each sample lies in): only `subset`'s samples where one is given.
+
+    The epoch shuffles the pages, cuts that order into blocks of `block_pages` pages
+    (default `pages_at_once(batch_size)`) and reads the blocks one after the other, the samples
+    of a block in a random order; the sequence is cut into `world_size` equal contiguous
+    shards, each trimmed to whole batches (as `epoch_order`). Bound: a batch draws from at most
+    2 blocks, 2 * block_pages pages; a window of k batches from at most
+    block_pages * (ceil(k * batch_size / s) + 1) pages, s the fewest samples a block holds; each
+    page enters a rank's reading once per epoch (a page cut by a shard's edge is read by the two
+    ranks that share it). A batch mixes samples of up to block_pages pages picked at random from
+    the whole file, so its classes are about as many as a random batch's even where each page
+    holds one class (converters write class folders class by class). A function of (seed, epoch)
+    alone: a resume inside an epoch continues the same order."""
+    candidates = np.arange(len(pages)) if subset is None else np.asarray(subset, dtype=np.int64)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    block_pages = block_pages or pages_at_once(batch_size)
+    rng = np.random.default_rng([seed, epoch, 0x9A6E])
+    distinct, which = np.unique(np.asarray(pages)[candidates], return_inverse=True)
+    place = np.empty(len(distinct), dtype=np.int64)
+    place[rng.permutation(len(distinct))] = np.arange(len(distinct))  # each page's turn
+    block = place[which] // block_pages
+    sequence = candidates[np.lexsort((rng.random(len(candidates)), block))]
+    per_rank = len(sequence) // world_size
+    batches = per_rank // batch_size
+    if batches == 0:
+        raise ValueError(
+            f"{len(sequence)} samples over {world_size} rank(s) give {per_rank} per rank: "
+            f"not one full batch of {batch_size}"
+        )
+    shard = sequence[rank * per_rank : (rank + 1) * per_rank]
     return shard[: batches * batch_size].astype(np.int64)
 
 

@@ -56,6 +56,13 @@ class TrainConfig:
         "loader engine: ffcv, dali (GPU JPEG decoding) or torch (default: ffcv when installed)",
         choices=PIPELINES,
     )
+    in_memory: str = _flag(
+        "1: read the datasets through the page cache in a random order; 0: read them in whole "
+        ".beton pages in a page-aware order (datasets larger than memory); auto: 1 when they fit "
+        "in the memory this process may use (cgroup limit, MemAvailable), else 0",
+        "auto",
+        choices=("auto", "1", "0"),
+    )
     subset_size: float = _flag(
         "train on a fixed random fraction of the training split (limited-data runs), stratified "
         "by class: the same samples on every rank, every epoch and after a resume, chosen by "
@@ -500,10 +507,12 @@ def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
             f"(--subset_size {cfg.subset_size}, stratified by class, drawn by seed "
             f"{train.subset_seed})"
         ]
+    memory = [f"reading: {train.memory_note}"] if getattr(train, "memory_note", "") else []
     return "\n".join(
         [
             f"data: {cfg.data_path} ({loaders[0].path}: {counts} images, "
             f"{loaders[0].info.num_classes} classes), {cfg.pipeline} loader",
+            *memory,
             *subset,
             f"model: {cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}, trained with "
             f"{method}",

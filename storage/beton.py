@@ -107,6 +107,7 @@ class BetonFile:
         table = np.fromfile(self.path, dtype=row, count=n, offset=start)
         alloc = np.fromfile(self.path, dtype=ALLOC, offset=table_ptr)
         self.num_samples = n
+        self.page_size = int(header["page_size"])
         self.labels = table["label"].astype(np.int64)
         self.images = table["image"]  # mode, width, height, data_ptr per sample
         # Bytes of each sample's image: its allocation that starts at the image's data pointer.
@@ -129,6 +130,10 @@ class BetonFile:
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._data
+
+    def pages(self) -> np.ndarray:
+        """(N,) the page each sample's image lies in (a sample never straddles two pages)."""
+        return (self.images["data_ptr"] // self.page_size).astype(np.int64)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -83,11 +83,13 @@ METHODS = {
 )
 def test_trains_and_logs(tmp_path, data, method, pipeline):
     out = tmp_path / "run"
-    assert (
-        train.main(_args(data, out, "--epochs", 2, "--pipeline", pipeline, *METHODS[method])) == 0
-    )
+    # SSAT reads its data in whole pages, in the page-aware order (a dataset larger than memory)
+    in_memory = "0" if method == "ssat" else "auto"
+    argv = _args(data, out, "--epochs", 2, "--pipeline", pipeline, "--in_memory", in_memory)
+    assert train.main([*argv, *METHODS[method]]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method.rstrip("23") and config["pipeline"] == pipeline
+    assert config["in_memory"] == in_memory
     records = _log(out)
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
@@ -571,8 +573,8 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
             str(tmp_path / "run"),
             *SMALL,
         ]
-    else:
-        args = _args(data, tmp_path / "run")
+    else:  # in whole pages, in the page-aware order (a dataset larger than memory)
+        args = _args(data, tmp_path / "run", "--in_memory", "0")
     assert (
         train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
     )
