@@ -122,21 +122,7 @@ class CropLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def order(self, epoch: int | None = None) -> np.ndarray:
-        if self.train and not self.in_memory:
-            if self._pages is None:
-                self._pages = self.source.pages()
-            return page_aware_order(
-                self._pages,
-                batch_size=self.batch_size,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                epoch=self.epoch if epoch is None else epoch,
-                subset=self.subset,
-            )
-        return epoch_order(
-            self.info.num_samples,
-            train=self.train,
+        where = dict(
             batch_size=self.batch_size,
             rank=self.rank,
             world_size=self.world_size,
@@ -144,6 +130,11 @@ class CropLoader:
             epoch=self.epoch if epoch is None else epoch,
             subset=self.subset,
         )
+        if self.train and not self.in_memory:
+            if self._pages is None:
+                self._pages = self.source.pages()
+            return page_aware_order(self._pages, **where)
+        return epoch_order(self.info.num_samples, train=self.train, **where)
 
     def __len__(self) -> int:
         return num_batches(

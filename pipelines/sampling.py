@@ -77,15 +77,21 @@ def epoch_order(
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if not train:
         return np.arange(rank, num_samples, world_size, dtype=np.int64)
-    per_rank = num_samples // world_size
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return _shard(permutation, batch_size, rank, world_size)
+
+
+def _shard(sequence: np.ndarray, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s part of an epoch's `sequence`: one of `world_size` equal contiguous
+    shards, trimmed to whole batches, so every rank reads the same number of batches."""
+    per_rank = len(sequence) // world_size
     batches = per_rank // batch_size
     if batches == 0:
         raise ValueError(
-            f"{num_samples} samples over {world_size} rank(s) give {per_rank} per rank: "
+            f"{len(sequence)} samples over {world_size} rank(s) give {per_rank} per rank: "
             f"not one full batch of {batch_size}"
         )
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    shard = permutation[rank * per_rank : (rank + 1) * per_rank]
+    shard = sequence[rank * per_rank : (rank + 1) * per_rank]
     return shard[: batches * batch_size].astype(np.int64)
 
 
@@ -138,15 +144,7 @@ def page_aware_order(
     place[rng.permutation(len(distinct))] = np.arange(len(distinct))  # each page's turn
     block = place[which] // block_pages
     sequence = candidates[np.lexsort((rng.random(len(candidates)), block))]
-    per_rank = len(sequence) // world_size
-    batches = per_rank // batch_size
-    if batches == 0:
-        raise ValueError(
-            f"{len(sequence)} samples over {world_size} rank(s) give {per_rank} per rank: "
-            f"not one full batch of {batch_size}"
-        )
-    shard = sequence[rank * per_rank : (rank + 1) * per_rank]
-    return shard[: batches * batch_size].astype(np.int64)
+    return _shard(sequence, batch_size, rank, world_size)
 
 
 def num_batches(
