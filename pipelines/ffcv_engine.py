@@ -10,8 +10,11 @@ loader thread (which would leave the consumer waiting forever) is passed on to t
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import replace
+from queue import Empty
 from typing import Iterator
 
 import numpy as np
@@ -157,6 +160,21 @@ class _Epoch(EpochIterator):
             if self.error is not None:
                 raise self.error from None  # the loader thread's error, with its own traceback
             raise
+
+    def close(self):
+        """Stop the epoch thread and wait for it (it sees the request within half a second of
+        its batch), then release the pages: an epoch left part-way, as at a preemption, never
+        leaves the thread decoding while the pages go or the interpreter exits."""
+        self.terminate_event.set()
+        if threading.current_thread() is not self:
+            deadline = time.monotonic() + 60
+            while self.is_alive() and time.monotonic() < deadline:
+                try:  # make room: a thread at its epoch's end waits to put its end mark
+                    self.output_queue.get_nowait()
+                except Empty:
+                    pass
+                self.join(timeout=0.05)
+        super().close()
 
 
 class _Loader(Loader):

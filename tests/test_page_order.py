@@ -54,24 +54,26 @@ def test_each_sample_once_disjoint_shards_equal_batches(world_size):
 
 
 def test_pages_per_window_are_bounded():
-    """Every batch reads at most 2 blocks' pages; a window of k batches at most
-    block * (ceil(k * B / s) + 1); each page is needed over a short run of batches only (the
-    memory a page-reading loader holds), unlike in a random order."""
-    labels, pages = _class_sorted(40, 150, 25)  # 240 pages
-    block = 8
-    order = page_aware_order(pages, batch_size=BATCH, seed=3, block_pages=block)
+    """A window of k batches reads at most W + ceil(k * B / c) + 1 pages (W the order's window
+    of pages, c the fewest samples a page holds); each page is needed over a short run of
+    batches only and new pages enter a few a batch (what a page-reading loader holds and
+    reads), unlike in a random order."""
+    labels, pages = _class_sorted(40, 150, 25)  # 240 pages of 25 samples
+    window = 8
+    order = page_aware_order(pages, batch_size=BATCH, seed=3, window_pages=window)
     batches = order.reshape(-1, BATCH)
-    fewest = block * 25  # every page here holds 25 samples
     for k in (1, 2, 4, 16):
         for start in range(len(batches) - k + 1):
-            window = np.unique(pages[batches[start : start + k]])
-            assert len(window) <= block * (math.ceil(k * BATCH / fewest) + 1)
+            touched = np.unique(pages[batches[start : start + k]])
+            assert len(touched) <= window + math.ceil(k * BATCH / 25) + 1
     used_by = {}
     for b, batch in enumerate(batches):
         for page in np.unique(pages[batch]):
             used_by.setdefault(page, []).append(b)
     longest = max(uses[-1] - uses[0] + 1 for uses in used_by.values())
-    assert longest <= math.ceil(fewest / BATCH) + 1, longest
+    assert longest <= math.ceil(window * 25 / BATCH) + 2, longest
+    entering = np.bincount([uses[0] for uses in used_by.values()], minlength=len(batches))
+    assert entering[2:].max() <= math.ceil(BATCH / 25) + 2  # steady: no burst of new pages
     random = epoch_order(len(labels), train=True, batch_size=BATCH, seed=3).reshape(-1, BATCH)
     spread = {}
     for b, batch in enumerate(random):
@@ -81,20 +83,28 @@ def test_pages_per_window_are_bounded():
 
 
 def test_batches_mix_classes_as_a_random_order_does():
-    """A class-sorted conversion (each page one class): the mean number of distinct classes in
-    a batch, page-aware over random, is at least 0.9."""
-    cases = ((12, 200, 20, 32), (100, 60, 20, 64), (1000, 130, 13, 256), (100, 600, 100, 64))
-    for classes, per_class, per_page, batch in cases:
+    """A class-sorted conversion (each page one class), the whole split or a 10% subset: the
+    mean number of distinct classes in a batch, page-aware over random, is at least 0.9."""
+    cases = (
+        (10, 400, 43, 64, 1.0),
+        (12, 200, 20, 32, 1.0),
+        (100, 60, 20, 64, 1.0),
+        (1000, 130, 13, 256, 1.0),
+        (100, 600, 100, 64, 0.25),
+        (1000, 260, 43, 64, 0.1),
+    )
+    for classes, per_class, per_page, batch, fraction in cases:
         labels, pages = _class_sorted(classes, per_class, per_page)
-        quasi = page_aware_order(pages, batch_size=batch, seed=0).reshape(-1, batch)
-        random = epoch_order(len(labels), train=True, batch_size=batch, seed=0)
-        random = random.reshape(-1, batch)
+        subset = training_subset(labels, fraction, seed=2)
+        quasi = page_aware_order(pages, batch_size=batch, seed=0, subset=subset)
+        random = epoch_order(len(labels), train=True, batch_size=batch, seed=0, subset=subset)
+        quasi, random = quasi.reshape(-1, batch), random.reshape(-1, batch)
         mixed = np.mean([len(np.unique(labels[b])) for b in quasi])
         expected = np.mean([len(np.unique(labels[b])) for b in random])
         print(
-            f"{classes} classes, {per_page} samples a page, batch {batch} "
-            f"({pages_at_once(batch)} pages a block): {mixed:.2f} distinct classes a batch, "
-            f"random {expected:.2f}, ratio {mixed / expected:.3f}"
+            f"{classes} classes, {per_page} samples a page, {fraction:.0%} of them, batch "
+            f"{batch} ({pages_at_once(batch)} pages at once): {mixed:.2f} distinct classes a "
+            f"batch, random {expected:.2f}, ratio {mixed / expected:.3f}"
         )
         assert mixed / expected >= 0.9
 

@@ -126,6 +126,38 @@ def test_ffcv_leaves_torch_threads_as_they_were(data):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_ffcv_pass_left_part_way_stops_its_thread(data, in_memory):
+    """A pass closed after a few batches (a preemption, a benchmark's time limit), or after its
+    last batch but before its end, waits for the epoch thread before the pages go, and at once:
+    no thread is left decoding or waiting, in either way of reading."""
+    from pipelines.ffcv_engine import _Epoch
+
+    loader = create_loader(
+        "ffcv",
+        data["photos"],
+        train=True,
+        batch_size=4,
+        img_size=32,
+        num_workers=2,
+        in_memory=in_memory,
+        **NO_AUG,
+    )
+    assert len(loader) > 5
+
+    def running() -> list:
+        return [t for t in threading.enumerate() if isinstance(t, _Epoch) and t.is_alive()]
+
+    for taken in (2, len(loader)):  # part-way; every batch but not the end of the pass
+        passing = iter(loader)
+        for _ in range(taken):
+            next(passing)
+        start = time.monotonic()
+        passing.close()
+        assert not running() and time.monotonic() - start < 10
+    assert len(_epoch(loader)) == len(loader)  # the next pass reads the whole epoch
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_normalised_statistics(data, engine):
     """Over all 1,077 digit scans of the train split the eval crops are close to zero mean and
