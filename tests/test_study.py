@@ -301,3 +301,108 @@ def test_study_stops_continues_refuses_and_reports(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was trained with other settings (subset_size=0.25, now 0.5)" in err
     assert not (other / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_both_budgets_and_a_varied_weight_in_one_study(data, tmp_path, capsys):
+    """--budget epochs steps with --vary lambda_weight=0.1,0.3: each budget's runs under its own
+    folder (a variant's in ssat-lambda_weight<value>/), stopped and continued, then the gaps
+    side by side and each budget's tables, every number the runs' own; a variant's folder
+    trained with another value is refused."""
+    out = tmp_path / "study"
+    flags = "--subset_sizes 0.5 --budget epochs steps --vary lambda_weight=0.1,0.3"
+    args, shared = compare.parse_args(_study(data, out, flags))
+    runs = compare.plan(args, shared)
+    assert [(r.budget, r.label, r.seed) for r in runs[:6]] == [
+        ("epochs", "scratch", 0),
+        ("epochs", "ssat lambda_weight=0.1", 0),
+        ("epochs", "ssat lambda_weight=0.3", 0),
+        ("steps", "scratch", 0),
+        ("steps", "ssat lambda_weight=0.1", 0),
+        ("steps", "ssat lambda_weight=0.3", 0),
+    ]
+    for run in runs:
+        kind = "scratch" if run.variant is None else f"ssat-lambda_weight{run.config.lambda_weight}"
+        assert run.folder == out / run.budget / kind / "subset0.5" / f"seed{run.seed}"
+        assert run.config.epochs == (2 if run.budget == "epochs" else 4)
+    assert {r.config.lambda_weight for r in runs if r.method == "ssat"} == {0.1, 0.3}
+
+    # stopped two steps into the steps budget's first run, then continued two at a time
+    first_steps = out / "steps" / "scratch" / "subset0.5" / "seed0"
+    watcher = threading.Thread(target=_stop_when, args=(first_steps / "log.jsonl", '"step": 2,'))
+    watcher.start()
+    assert compare.main(_study(data, out, flags)) == 128 + signal.SIGTERM
+    watcher.join()
+    assert "[4/12] scratch steps subset 0.5 seed 0: stopped" in capsys.readouterr().out
+    parallel = min(2, len(os.sched_getaffinity(0)))
+    assert compare.main(_study(data, out, flags, f"--parallel {parallel}")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 3
+    assert f"resumed from {first_steps / 'checkpoint-last.pth'}" in printed
+
+    # the tables: the side-by-side gaps, then each budget's, from the runs' own logs
+    table = (out / "results.md").read_text()
+    assert table in printed
+    assert "equal epochs (2 at every fraction) and equal optimizer steps" in table
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["budgets"]) == ["epochs", "steps"]
+    for budget, study in results["budgets"].items():
+        (row,) = study["fractions"]
+        assert row["steps"] == (20 if budget == "epochs" else 40)
+        for value in ("0.1", "0.3"):
+            label = f"ssat lambda_weight={value}"
+            diffs = []
+            for seed in (0, 1):
+                pair = []
+                for kind in ("scratch", f"ssat-lambda_weight{value}"):
+                    folder = out / budget / kind / "subset0.5" / f"seed{seed}"
+                    pair.append([r for r in _log(folder) if r.get("split") == "test"][-1])
+                diffs.append(pair[1]["test_acc1"] - pair[0]["test_acc1"])
+            gap = row["gaps"]["final_top1"][label]
+            assert gap["per_seed"] == pytest.approx(diffs)
+            cell = f"{gap['mean']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}]"
+            assert table.count(cell) >= 2  # in the side-by-side table and the budget's own
+    assert (
+        "| fraction | equal epochs: steps | equal epochs: ssat (lambda_weight=0.1) − scratch | "
+        "equal epochs: ssat (lambda_weight=0.3) − scratch | equal optimizer steps: steps |"
+    ) in table
+    assert "### equal epochs" in table and "### equal optimizer steps" in table
+    picture = matplotlib.image.imread(out / "study.png")
+    assert picture.shape[1] > picture.shape[0] and picture.std() > 0.05  # two columns, drawn
+
+    # a variant's folder trained with another value is refused, never tabulated
+    other = tmp_path / "other" / "ssat-lambda_weight0.5" / "subset0.5"
+    other.mkdir(parents=True)
+    (out / "epochs" / "ssat-lambda_weight0.3" / "subset0.5" / "seed0").rename(other / "seed0")
+    argv = ["--methods", "ssat", "--seeds", "0", "--output_dir", str(tmp_path / "other")]
+    argv += ["--subset_sizes", "0.5", "--vary", "lambda_weight=0.5"]
+    argv += ["--", "--data_dir", str(data), *TRAIN_FLAGS.split()]
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "was trained with other settings (lambda_weight=0.3, now 0.5)" in err
+
+
+def test_vary_and_budget_refuse_what_they_cannot_run(data, tmp_path, capsys):
+    out = tmp_path / "study"
+    for flags, train, message in [
+        ("--vary lambda_weight=0.1,0.3", "--lambda_weight 0.2", "it is given after -- too"),
+        ("--vary seed=1,2", "", "--vary --seed: compare.py trains each of --seeds"),
+    ]:
+        assert compare.main(_study(data, out, flags, train=f"{TRAIN_FLAGS} {train}")) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # train.py's own parser refuses the flag
+        compare.main(_study(data, out, "--vary no_such_flag=1,2"))
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    for flags, message in [
+        ("--vary lambda_weight", "expected FLAG=V1,V2,..."),
+        ("--vary lambda_weight=0.1,0.1", "(distinct values)"),
+        ("--budget epochs steps", "two budgets need a study (--subset_sizes)"),
+        ("--subset_sizes 0.5 --budget steps steps", "--budget names each budget once"),
+    ]:
+        with pytest.raises(SystemExit):
+            compare.main(_study(data, out, flags))
+        assert message in capsys.readouterr().err
+    argv = ["--methods", "scratch", "--output_dir", str(out), "--vary", "lambda_weight=0.1,0.3"]
+    assert compare.main([*argv, "--", "--data_dir", str(data), *TRAIN_FLAGS.split()]) == 1
+    assert "--vary makes variants of ssat and fgcr" in capsys.readouterr().err
+    assert not out.exists()
