@@ -68,9 +68,11 @@ class CropLoader:
         self.path = self.info.path
         # read through the page cache in a random order, or in whole pages in a page-aware
         # order (a file larger than memory); None: whichever fits (pipelines.memory)
-        self.in_memory, self.memory_note = resolve(in_memory, [self.path])
-        if not hasattr(self.source, "pages"):  # an image folder (DALI): files, not pages
+        if hasattr(self.source, "pages"):
+            self.in_memory, self.memory_note = resolve(in_memory, [self.path])
+        else:  # an image folder (DALI): files, not pages
             self.in_memory = True
+            self.memory_note = "an image folder: read file by file, in a random order"
         if crops < 1 or (not train and crops != 1):
             raise ValueError(f"crops must be >= 1 for training and 1 for eval, got {crops}")
         if batch_size < 1 or img_size < 1:

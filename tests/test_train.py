@@ -562,8 +562,9 @@ def test_config_file_and_flags(tmp_path, data):
 
 
 @pytest.mark.parametrize("source", ["beton", "folder"])
-def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
-    """DALI's CPU decoder, from the .beton files or from an image folder with train/ and val/."""
+def test_trains_with_dali_on_the_cpu(tmp_path, data, source, capsys):
+    """DALI's CPU decoder, from the .beton files or from an image folder with train/ and val/;
+    asked to read in whole pages, the .beton is, the folder is read file by file (and says so)."""
     if source == "folder":
         fabricate.image_folder(tmp_path / "folder", {"train": 32, "val": 8}, classes=4)
         args = [
@@ -571,6 +572,8 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
             str(tmp_path / "folder"),
             "--output_dir",
             str(tmp_path / "run"),
+            "--in_memory",
+            "0",
             *SMALL,
         ]
     else:  # in whole pages, in the page-aware order (a dataset larger than memory)
@@ -578,6 +581,11 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source):
     assert (
         train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
     )
+    reading = {
+        "folder": "reading: an image folder: read file by file, in a random order",
+        "beton": "reading: in_memory=0 (as asked): read in whole pages by the loader",
+    }
+    assert reading[source] in capsys.readouterr().out
     epochs = [r for r in _log(tmp_path / "run") if r["type"] == "epoch"]
     steps = [r for r in _log(tmp_path / "run") if r["type"] == "step"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
