@@ -167,13 +167,16 @@ class _Epoch(EpochIterator):
         leaves the thread decoding while the pages go or the interpreter exits."""
         self.terminate_event.set()
         if threading.current_thread() is not self:
+            # a thread inside its epoch stops when its next batch finds the queue full for
+            # half a second; one at the epoch's end waits to put its end mark: make room
+            self.join(timeout=0.6)
             deadline = time.monotonic() + 60
             while self.is_alive() and time.monotonic() < deadline:
-                try:  # make room: a thread at its epoch's end waits to put its end mark
+                try:
                     self.output_queue.get_nowait()
                 except Empty:
                     pass
-                self.join(timeout=0.05)
+                self.join(timeout=0.6)
         super().close()
 
 
