@@ -36,7 +36,7 @@ def digits320(tmp_path_factory) -> Path:
 # the tiny run several test modules read (pictures, predictions): its model flags, which
 # `train.py --eval` needs again
 TRAINED_FLAGS = (
-    "--model mae_vit_tiny --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
+    "--model mae_vit_micro --views 2 --img_size 16 --patch_size 4 --batch_size 32 "
     "--pipeline torch --num_workers 0"
 ).split()
 

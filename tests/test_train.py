@@ -68,10 +68,10 @@ def _log(out: Path) -> list[dict]:
 
 
 METHODS = {
-    "ssat": ["--model", "mae_vit_tiny"],
-    "fgcr2": ["--model", "mae_vit_tiny", "--views", "2"],
-    "fgcr3": ["--model", "mae_vit_tiny", "--views", "3", "--crops", "2"],
-    "scratch": ["--model", "vit_tiny", "--clip_grad", "0.5"],
+    "ssat": ["--model", "mae_vit_micro"],
+    "fgcr2": ["--model", "mae_vit_micro", "--views", "2"],
+    "fgcr3": ["--model", "mae_vit_micro", "--views", "3", "--crops", "2"],
+    "scratch": ["--model", "vit_micro", "--clip_grad", "0.5"],
 }
 
 
@@ -209,7 +209,7 @@ def test_cpu_runs_take_every_core_unless_told_otherwise(monkeypatch):
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     """Also the weights' moving average: saved, resumed, and evaluated each epoch."""
-    common = "--pipeline torch --model mae_vit_tiny --epochs 2 --model_ema --model_ema_decay 0.9"
+    common = "--pipeline torch --model mae_vit_micro --epochs 2 --model_ema --model_ema_decay 0.9"
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(_args(data, straight, common)) == 0
     assert train.main(_args(data, split, common, "--stop_after 1")) == 0
@@ -359,7 +359,7 @@ def test_full_disk_at_save_stops_with_one_clear_error(data, small_disk, capsys):
 
 @pytest.mark.parametrize(
     "model",
-    [["--model", "mae_vit_tiny"], ["--model", "vit_tiny", "--global_pool"]],
+    [["--model", "mae_vit_micro"], ["--model", "vit_micro", "--global_pool"]],
     ids=["ssat", "scratch-global-pool"],
 )
 def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
@@ -415,7 +415,7 @@ def test_distributed_launch_two_processes_with_published_flags(tmp_path, data):
     --nproc_per_node=2 train.py ...` (which passes --local-rank=N), with published flags that
     change nothing here (each explained in one line), --version naming the run's folder, and
     gradient accumulation under DistributedDataParallel (the all-reduce skipped on inner steps)."""
-    flags = "--pipeline torch --model mae_vit_tiny --epochs 1 --input_size 16 --accum_iter 2"
+    flags = "--pipeline torch --model mae_vit_micro --epochs 1 --input_size 16 --accum_iter 2"
     flags += " --dist_eval --no_pin_mem"
     launch = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2"]
     command = [*launch, f"--master_port={_free_port()}", "train.py"]
@@ -440,7 +440,7 @@ def test_compiled_model_trains_an_epoch(tmp_path, data):
     assert (
         train.main(
             _args(
-                data, out, "--pipeline", "torch", "--model", "vit_tiny", "--epochs", 1, "--compile"
+                data, out, "--pipeline", "torch", "--model", "vit_micro", "--epochs", 1, "--compile"
             )
         )
         == 0
@@ -454,7 +454,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path, data, monkeypatch, capsys
 ):
     out = tmp_path / "run"
-    args = _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 3)
+    args = _args(data, out, "--pipeline", "torch", "--model", "mae_vit_micro", "--epochs", 3)
     assert train.main(args[:] + ["--stop_after", "1"]) == 0
     good = hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest()
     real = ssat.training.ssat_objective
@@ -579,7 +579,7 @@ def test_trains_with_dali_on_the_cpu(tmp_path, data, source, capsys):
     else:  # in whole pages, in the page-aware order (a dataset larger than memory)
         args = _args(data, tmp_path / "run", "--in_memory", "0")
     assert (
-        train.main([*args, "--pipeline", "dali", "--model", "mae_vit_tiny", "--epochs", "3"]) == 0
+        train.main([*args, "--pipeline", "dali", "--model", "mae_vit_micro", "--epochs", "3"]) == 0
     )
     reading = {
         "folder": "reading: an image folder: read file by file, in a random order",
@@ -620,7 +620,7 @@ def test_tensorboard_event_files(tmp_path, data):
     out = tmp_path / "run"
     assert (
         train.main(
-            _args(data, out, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 2)
+            _args(data, out, "--pipeline", "torch", "--model", "mae_vit_micro", "--epochs", 2)
         )
         == 0
     )
@@ -636,12 +636,12 @@ def test_tensorboard_event_files(tmp_path, data):
 
 
 def test_finetune_uses_layer_decay(tmp_path, data):
-    """A --finetune run trains with MAE's layer-wise rates: the embeddings at 0.75 ** 13 of the
-    schedule's rate for a 12-block ViT, the head at the full rate."""
+    """A --finetune run trains with MAE's layer-wise rates: the embeddings at 0.75 ** 4 of the
+    schedule's rate for a 3-block ViT (micro), the head at the full rate."""
     pre = tmp_path / "pre"
     assert (
         train.main(
-            _args(data, pre, "--pipeline", "torch", "--model", "mae_vit_tiny", "--epochs", 1)
+            _args(data, pre, "--pipeline", "torch", "--model", "mae_vit_micro", "--epochs", 1)
         )
         == 0
     )
@@ -651,7 +651,7 @@ def test_finetune_uses_layer_decay(tmp_path, data):
             _args(
                 data,
                 out,
-                "--pipeline torch --model vit_tiny --global_pool --finetune",
+                "--pipeline torch --model vit_micro --global_pool --finetune",
                 pre / "checkpoint-last.pth",
                 "--epochs 1 --subset_size 0.5",
             )
@@ -660,7 +660,7 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     )
     groups = load_checkpoint(out / "checkpoint-last.pth")["optimizer"]["param_groups"]
     scales = sorted({g["lr_scale"] for g in groups})
-    assert scales[0] == pytest.approx(0.75**13) and scales[-1] == 1.0 and len(scales) == 14
+    assert scales[0] == pytest.approx(0.75**4) and scales[-1] == 1.0 and len(scales) == 5
     epoch = [r for r in _log(out) if r["type"] == "epoch"][-1]
     # a limited-data run on half the split: 160 samples, 5 steps of 32, the subset's seed logged
     assert epoch["train_samples"] == 160 and epoch["step"] == 5 and epoch["subset_seed"] == 0
@@ -671,7 +671,7 @@ def test_finetune_uses_layer_decay(tmp_path, data):
     weights = tmp_path / "mae_vit_tiny.pth"
     torch.save({"model": load_checkpoint(pre / "checkpoint-last.pth")["model"]}, weights)
     published = tmp_path / "published"
-    argv = _args(data, published, "-u --pipeline torch --model vit_tiny --epochs 1 --resume")
+    argv = _args(data, published, "-u --pipeline torch --model vit_micro --epochs 1 --resume")
     done = subprocess.run(
         [sys.executable, "train.py", *argv, weights, "--subset_size", "0.5"],
         cwd=REPO,
@@ -696,7 +696,7 @@ def test_accumulation_equals_the_large_batch(tmp_path, data):
     learning rate and schedule; no random augmentation on the device, SSAT with no dropout)."""
     # a clip that never acts, for the logged gradient norms: equal only if each micro-batch's
     # loss is divided by their number (Adam's steps alone would hide a factor of 2)
-    same = "--pipeline torch --model mae_vit_tiny --epochs 1 --aa none --reprob 0 --clip_grad 1e9"
+    same = "--pipeline torch --model mae_vit_micro --epochs 1 --aa none --reprob 0 --clip_grad 1e9"
     big, small = tmp_path / "big", tmp_path / "small"
     assert train.main(_args(data, big, same, "--batch_size 32")) == 0
     assert train.main(_args(data, small, same, "--batch_size 16 --accum_iter 2")) == 0
@@ -719,7 +719,7 @@ def test_start_epoch_goes_on_from_there(tmp_path, data):
     """MAE's --start_epoch without --resume: epochs before it are skipped and the schedule is
     where it would be after them; TensorBoard files go to --log_dir."""
     out = tmp_path / "run"
-    flags = f"--pipeline torch --model vit_tiny --epochs 2 --start_epoch 1 --log_dir {tmp_path}/tb"
+    flags = f"--pipeline torch --model vit_micro --epochs 2 --start_epoch 1 --log_dir {tmp_path}/tb"
     assert train.main(_args(data, out, flags)) == 0
     epochs = [r for r in _log(out) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1] and epochs[0]["step"] == 20
