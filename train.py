@@ -33,8 +33,8 @@ second Ctrl-C stops at once). torchrun passes SIGTERM on to its workers and kill
 workers themselves. Re-running the same command with `--resume auto` after a preemption, a crash
 or a `kill -9` continues from `<output_dir>/checkpoint-last.pth` (or give `--resume PATH`): at the
 step where a signal stopped it, or at the start of the epoch after the last one saved. With the
-torch pipeline a stopped and resumed run ends with the uninterrupted run's weights; ffcv and DALI
-continue the same sample order but draw the rest of that epoch's crops afresh. A run holds its
+torch and ffcv pipelines a stopped and resumed run ends with the uninterrupted run's weights; DALI
+continues the same sample order but draws the rest of that epoch's crops afresh. A run holds its
 --output_dir (run.lock): a second run into the same folder stops at once, naming the first.
 """
 

@@ -2,10 +2,13 @@
 
 ffcv 1.0.2 decodes an image again for every extra crop (one `PipelineSpec` per crop); the
 `MultiCrop` operation here decodes it once into a scratch buffer and cuts all V
-random-resized crops (with their flips) from it. Eval uses the same operation with one centre
-crop. A JPEG that does not decode stops the epoch with an error naming the file and the sample,
-where ffcv's own decoders would hand on an uninitialised buffer, and an exception in ffcv's
-loader thread (which would leave the consumer waiting forever) is passed on to the consumer.
+random-resized crops (with their flips) from it, drawn from its thread's generator seeded for
+the sample from the batch (its samples in the epoch's order) and the sample's place in it, so
+a batch's crops are the same in any run and with any number of threads. Eval uses the same
+operation with one centre crop. A JPEG that does not decode stops the epoch with an error
+naming the file and the sample, where ffcv's own decoders would hand on an uninitialised
+buffer, and an exception in ffcv's loader thread (which would leave the consumer waiting
+forever) is passed on to the consumer.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from ffcv.transforms import ToDevice, ToTensor
 
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
+
+
+def _mix(z):
+    """splitmix64's finaliser: a well-spread 64-bit value of a 64-bit key."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _flip_rows(image: np.ndarray) -> None:
@@ -92,11 +102,17 @@ class MultiCrop(Operation):
         crop_resize = Compiler.compile(resize_crop)
         flip_rows = Compiler.compile(_flip_rows)
         pick_crop = Compiler.compile(get_random_crop if self.train else get_center_crop)
+        mix = Compiler.compile(_mix)
         crops, train, flip = self.crops, self.train, self.flip
         scale, ratio = self.scale, (self.ratio if self.train else self.crop_pct)
 
         def multi_crop(batch_indices, buffers, metadata, storage_state):
             destination, scratch, status = buffers
+            # a key of the batch's samples in their order: the same batch of an epoch's order
+            # gives the same key in any run, another epoch's (reshuffled) batch another
+            key = np.uint64(0x9E3779B97F4A7C15)
+            for k in range(len(batch_indices)):
+                key = mix(key ^ np.uint64(batch_indices[k]))
             for k in loop(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 data = read(field["data_ptr"], storage_state)
@@ -109,6 +125,8 @@ class MultiCrop(Operation):
                 else:
                     status[k, 0] = 0
                     image = data.reshape(height, width, 3)
+                if train:  # this thread's generator, seeded for this sample of this batch
+                    np.random.seed(np.int64(mix(key + np.uint64(k)) >> np.uint64(33)))
                 for v in range(crops):
                     i, j, h, w = pick_crop(height, width, scale, ratio)
                     crop_resize(image, i, i + h, j, j + w, destination[k, v])

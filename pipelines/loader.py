@@ -6,12 +6,13 @@ augmentation live here, so the engines cannot disagree about them.
 
 A pass can start inside an epoch (`set_epoch(epoch, start_batch=k)`, how a stopped run
 continues): every engine then yields the batches k, k+1, ... of the epoch's order, the same
-samples in the same order as an uninterrupted pass. The crops' randomness is another matter:
-the torch engine draws each crop from a seed of (seed, epoch, sample index, crop), so its crops
-repeat exactly; ffcv draws them in numba threads from per-thread generators that cannot be
-re-seeded from outside, and DALI from its pipeline's seed, so after a mid-epoch start their
-crops are drawn afresh. The device-side augmentation draws from the consuming process's
-generators, which a resuming trainer restores.
+samples in the same order as an uninterrupted pass. The crops repeat too on two engines: the
+torch engine draws each crop from a seed of (seed, epoch, sample index, crop), and ffcv seeds
+its numba thread's generator for each sample from the batch (its samples in the epoch's order,
+a function of seed and epoch) and the sample's place in it, with any number of threads. DALI
+draws from its pipeline's seed, so after a mid-epoch start its crops are drawn afresh. The
+device-side augmentation draws from the consuming process's generators, which a resuming
+trainer restores.
 """
 
 from __future__ import annotations

@@ -339,15 +339,16 @@ def test_a_pass_can_start_inside_an_epoch(data, engine):
     assert next_after_rest == next_epoch != whole
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_torch_engine_crops_repeat_from_any_start(data, workers):
-    """The torch engine's crops are a function of (seed, epoch, sample, crop): a pass started at
-    batch k, read by any number of workers, cuts the uninterrupted pass's crops, and starting a
-    pass draws nothing from the global generator."""
+@pytest.mark.parametrize("engine, workers", [("torch", 0), ("torch", 2), ("ffcv", 2)])
+def test_crops_repeat_from_any_start(data, engine, workers):
+    """The torch engine's crops are a function of (seed, epoch, sample, crop), ffcv's of the
+    batch (its samples in the epoch's order) and the sample's place in it: a pass started at
+    batch k, read by any number of workers (threads), cuts the uninterrupted pass's crops, and
+    starting a pass draws nothing from the global generator."""
 
     def crops(start_batch, num_workers, epoch=1):
         loader = create_loader(
-            "torch",
+            engine,
             data["photos"],
             train=True,
             batch_size=8,

@@ -207,9 +207,13 @@ def test_cpu_runs_take_every_core_unless_told_otherwise(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
-    """Also the weights' moving average: saved, resumed, and evaluated each epoch."""
-    common = "--pipeline torch --model mae_vit_micro --epochs 2 --model_ema --model_ema_decay 0.9"
+@pytest.mark.parametrize("pipeline", ["torch", "ffcv"])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, data, pipeline):
+    """Also the weights' moving average: saved, resumed, and evaluated each epoch. Both engines'
+    crops repeat: the torch engine's per sample, ffcv's per batch of the epoch's order."""
+    common = (
+        f"--pipeline {pipeline} --model mae_vit_micro --epochs 2 --model_ema --model_ema_decay 0.9"
+    )
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(_args(data, straight, common)) == 0
     assert train.main(_args(data, split, common, "--stop_after 1")) == 0
