@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (python bench/x.py): import this checkout
@@ -290,13 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     return add_version_flag(p)
 
 
+def _amplification(result: dict) -> float:
+    """Bytes read from the disk per byte of the records delivered."""
+    return result["read_bytes"] / max(1, result["record_bytes"])
+
+
 def _row(name: str, result: dict) -> str:
-    amplification = result["read_bytes"] / max(1, result["record_bytes"])
     cut = "" if result["batches"] == result["epoch_batches"] else "  (stopped: --max_seconds)"
     return (
         f"{name:<12} {result['images_per_s']:>9.0f} {result['seconds']:>8.1f} "
         f"{result['batches']:>5}/{result['epoch_batches']:<5} {result['read_bytes'] / 1e9:>8.2f} "
-        f"{result['record_bytes'] / 1e9:>8.2f} {amplification:>8.2f}{cut}"
+        f"{result['record_bytes'] / 1e9:>8.2f} {_amplification(result):>8.2f}{cut}"
     )
 
 
@@ -352,23 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_condition(args, beton, True, None)
         else:
             evict(beton)
-            in_memory = name == "in_memory=1"
-            if limits is None:
-                results[name] = run_condition(args, beton, in_memory, None)
-            else:
-                with limits:
-                    results[name] = run_condition(args, beton, in_memory, limits)
+            with limits or nullcontext():
+                results[name] = run_condition(args, beton, name == "in_memory=1", limits)
         print(_row(name, results[name]), flush=True)
-
-    def amplification(name: str) -> float:
-        return results[name]["read_bytes"] / max(1, results[name]["record_bytes"])
 
     ratio = results["in_memory=0"]["images_per_s"] / results["warm"]["images_per_s"]
     print(f"RATIO storage in_memory=0/warm images/s: {ratio:.2f}")
-    print(
-        f"RATIO storage read amplification in_memory=0: {amplification('in_memory=0'):.2f}, "
-        f"in_memory=1: {amplification('in_memory=1'):.2f}"
-    )
+    paged, cached = (_amplification(results[name]) for name in ("in_memory=0", "in_memory=1"))
+    print(f"RATIO storage read amplification in_memory=0: {paged:.2f}, in_memory=1: {cached:.2f}")
     return 0
 
 

@@ -109,6 +109,15 @@ def pages_at_once(batch_size: int) -> int:
     return max(MIN_PAGES_AT_ONCE, 3 * batch_size // 2)
 
 
+def _places_in_groups(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each item's place among the items of its group (`groups`: (N,) ints), the items of a
+    group in a random order."""
+    order = np.lexsort((rng.random(len(groups)), groups))
+    places = np.empty(len(groups), dtype=np.int64)
+    places[order] = np.arange(len(groups)) - np.searchsorted(groups[order], groups[order])
+    return places
+
+
 def page_aware_order(
     pages: np.ndarray,
     *,
@@ -151,16 +160,10 @@ def page_aware_order(
     n = len(distinct)
     strata = min(window, n)
     stratum = np.arange(n) * strata // n  # neighbouring pages, sizes within 1
-    shuffled = np.lexsort((rng.random(n), stratum))
-    turn = np.empty(n, dtype=np.int64)  # a page's turn inside its stratum
-    turn[shuffled] = np.arange(n) - np.searchsorted(stratum, stratum[shuffled])
+    turn = _places_in_groups(stratum, rng)  # a page's turn inside its stratum
     position = np.empty(n, dtype=np.int64)  # the reading order: turn by turn, strata in one order
     position[np.lexsort((rng.permutation(strata)[stratum], turn))] = np.arange(n)
-    grouped = np.lexsort((rng.random(len(candidates)), which))  # each page's samples shuffled
-    rank_in_page = np.empty(len(candidates), dtype=np.int64)
-    rank_in_page[grouped] = np.arange(len(candidates)) - np.searchsorted(
-        which[grouped], which[grouped]
-    )
+    rank_in_page = _places_in_groups(which, rng)  # each page's samples shuffled
     # sample j of page k (c samples) at k + W * (j + o) / c, o the page's own offset
     key = position[which] + window * (rank_in_page + rng.random(n)[which]) / counts[which]
     sequence = candidates[np.argsort(key, kind="stable")]
