@@ -354,10 +354,10 @@ def fit(
     stop: StopSignals,
     test_loader=None,
 ) -> int:
-    """Train from where `state` stands to the last epoch of this invocation, evaluating and
-    saving after each; when the schedule ends here, evaluate the test split once (with a
-    `test_loader`) and draw the pictures (with --pictures). Returns the exit status: 0, or
-    128 + the signal that stopped it."""
+    """Train from where `state` stands to the last epoch of this invocation, saving after each
+    epoch and validating after every --eval_interval-th and the last; when the schedule ends
+    here, evaluate the test split once (with a `test_loader`) and draw the pictures (with
+    --pictures). Returns the exit status: 0, or 128 + the signal that stopped it."""
     step, began, result = TrainStep.from_config(cfg, state), time.perf_counter(), None
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     while state.epoch < last:
@@ -370,12 +370,13 @@ def fit(
         train = train_one_epoch(cfg, state, step, train_loader, log, dist_ctx, stop)
         if train is None:
             return stop_here(cfg, state, stop.requested(), dist_ctx)
-        result = evaluate(state.model, val_loader, cfg, dist_ctx)
-        averaged = {}  # the weights' moving average, evaluated beside them
-        if state.ema is not None:
-            averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
-        better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
-        state.best = result[cfg.best_metric] if better else state.best
+        checked, averaged, better = {}, {}, False  # the epoch's validation, if it has one
+        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == last:
+            checked = result = evaluate(state.model, val_loader, cfg, dist_ctx)
+            if state.ema is not None:  # the weights' moving average, evaluated beside them
+                averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
+            better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
+            state.best = result[cfg.best_metric] if better else state.best
         state.epoch, state.batch = epoch + 1, 0
         save(cfg, state, dist_ctx, better)
         log.write(
@@ -385,7 +386,7 @@ def fit(
                 "step": state.step,
                 "lr": max(g["lr"] for g in state.optimizer.param_groups),
                 **train,
-                **loggable(result, "val_"),
+                **loggable(checked, "val_"),
                 **loggable(averaged, "ema_val_"),
                 f"best_{cfg.best_metric}": state.best,
                 "train_samples": train_loader.num_samples,  # fewer with --subset_size
@@ -400,8 +401,9 @@ def fit(
         )
         print0(
             dist_ctx,
-            f"epoch {epoch}: loss {train['loss']:.4f}  val {brief(result)}  "
-            f"({train['train_images_per_s']:.0f} img/s, "
+            f"epoch {epoch}: loss {train['loss']:.4f}  "
+            + (f"val {brief(checked)}  " if checked else "")
+            + f"({train['train_images_per_s']:.0f} img/s, "
             f"data wait {train['data_wait']:.0%})"
             + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
         )

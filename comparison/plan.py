@@ -202,7 +202,8 @@ def training_labels(cfg: TrainConfig) -> np.ndarray:
 def steps_budgets(args: argparse.Namespace, cfg: TrainConfig) -> dict[float, list[str]]:
     """--budget steps: the train.py flags that give each fraction as many optimizer steps as
     the whole split trains in --epochs (rounded to whole epochs; each run's log says how many
-    steps it took), and a warmup of as many steps."""
+    steps it took), a warmup of as many steps, and validation about as often in steps (every
+    --eval_interval x as many epochs)."""
     labels = training_labels(cfg)
     every = dict(train=True, batch_size=cfg.batch_size, world_size=args.nproc_per_node)
 
@@ -228,6 +229,8 @@ def steps_budgets(args: argparse.Namespace, cfg: TrainConfig) -> dict[float, lis
             str(epochs),
             "--warmup_epochs",
             f"{cfg.warmup_epochs * scale:g}",
+            "--eval_interval",
+            str(max(1, round(cfg.eval_interval * scale))),
         ]
     return flags
 

@@ -33,7 +33,8 @@ class Result:
     """What a finished run's log.jsonl says."""
 
     run: Run
-    curve: list[float]  # evaluation top-1 after each epoch
+    curve: list[float]  # evaluation top-1 after each validated epoch
+    curve_epochs: list[int]  # those epochs, counted from 1
     final: float  # evaluation top-1 of the last epoch
     best: float  # the highest evaluation top-1 over the epochs
     test: dict | None  # the final test record, for datasets with a val and a test split
@@ -65,10 +66,12 @@ def result(run: Run, metric: str = "acc1") -> Result | None:
     epochs, test = read_log(run.folder)
     if not epochs or epochs[-1]["epoch"] < run.config.epochs - 1:
         return None
-    curve = [metric_value(r.get(f"val_{metric}")) for r in epochs]
+    validated = [r for r in epochs if "val_acc1" in r]  # every --eval_interval-th, and the last
+    curve = [metric_value(r.get(f"val_{metric}")) for r in validated]
     return Result(
         run=run,
         curve=curve,
+        curve_epochs=[r["epoch"] + 1 for r in validated],
         final=curve[-1],
         best=metric_value(epochs[-1].get(f"best_{metric}", np.nanmax(curve))),  # train.py's best
         test=test,

@@ -99,6 +99,7 @@ def summarize(results: list[Result], split: str, metric: str = "acc1") -> dict[s
             "best_top1": best(r),
             "train_seconds": r.train_seconds,
             f"{split}_top1_per_epoch": r.curve,
+            "validated_epochs": r.curve_epochs,  # every epoch unless --eval_interval says
         }
         for r in results
     ]
@@ -180,7 +181,7 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
     for i, m in enumerate(methods):
         mine = np.array([r.curve for r in results if r.run.label == m["label"]])  # (S, E)
         mean, std = mine.mean(0), mine.std(0, ddof=1) if len(mine) > 1 else 0 * mine[0]
-        epochs = np.arange(1, mine.shape[1] + 1)
+        epochs = np.array(next(r.curve_epochs for r in results if r.run.label == m["label"]))
         if len(epochs) == 1:  # a band needs two epochs: bars instead, side by side
             shift = 0.05 * (i - (len(methods) - 1) / 2)
             curves.errorbar(

@@ -218,6 +218,11 @@ class TrainConfig:
         "still spans --epochs; --resume auto continues)"
     )
     save_every: int = _flag("also keep checkpoint-<epoch>.pth every N epochs (0: never)", 0)
+    eval_interval: int = _flag(
+        "validate every N epochs and after the last (checkpoint-best.pth is chosen among the "
+        "validated epochs; checkpoint-last.pth is still written after every epoch)",
+        1,
+    )
     log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
     pictures: bool = _flag(
         "when the schedule ends, draw the training curves (curves.png), the validation "
@@ -473,6 +478,9 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
         )
     cfg = TrainConfig(**{k: v for k, v in values.items() if not k.startswith("_given_")})
     cfg.no_effect = given
+    if cfg.eval_interval < 1:
+        interval = cfg.eval_interval
+        raise ValueError(f"--eval_interval {interval}: the epochs between validations, 1 or more")
     if cfg.version:  # each named run in its own folder, as the FGCR scripts file them
         cfg.output_dir = str(Path(cfg.output_dir) / cfg.version)
     return cfg

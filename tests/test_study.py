@@ -133,6 +133,8 @@ def test_budgets_folders_and_refused_flags(data, tmp_path, capsys):
         mine = num_batches(n, train=True, batch_size=16)
         assert abs(run.config.epochs * mine - 2 * whole) <= mine / 2
         assert run.config.warmup_epochs * mine == pytest.approx(whole)
+        # validated about as often in steps as the whole split, every epoch
+        assert abs(run.config.eval_interval * mine - whole) <= mine / 2
     assert compare.plan(args, shared)[-1].config.epochs == 2  # the whole split: as given
 
     for study, train, message in [
@@ -367,6 +369,10 @@ def test_both_budgets_and_a_varied_weight_in_one_study(data, tmp_path, capsys):
         "equal epochs: ssat (lambda_weight=0.3) − scratch | equal optimizer steps: steps |"
     ) in table
     assert "### equal epochs" in table and "### equal optimizer steps" in table
+    # the steps budget's half split (4 epochs) is validated every other epoch, as often in
+    # steps as the whole split each epoch
+    epochs = [r for r in _log(first_steps) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs if "val_acc1" in r] == [1, 3]
     picture = matplotlib.image.imread(out / "study.png")
     assert picture.shape[1] > picture.shape[0] and picture.std() > 0.05  # two columns, drawn
 

@@ -479,9 +479,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest() == good
 
 
+def test_eval_interval_validates_every_nth_epoch_and_the_last(tmp_path, data, capsys):
+    """--eval_interval 3 over 4 epochs, stopped after 2 and resumed: the split is validated
+    after the invocation's last epoch (1), every third (2) and the schedule's last (3);
+    checkpoint-best.pth is one of those, and every epoch keeps its record and checkpoint."""
+    out = tmp_path / "run"
+    flags = "--pipeline torch --model vit_micro --epochs 4 --eval_interval 3"
+    assert train.main(_args(data, out, flags, "--stop_after 2")) == 0
+    assert train.main(_args(data, out, flags, "--resume auto")) == 0
+    epochs = [r for r in _log(out) if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in epochs if "val_acc1" in r] == [1, 2, 3]
+    assert not any(key.startswith("val_") for key in epochs[0])
+    assert epochs[0]["loss"] > 0 and epochs[0]["best_acc1"] is None
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in printed if " val acc1 " in line] == [
+        "epoch 1",
+        "epoch 2",
+        "epoch 3",
+    ]
+    assert printed[0].startswith("epoch 0: loss") and " val " not in printed[0]
+    best = max(epochs[1:], key=lambda r: r["val_acc1"])  # the first of equals, as train.py
+    assert load_checkpoint(out / "checkpoint-best.pth")["epoch"] == best["epoch"]
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 3
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--eval_interval", "0"], "--eval_interval 0: the epochs between validations"),
         (["--nb_classes", "7"], "--nb_classes 7 disagrees with the 10 classes"),
         (["--data_path", "nosuch"], "dataset 'nosuch' not found"),
         (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
