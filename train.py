@@ -157,7 +157,7 @@ def build_loaders(
     test = None
     if test_path is not None:  # read once, at the end of the schedule
         test = create_loader(cfg.pipeline, test_path, **evaluation)
-    if train.in_memory == in_memory:  # an image folder (DALI) is read file by file either way
+    if train.reads_pages:  # an image folder (DALI) is read file by file, and says so
         train.memory_note = note
     return train, val, test
 

@@ -69,7 +69,8 @@ class CropLoader:
         self.path = self.info.path
         # read through the page cache in a random order, or in whole pages in a page-aware
         # order (a file larger than memory); None: whichever fits (pipelines.memory)
-        if hasattr(self.source, "pages"):
+        self.reads_pages = hasattr(self.source, "pages")  # a .beton, not an image folder
+        if self.reads_pages:
             self.in_memory, self.memory_note = resolve(in_memory, [self.path])
         else:  # an image folder (DALI): files, not pages
             self.in_memory = True
