@@ -129,7 +129,9 @@ def run_metrics(log: Path, epoch: int, ema: bool) -> dict[str, dict]:
         except json.JSONDecodeError:  # a line cut short when a run was killed
             continue
         if record.get("type") == "epoch" and record.get("epoch") == epoch:
-            found["val"] = {k[len(val) :]: v for k, v in record.items() if k.startswith(val)}
+            measured = {k[len(val) :]: v for k, v in record.items() if k.startswith(val)}
+            if measured:  # none for an epoch that --eval_interval did not validate
+                found["val"] = measured
         elif record.get("type") == "test" and not ema:
             at_best = "_at_best_val"
             if record.get("epoch") == epoch:  # the final weights

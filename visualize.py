@@ -216,10 +216,11 @@ def curves(log: Path, out: Path) -> Path:
     axes[0, 0].legend()
     axes[0, 1].plot(x, [r["lr"] for r in steps])
     axes[0, 1].set(title="learning rate", xlabel="step")
-    e = [r["epoch"] + 1 for r in epochs]
     for key in ("val_acc1", "val_acc5", "val_balanced_acc"):
-        if any(key in r for r in epochs):
-            axes[1, 0].plot(e, [r.get(key, np.nan) for r in epochs], marker="o", label=key[4:])
+        validated = [r for r in epochs if key in r]  # every epoch, or every --eval_interval-th
+        if validated:
+            e = [r["epoch"] + 1 for r in validated]
+            axes[1, 0].plot(e, [r[key] for r in validated], marker="o", label=key[4:])
     axes[1, 0].set(title="validation accuracy (%)", xlabel="epoch")
     axes[1, 0].legend()
     axes[1, 1].plot(x, [r.get("images_per_s", np.nan) for r in steps], label="per log interval")

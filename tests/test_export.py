@@ -87,10 +87,12 @@ def test_onnx_runtime_gives_ssat_logits(digits, tmp_path):
 
 def test_a_trained_run_goes_out_and_comes_back(digits, tmp_path, capsys):
     """A run with a moving average: its export holds the average, evaluates (train.py --eval
-    --resume DIR) as the run logged it, and starts a fine-tuning run (--finetune DIR)."""
+    --resume DIR) as the run logged it, and starts a fine-tuning run (--finetune DIR). An epoch
+    the run did not validate (--eval_interval) is exported without evaluation numbers."""
     run, out = tmp_path / "run", tmp_path / "exported"
     common = f"--data_path digits --data_dir {digits} {SMALL} --model mae_vit_micro".split()
-    flags = ["--output_dir", str(run), "--epochs", "1", "--model_ema", "--model_ema_decay", "0.9"]
+    flags = ["--output_dir", str(run), "--epochs", "2", "--model_ema", "--model_ema_decay", "0.9"]
+    flags += ["--eval_interval", "2", "--save_every", "1"]  # checkpoint-0.pth: not validated
     assert train.main([*common, *flags]) == 0
     assert export.main([str(run), "--out", str(out), "--with_decoder"]) == 0
     records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
@@ -122,6 +124,9 @@ def test_a_trained_run_goes_out_and_comes_back(digits, tmp_path, capsys):
         said = re.search(r"initialised from .*: missing (\d+) keys", capsys.readouterr().out)
         assert said and (int(said[1]) == 0) == (missing == 0)
         assert (tuned / "checkpoint-last.pth").exists()
+    unvalidated = tmp_path / "epoch0"
+    assert export.main([str(run / "checkpoint-0.pth"), "--out", str(unvalidated)]) == 0
+    assert "holds no evaluation of these weights" in (unvalidated / "README.md").read_text()
     # the trained weights, not the average, with --raw; a clear error without metadata
     assert export.main([str(run), "--out", str(tmp_path / "raw"), "--raw"]) == 0
     assert "the trained weights" in (tmp_path / "raw" / "README.md").read_text()
