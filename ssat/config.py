@@ -528,7 +528,8 @@ def start_summary(cfg: TrainConfig, loaders, processes: int, device) -> str:
             f"{processes} process(es)"
             + (f" x {cfg.accum_iter} accumulated" if cfg.accum_iter > 1 else "")
             + f", lr {lr:.3g}, on {device}"
-            + (f" ({cfg.amp} autocast)" if cfg.amp != "none" else ""),
+            + (f" ({cfg.amp} autocast)" if cfg.amp != "none" else "")
+            + (f", validated every {cfg.eval_interval} epochs" if cfg.eval_interval > 1 else ""),
             f"recipe: {recipe}",
             f"output: {cfg.output_dir} (config.json there holds every setting; --print_config "
             f"prints them)",

@@ -492,7 +492,9 @@ def test_eval_interval_validates_every_nth_epoch_and_the_last(tmp_path, data, ca
     assert [r["epoch"] for r in epochs if "val_acc1" in r] == [1, 2, 3]
     assert not any(key.startswith("val_") for key in epochs[0])
     assert epochs[0]["loss"] > 0 and epochs[0]["best_acc1"] is None
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    printed = capsys.readouterr().out.splitlines()
+    assert sum("on cpu, validated every 3 epochs" in line for line in printed) == 2  # each start
+    printed = [line for line in printed if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in printed if " val acc1 " in line] == [
         "epoch 1",
         "epoch 2",
