@@ -370,9 +370,9 @@ def fit(
         train = train_one_epoch(cfg, state, step, train_loader, log, dist_ctx, stop)
         if train is None:
             return stop_here(cfg, state, stop.requested(), dist_ctx)
-        checked, averaged, better = {}, {}, False  # the epoch's validation, if it has one
+        result, averaged, better = {}, {}, False  # the epoch's validation, if it has one
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == last:
-            checked = result = evaluate(state.model, val_loader, cfg, dist_ctx)
+            result = evaluate(state.model, val_loader, cfg, dist_ctx)
             if state.ema is not None:  # the weights' moving average, evaluated beside them
                 averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
             better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
@@ -386,7 +386,7 @@ def fit(
                 "step": state.step,
                 "lr": max(g["lr"] for g in state.optimizer.param_groups),
                 **train,
-                **loggable(checked, "val_"),
+                **loggable(result, "val_"),
                 **loggable(averaged, "ema_val_"),
                 f"best_{cfg.best_metric}": state.best,
                 "train_samples": train_loader.num_samples,  # fewer with --subset_size
@@ -402,7 +402,7 @@ def fit(
         print0(
             dist_ctx,
             f"epoch {epoch}: loss {train['loss']:.4f}  "
-            + (f"val {brief(checked)}  " if checked else "")
+            + (f"val {brief(result)}  " if result else "")
             + f"({train['train_images_per_s']:.0f} img/s, "
             f"data wait {train['data_wait']:.0%})"
             + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
@@ -411,7 +411,7 @@ def fit(
         if signum:
             return stop_here(cfg, state, signum, dist_ctx)
     minutes = (time.perf_counter() - began) / 60
-    if result is not None:
+    if result:  # the last epoch of the invocation is always validated
         print0(
             dist_ctx,
             f"done: {last} of {cfg.epochs} epochs of {cfg.method} on {cfg.data_path} "
@@ -422,7 +422,7 @@ def fit(
         if state.epoch == cfg.epochs and test_loader is not None:
             results.update(test_once(cfg, state, test_loader, log, dist_ctx))
         report(cfg, results, val_loader.info.class_names, dist_ctx)
-    if result is not None and state.epoch == cfg.epochs and cfg.pictures and dist_ctx.main:
+    if result and state.epoch == cfg.epochs and cfg.pictures and dist_ctx.main:
         import visualize  # matplotlib: imported only by runs that draw
 
         visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)

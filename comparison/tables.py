@@ -179,9 +179,10 @@ def plot(results: list[Result], summary: dict[str, Any], title: str, out: Path) 
     fig, (curves, finals) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = summary["methods"]
     for i, m in enumerate(methods):
-        mine = np.array([r.curve for r in results if r.run.label == m["label"]])  # (S, E)
+        runs = [r for r in results if r.run.label == m["label"]]
+        mine = np.array([r.curve for r in runs])  # (S, E)
         mean, std = mine.mean(0), mine.std(0, ddof=1) if len(mine) > 1 else 0 * mine[0]
-        epochs = np.array(next(r.curve_epochs for r in results if r.run.label == m["label"]))
+        epochs = np.array(runs[0].curve_epochs)  # the same validated epochs for every seed
         if len(epochs) == 1:  # a band needs two epochs: bars instead, side by side
             shift = 0.05 * (i - (len(methods) - 1) / 2)
             curves.errorbar(

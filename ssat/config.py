@@ -479,8 +479,9 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     cfg = TrainConfig(**{k: v for k, v in values.items() if not k.startswith("_given_")})
     cfg.no_effect = given
     if cfg.eval_interval < 1:
-        interval = cfg.eval_interval
-        raise ValueError(f"--eval_interval {interval}: the epochs between validations, 1 or more")
+        raise ValueError(
+            f"--eval_interval {cfg.eval_interval}: the epochs between validations, 1 or more"
+        )
     if cfg.version:  # each named run in its own folder, as the FGCR scripts file them
         cfg.output_dir = str(Path(cfg.output_dir) / cfg.version)
     return cfg
