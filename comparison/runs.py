@@ -1,6 +1,7 @@
-"""Running a comparison's runs: each a train.py process (torchrun above one process), N at a time
-on disjoint cores, resumed and skipped from their own logs, signals passed on; and what their
-logs and launches.jsonl say once they have run."""
+"""Running a comparison's runs: each a train.py process (forked from a warm process that has
+imported train.py; torchrun above one process), N at a time on disjoint cores, resumed and skipped
+from their own logs, signals passed on; and what their logs and launches.jsonl say once they have
+run."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from typing import Any
 import numpy as np
 
 from comparison.plan import CompareError, Run
+from comparison.warm import TRAIN, ForkedRun
 from ssat.preemption import SIGNALS, exit_status
-
-TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 
 
 def metric_value(value: float | None) -> float:
@@ -106,23 +106,33 @@ def _print_lines(run: Run, stream) -> None:
 
 
 def launch(run: Run, head: str, nproc: int, cores: list[int] | None) -> Launched:
-    """Start `run` as its own process (torchrun with `nproc` above 1); its epoch lines are
-    printed with the run's name, its progress bars and errors go to this command's stderr.
-    With `cores`, the process is pinned to them and runs as many threads (or fewer, where
-    OMP_NUM_THREADS says so): its loader and torch size themselves by the cores it may use."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    """Start `run` as its own process: forked from the warm process that has imported train.py
+    (`comparison.warm`), or torchrun with `nproc` above 1. Its epoch lines are printed with the
+    run's name, its progress bars and errors go to this command's stderr. With `cores`, the
+    process is pinned to them and runs as many threads (or fewer, where OMP_NUM_THREADS says
+    so): its loader and torch size themselves by the cores it may use."""
     env = None
-    mine = sorted(os.sched_getaffinity(0))
     if cores is not None:
         given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
         threads = min(int(given), len(cores)) if given.isdigit() and int(given) > 0 else len(cores)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if nproc == 1:
+        proc = ForkedRun(run.argv, cores, env)
+    else:
+        proc = _torchrun(run, nproc, cores, env)
+    printer = threading.Thread(target=_print_lines, args=(run, proc.stdout), daemon=True)
+    printer.start()
+    return Launched(run, head, proc, printer, cores or sorted(os.sched_getaffinity(0)), time.time())
+
+
+def _torchrun(run: Run, nproc: int, cores: list[int] | None, env: dict | None) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    mine = sorted(os.sched_getaffinity(0))
+    if cores is not None:
         os.sched_setaffinity(0, cores)  # this thread's mask, which the child inherits
     try:
-        proc = subprocess.Popen(
-            [*launcher, str(TRAIN), *run.argv],
+        return subprocess.Popen(
+            [*launcher, f"--nproc_per_node={nproc}", str(TRAIN), *run.argv],
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
@@ -131,9 +141,6 @@ def launch(run: Run, head: str, nproc: int, cores: list[int] | None) -> Launched
     finally:
         if cores is not None:
             os.sched_setaffinity(0, mine)
-    printer = threading.Thread(target=_print_lines, args=(run, proc.stdout), daemon=True)
-    printer.start()
-    return Launched(run, head, proc, printer, cores or mine, time.time())
 
 
 def core_shares(parallel: int) -> list[list[int]] | list[None]:

@@ -3,7 +3,11 @@ part-way by SIGTERM and continued, then skipped when finished; the test split's 
 log holds them; the errors a user meets first."""
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +17,8 @@ import pytest
 
 import compare
 import fabricate
+from comparison.warm import TRAIN, ForkedRun
+from convert.first_use import MIRROR_ENV
 from convert.imagenet_to_ffcv import main as convert_folders
 
 # 8 steps of 8 images an epoch; --log_interval 1, so a step shows in log.jsonl as it ends
@@ -132,6 +138,40 @@ def _write_log(folder: Path, val: list[float], test: dict | None) -> None:
     if test is not None:
         lines.append(json.dumps({"split": "test", "epoch": len(val) - 1, **test}))
     (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_forked_warm_is_train_py_as_launched(tmp_path, capfd):
+    """comparison.warm: a run forked from the warm process prints to its own pipe, writes its
+    errors to the launching process's stderr as it is when the run starts, runs in the
+    environment it is given (not the one the warm process began in) and ends with train.py's
+    status."""
+    run = ForkedRun(["--version"])
+    assert run.stdout.read().startswith("ssat ") and run.wait() == 0
+    with socket.socket() as free:  # a loopback port where nothing listens
+        free.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{free.getsockname()[1]}/mirror"
+    run = ForkedRun(
+        ["--data_path", "c10", "--data_dir", str(tmp_path)], env={**os.environ, MIRROR_ENV: mirror}
+    )
+    assert f"downloading {mirror}/cifar-10-python.tar.gz" in run.stdout.read()
+    assert run.wait() == 1
+    assert f"cannot download {mirror}/cifar-10-python.tar.gz" in capfd.readouterr().err
+
+
+def test_runs_fork_warm_under_numbas_openmp_layer(data, tmp_path):
+    """`python compare.py` with NUMBA_THREADING_LAYER=omp, as the Docker image runs it: numba's
+    OpenMP layer ends every fork from a process that started it (importing ffcv does), so the
+    warm process leaves ffcv to the runs, and a run on the ffcv engine with two numba threads
+    trains to its end."""
+    argv = [sys.executable, str(TRAIN.parent / "compare.py"), "--data_path", "photos"]
+    argv += ["--methods", "ssat", "--seeds", "0", "--output_dir", str(tmp_path / "cmp"), "--"]
+    argv += ["--data_dir", str(data), "--img_size", "16", "--patch_size", "4", "--epochs", "1"]
+    argv += ["--batch_size", "8", "--pipeline", "ffcv", "--num_workers", "2"]
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[1/1] ssat seed 0: done" in done.stdout
+    assert (tmp_path / "cmp" / "results.md").exists()
 
 
 def test_test_record_gives_the_final_and_best_val_numbers(tmp_path):
