@@ -163,6 +163,7 @@ def test_runs_fork_warm_under_numbas_openmp_layer(data, tmp_path):
     OpenMP layer ends every fork from a process that started it (importing ffcv does), so the
     warm process leaves ffcv to the runs, and a run on the ffcv engine with two numba threads
     trains to its end."""
+    pytest.importorskip("numba.np.ufunc.omppool", reason="numba's OpenMP layer does not load here")
     argv = [sys.executable, str(TRAIN.parent / "compare.py"), "--data_path", "photos"]
     argv += ["--methods", "ssat", "--seeds", "0", "--output_dir", str(tmp_path / "cmp"), "--"]
     argv += ["--data_dir", str(data), "--img_size", "16", "--patch_size", "4", "--epochs", "1"]
