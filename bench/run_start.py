@@ -57,8 +57,9 @@ def forked(argv: list[str], cores: list[int], env: dict) -> float:
     start = time.perf_counter()
     run = ForkedRun(argv, cores, env)
     run.stdout.read()
-    if run.wait() != 0:
-        raise SystemExit(f"train.py {' '.join(argv)}, forked warm, ended with status {run.wait()}")
+    status = run.wait()
+    if status != 0:
+        raise SystemExit(f"train.py {' '.join(argv)}, forked warm, ended with status {status}")
     return time.perf_counter() - start
 
 

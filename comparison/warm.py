@@ -11,6 +11,7 @@ is started by `comparison.runs.launch` as a new interpreter instead."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -21,6 +22,7 @@ TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 _context = multiprocessing.get_context("forkserver")
 
 
+@functools.cache  # the server reads it once, when it starts
 def preload() -> list[str]:
     """What the warm process imports: train.py's own imports and compare.py's (a run imports the
     command that started it again, by multiprocessing's rule), and the ffcv engine where that is
@@ -90,7 +92,7 @@ class ForkedRun:
     (the exit status, or minus the signal that killed it) and `send_signal`."""
 
     def __init__(self, argv: list[str], cores: list[int] | None = None, env: dict | None = None):
-        _context.set_forkserver_preload(preload())  # read when the server starts, at the first run
+        _context.set_forkserver_preload(preload())  # the server starts with the first run
         read, write = os.pipe()
         sys.stderr.flush()
         try:
