@@ -28,7 +28,8 @@ def preload() -> list[str]:
     command that started it again, by multiprocessing's rule), and the ffcv engine where that is
     safe. A module missing here (ffcv on a DALI-only machine) is left out, and the run imports it.
 
-    Importing ffcv compiles its image-mode table (some 2.6 s) and starts numba's threading layer
+    Importing ffcv compiles its image-mode table (some 2.6 s), and importing the engine its crop
+    kernel (`pipelines.ffcv_engine._cut_sample`); importing ffcv starts numba's threading layer
     (ffcv sets numba's thread count then). numba's TBB and workqueue layers let a process fork
     after that; its GNU OpenMP layer (NUMBA_THREADING_LAYER=omp, as the Docker image has it, or
     the default where TBB is missing) ends every fork from a process that started it, so there

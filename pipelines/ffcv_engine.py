@@ -5,7 +5,10 @@ ffcv 1.0.2 decodes an image again for every extra crop (one `PipelineSpec` per c
 random-resized crops (with their flips) from it, drawn from its thread's generator seeded for
 the sample from the batch (its samples in the epoch's order) and the sample's place in it, so
 a batch's crops are the same in any run and with any number of threads. Eval uses the same
-operation with one centre crop. A JPEG that does not decode stops the epoch with an error
+operation with one centre crop. The work on a sample is one function compiled once, when this
+module is imported (`_cut_sample`): ffcv compiles each loader's code anew, and that code is a
+small loop around it, so a run's three loaders (train, val, test) do not compile the decoding and
+cropping three times, and a run forked after the import (compare.py's) does not compile it at all. A JPEG that does not decode stops the epoch with an error
 naming the file and the sample, where ffcv's own decoders would hand on an uninitialised
 buffer, and an exception in ffcv's loader thread (which would leave the consumer waiting
 forever) is passed on to the consumer.
@@ -33,11 +36,16 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
+from numba import njit, types
 
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
 
+# ffcv's own compile options (its `Compiler.compile`), so the crops are the same bit for bit
+_JIT = dict(fastmath=True, nogil=True, error_model="numpy")
 
+
+@njit(types.uint64(types.uint64), cache=True, **_JIT)
 def _mix(z):
     """splitmix64's finaliser: a well-spread 64-bit value of a 64-bit key."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -45,6 +53,7 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
+@njit(cache=True, **_JIT)
 def _flip_rows(image: np.ndarray) -> None:
     """Mirror an (H, W, 3) image left-right in place."""
     width = image.shape[1]
@@ -55,6 +64,61 @@ def _flip_rows(image: np.ndarray) -> None:
             red, green, blue = row[c, 0], row[c, 1], row[c, 2]
             row[c, 0], row[c, 1], row[c, 2] = row[m, 0], row[m, 1], row[m, 2]
             row[m, 0], row[m, 1], row[m, 2] = red, green, blue
+
+
+_random_crop = njit(cache=True, **_JIT)(get_random_crop)
+_centre_crop = njit(cache=True, **_JIT)(get_center_crop)
+_decode_jpeg = njit(**_JIT)(imdecode)  # calls into libffcv: numba cannot cache these on disk
+_crop_resize = njit(**_JIT)(resize_crop)
+
+
+# ffcv's memory managers mark numba's shared 1-D uint8 array type read-only in place (their
+# `state_type`), so the samples and the scratch buffer may come typed read-only: they are
+# declared so (the decoder writes the scratch buffer through its pointer)
+_BYTES = types.Array(types.uint8, 1, "C", readonly=True)
+_VALUES = types.Array(types.float64, 1, "C", readonly=True)
+
+
+# one signature, compiled at import: a loader's arrays (read-only or not) and its constants
+# (literal or not, as numba types them in the serial and the parallel loop) convert to it, so
+# no loader compiles it again, and a process forked after the import (compare.py's runs) has it
+@njit(
+    types.int32(
+        _BYTES,  # the sample as stored
+        types.boolean,  # JPEG
+        types.uint32,  # height
+        types.uint32,  # width
+        _BYTES,  # scratch for the decoded image
+        types.Array(types.uint8, 4, "C"),  # (V, S, S, 3) crops
+        types.boolean,  # train
+        types.float64,  # flip probability
+        _VALUES,  # area range
+        _VALUES,  # aspect range, or the centre crop's fraction twice
+        types.int64,  # the sample's seed
+    ),
+    **_JIT,
+)
+def _cut_sample(data, jpeg, height, width, scratch, destination, train, flip, scale, ratio, seed):
+    """Decode one sample (into `scratch` if a JPEG) and cut its crops into `destination`;
+    returns the decoder's status. Each loader's own code, which ffcv compiles anew for every
+    loader, is a small loop around this."""
+    if jpeg:
+        image = scratch[: 3 * height * width].reshape(height, width, 3)
+        status = _decode_jpeg(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+    else:
+        status = 0
+        image = data.reshape(height, width, 3)
+    if train:  # this thread's generator, seeded for this sample of this batch
+        np.random.seed(seed)
+    for v in range(destination.shape[0]):
+        if train:
+            i, j, h, w = _random_crop(height, width, scale, ratio)
+        else:
+            i, j, h, w = _centre_crop(height, width, scale, ratio[0])
+        _crop_resize(image, i, i + h, j, j + w, destination[v])
+        if train and np.random.rand() < flip:
+            _flip_rows(destination[v])
+    return status
 
 
 class MultiCrop(Operation):
@@ -76,11 +140,10 @@ class MultiCrop(Operation):
     ):
         super().__init__()
         self.size, self.crops, self.train = size, crops, train
-        self.scale, self.ratio = (
-            np.array(scale, dtype=np.float64),
-            np.array(ratio, dtype=np.float64),
-        )
-        self.flip, self.crop_pct = flip, crop_pct
+        self.scale = np.array(scale, dtype=np.float64)
+        # the centre crop's fraction travels where the aspect range would (one type for both)
+        self.ratio = np.array(ratio if train else (crop_pct, crop_pct), dtype=np.float64)
+        self.flip = float(flip)
 
     def declare_state_and_memory(self, previous_state: State):
         largest = int(self.metadata["width"].max()) * int(self.metadata["height"].max()) * 3
@@ -98,13 +161,7 @@ class MultiCrop(Operation):
     def generate_code(self):
         read = self.memory_read
         loop = Compiler.get_iterator()
-        decode_jpeg = Compiler.compile(imdecode)
-        crop_resize = Compiler.compile(resize_crop)
-        flip_rows = Compiler.compile(_flip_rows)
-        pick_crop = Compiler.compile(get_random_crop if self.train else get_center_crop)
-        mix = Compiler.compile(_mix)
-        crops, train, flip = self.crops, self.train, self.flip
-        scale, ratio = self.scale, (self.ratio if self.train else self.crop_pct)
+        train, flip, scale, ratio = self.train, self.flip, self.scale, self.ratio
 
         def multi_crop(batch_indices, buffers, metadata, storage_state):
             destination, scratch, status = buffers
@@ -112,26 +169,22 @@ class MultiCrop(Operation):
             # gives the same key in any run, another epoch's (reshuffled) batch another
             key = np.uint64(0x9E3779B97F4A7C15)
             for k in range(len(batch_indices)):
-                key = mix(key ^ np.uint64(batch_indices[k]))
+                key = _mix(key ^ np.uint64(batch_indices[k]))
             for k in loop(len(batch_indices)):
                 field = metadata[batch_indices[k]]
-                data = read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == JPEG:
-                    image = scratch[k][: 3 * height * width].reshape(height, width, 3)
-                    status[k, 0] = decode_jpeg(
-                        data, image, height, width, height, width, 0, 0, 1, 1, False, False
-                    )
-                else:
-                    status[k, 0] = 0
-                    image = data.reshape(height, width, 3)
-                if train:  # this thread's generator, seeded for this sample of this batch
-                    np.random.seed(np.int64(mix(key + np.uint64(k)) >> np.uint64(33)))
-                for v in range(crops):
-                    i, j, h, w = pick_crop(height, width, scale, ratio)
-                    crop_resize(image, i, i + h, j, j + w, destination[k, v])
-                    if train and np.random.rand() < flip:
-                        flip_rows(destination[k, v])
+                status[k, 0] = _cut_sample(
+                    read(field["data_ptr"], storage_state),
+                    field["mode"] == JPEG,
+                    np.uint32(field["height"]),
+                    np.uint32(field["width"]),
+                    scratch[k],
+                    destination[k],
+                    train,
+                    flip,
+                    scale,
+                    ratio,
+                    np.int64(_mix(key + np.uint64(k)) >> np.uint64(33)),
+                )
             # raised outside the parallel loop (a raise inside it would serialise the loop)
             if (status[: len(batch_indices)] != 0).any():
                 raise ValueError("a JPEG sample of the .beton does not decode")

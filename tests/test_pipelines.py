@@ -440,6 +440,27 @@ def test_ffcv_flip_mirrors_rows(width):
     assert np.array_equal(flipped, image[:, ::-1])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ffcv_loaders_compile_only_their_own_loop(data, workers):
+    """The decoding and cropping of a sample is compiled once, when the engine is imported: a
+    loader (train with several crops, eval) compiles its own small loop and nothing of it."""
+    from numba.core import event
+
+    import pipelines.ffcv_engine  # noqa: F401  (the import compiles the kernel)
+
+    with event.install_recorder("numba:compile") as recorded:
+        for train in (True, False):
+            loader = create_loader(
+                "ffcv", data["photos"], train=train, batch_size=8, img_size=24,
+                crops=2 if train else 1, num_workers=workers, **NO_AUG,
+            )  # fmt: skip
+            assert len(_epoch(loader)) > 0
+    compiled = {e.data["dispatcher"].py_func.__name__ for _, e in recorded.buffer if e.is_start}
+    assert "multi_crop" in compiled  # each loader's own loop: the recorder sees ffcv's compiles
+    kernel = {"_cut_sample", "imdecode", "resize_crop", "get_random_crop", "get_center_crop"}
+    assert not compiled & (kernel | {"_mix", "_flip_rows"}), compiled
+
+
 def test_normalisation_of_any_memory_layout():
     """The fast path (channels-last rows) and the general one give the same values."""
     augment = _augment()
