@@ -5,13 +5,15 @@ ffcv 1.0.2 decodes an image again for every extra crop (one `PipelineSpec` per c
 random-resized crops (with their flips) from it, drawn from its thread's generator seeded for
 the sample from the batch (its samples in the epoch's order) and the sample's place in it, so
 a batch's crops are the same in any run and with any number of threads. Eval uses the same
-operation with one centre crop. The work on a sample is one function compiled once, when this
-module is imported (`_cut_sample`): ffcv compiles each loader's code anew, and that code is a
-small loop around it, so a run's three loaders (train, val, test) do not compile the decoding and
-cropping three times, and a run forked after the import (compare.py's) does not compile it at all. A JPEG that does not decode stops the epoch with an error
+operation with one centre crop. A JPEG that does not decode stops the epoch with an error
 naming the file and the sample, where ffcv's own decoders would hand on an uninitialised
 buffer, and an exception in ffcv's loader thread (which would leave the consumer waiting
 forever) is passed on to the consumer.
+
+The work on a sample is one function, compiled once, when this module is imported
+(`_cut_sample`). ffcv compiles each loader's code anew, and that code is a small loop around it:
+a run's three loaders (train, val, test) do not compile the decoding and cropping three times,
+and a run forked after the import (compare.py's runs) does not compile it at all.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from numba import njit, types
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
 
-# ffcv's own compile options (its `Compiler.compile`), so the crops are the same bit for bit
+# ffcv's own compile options (its `Compiler.compile`), so the crops are the same bit for bit;
+# nothing is cached on disk (numba's cache fails where the code's folder and the home folder are
+# not writable, as in a container run as another user)
 _JIT = dict(fastmath=True, nogil=True, error_model="numpy")
 
 
-@njit(types.uint64(types.uint64), cache=True, **_JIT)
+@njit(types.uint64(types.uint64), **_JIT)
 def _mix(z):
     """splitmix64's finaliser: a well-spread 64-bit value of a 64-bit key."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -53,7 +57,7 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True, **_JIT)
+@njit(**_JIT)
 def _flip_rows(image: np.ndarray) -> None:
     """Mirror an (H, W, 3) image left-right in place."""
     width = image.shape[1]
@@ -66,9 +70,9 @@ def _flip_rows(image: np.ndarray) -> None:
             row[m, 0], row[m, 1], row[m, 2] = red, green, blue
 
 
-_random_crop = njit(cache=True, **_JIT)(get_random_crop)
-_centre_crop = njit(cache=True, **_JIT)(get_center_crop)
-_decode_jpeg = njit(**_JIT)(imdecode)  # calls into libffcv: numba cannot cache these on disk
+_random_crop = njit(**_JIT)(get_random_crop)
+_centre_crop = njit(**_JIT)(get_center_crop)
+_decode_jpeg = njit(**_JIT)(imdecode)
 _crop_resize = njit(**_JIT)(resize_crop)
 
 
