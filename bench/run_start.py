@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))[:1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    times = {"new interpreter": [], "forked warm": []}
     ways = {"new interpreter": new_interpreter, "forked warm": forked}
+    times = {name: [] for name in ways}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         for i in range(args.repeats + 1):
