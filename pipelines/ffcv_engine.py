@@ -11,9 +11,10 @@ buffer, and an exception in ffcv's loader thread (which would leave the consumer
 forever) is passed on to the consumer.
 
 The work on a sample is one function, compiled once, when this module is imported
-(`_cut_sample`). ffcv compiles each loader's code anew, and that code is a small loop around it:
-a run's three loaders (train, val, test) do not compile the decoding and cropping three times,
-and a run forked after the import (compare.py's runs) does not compile it at all.
+(`_cut_sample`); each loader's own code is a small loop around it, so a run forked after the
+import (compare.py's runs) does not compile the decoding and cropping at all. ffcv compiles each
+loader's code anew; `pipelines.ffcv_compiles` has it hand back what it compiled for equal code,
+so a run's val and test loaders share the eval loop, and all three the reader and label decoder.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 from numba import njit, types
 
+from pipelines.ffcv_compiles import share_compiles
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
 
@@ -47,6 +49,7 @@ from storage.beton import JPEG
 # nothing is cached on disk (numba's cache fails where the code's folder and the home folder are
 # not writable, as in a container run as another user)
 _JIT = dict(fastmath=True, nogil=True, error_model="numpy")
+share_compiles()  # a run's loaders compile ffcv's code for them once, not once each
 
 
 @njit(types.uint64(types.uint64), **_JIT)
@@ -104,8 +107,7 @@ _VALUES = types.Array(types.float64, 1, "C", readonly=True)
 )
 def _cut_sample(data, jpeg, height, width, scratch, destination, train, flip, scale, ratio, seed):
     """Decode one sample (into `scratch` if a JPEG) and cut its crops into `destination`;
-    returns the decoder's status. Each loader's own code, which ffcv compiles anew for every
-    loader, is a small loop around this."""
+    returns the decoder's status. Each loader's own code is a small loop around this."""
     if jpeg:
         image = scratch[: 3 * height * width].reshape(height, width, 3)
         status = _decode_jpeg(data, image, height, width, height, width, 0, 0, 1, 1, False, False)

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import shutil
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -449,16 +450,47 @@ def test_ffcv_loaders_compile_only_their_own_loop(data, workers):
     import pipelines.ffcv_engine  # noqa: F401  (the import compiles the kernel)
 
     with event.install_recorder("numba:compile") as recorded:
-        for train in (True, False):
+        for train in (True, False):  # constants no other test uses: its loops compile here
             loader = create_loader(
                 "ffcv", data["photos"], train=train, batch_size=8, img_size=24,
-                crops=2 if train else 1, num_workers=workers, **NO_AUG,
+                crops=2 if train else 1, num_workers=workers, scale=(0.21, 0.99), crop_pct=0.77,
+                **NO_AUG,
             )  # fmt: skip
             assert len(_epoch(loader)) > 0
     compiled = {e.data["dispatcher"].py_func.__name__ for _, e in recorded.buffer if e.is_start}
     assert "multi_crop" in compiled  # each loader's own loop: the recorder sees ffcv's compiles
     kernel = {"_cut_sample", "imdecode", "resize_crop", "get_random_crop", "get_center_crop"}
     assert not compiled & (kernel | {"_mix", "_flip_rows"}), compiled
+
+
+def test_ffcv_loaders_share_compiles_of_equal_code(data):
+    """A run's loaders hand ffcv equal code (each loader's reader and label decoder, the eval
+    loaders' crop loop with the same constants): it is compiled once, and the same code with
+    other constants is compiled for them and cuts other crops."""
+    from numba.core import event
+
+    def compiled_by(*loaders_of):
+        with event.install_recorder("numba:compile") as recorded:
+            epochs = [_epoch(make()) for make in loaders_of]
+        names = [e.data["dispatcher"].py_func.__name__ for _, e in recorded.buffer if e.is_start]
+        return Counter(names), epochs
+
+    def loader(train, crop_pct):  # constants no other test uses: nothing compiled for them yet
+        return lambda: create_loader(
+            "ffcv", data["photos"], train=train, batch_size=8, img_size=24,
+            crops=2 if train else 1, num_workers=1, scale=(0.35, 0.95), crop_pct=crop_pct,
+            **NO_AUG,
+        )  # fmt: skip
+
+    val_and_test = loader(False, 0.81), loader(False, 0.81)
+    counts, (_, val, test) = compiled_by(loader(True, 0.81), *val_and_test)
+    assert counts["multi_crop"] == 2, counts  # the train loop, and one for both eval loaders
+    assert counts["read"] <= 1 and counts["decoder"] <= 1, counts  # another test's, if any
+    for a, b in zip(val, test, strict=True):  # the shared code cuts the same crops
+        assert torch.equal(a["crops"], b["crops"]) and torch.equal(a["labels"], b["labels"])
+    counts, (other,) = compiled_by(loader(False, 0.62))
+    assert counts["multi_crop"] == 1 and counts["read"] == counts["decoder"] == 0, counts
+    assert any(not torch.equal(a["crops"], b["crops"]) for a, b in zip(val, other, strict=True))
 
 
 def test_normalisation_of_any_memory_layout():
