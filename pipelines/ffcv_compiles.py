@@ -3,10 +3,11 @@
 ffcv compiles every loader's code anew: its `Compiler.compile` makes a new numba dispatcher for
 each function handed to it, and a run's loaders hand it the same functions with the same
 constants (each loader's reader and label decoder, and the two eval loaders' crop loop), so a
-run compiled the same code three times over. `share_compiles` has it hand back the dispatcher
-it made before for an equal function: the same code, with globals and closure constants equal,
-which numba freezes into the compiled code, so equal ones compile to the same machine code. A
-function holding anything else (a list, a dict, an object) is compiled anew, as ffcv does.
+run compiled the same code three times over. Inside `sharing_compiles()` it hands back the
+dispatcher it made before for an equal function: the same code, with globals and closure
+constants equal, which numba freezes into the compiled code, so equal ones compile to the same
+machine code. A function holding anything else (a list, a dict, an object) is compiled anew, as
+ffcv does; outside the block ffcv's own `compile` is in place.
 
 Constants are equal when they are the same plain value (None, a number, a string, a NumPy
 scalar, an array of the same dtype, shape and bytes, a tuple of these), the same module,
@@ -15,7 +16,10 @@ class or function, or a dispatcher made here for an equal function.
 
 from __future__ import annotations
 
+import threading
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from ffcv.pipeline.compiler import Compiler
@@ -26,6 +30,9 @@ _SAME_OBJECT = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
 
 _made: dict[tuple, Dispatcher] = {}  # a function's key -> the dispatcher made for it
 _key_of: dict[int, tuple] = {}  # id of a dispatcher made here -> its function's key
+_ffcv_compile = Compiler.__dict__["compile"]  # ffcv's own (a classmethod)
+_lock = threading.Lock()
+_open = 0  # blocks open now, in all threads
 
 
 def _constant(value) -> tuple | None:
@@ -74,23 +81,33 @@ def _key(function, signature, parallel: bool) -> tuple | None:
     return key
 
 
-def share_compiles() -> None:
-    """Have ffcv's `Compiler.compile` hand back the dispatcher it made for an equal function
-    (once per process; compiling stays ffcv's own, with its options)."""
-    if getattr(Compiler.compile, "shares_compiles", False):
-        return
-    compile_anew = Compiler.compile.__func__
+def _compile(cls, code, signature=None):
+    """ffcv's `Compiler.compile`, handing back the dispatcher made before for an equal function."""
+    parallel = bool(getattr(code, "is_parallel", False) and cls.num_threads > 1)
+    key = _key(code, signature, parallel) if cls.is_enabled else None
+    if key is None:
+        return _ffcv_compile.__func__(cls, code, signature)
+    if key not in _made:
+        dispatcher = _ffcv_compile.__func__(cls, code, signature)
+        _made[key] = dispatcher
+        _key_of[id(dispatcher)] = key
+    return _made[key]
 
-    def compile(cls, code, signature=None):
-        parallel = bool(getattr(code, "is_parallel", False) and cls.num_threads > 1)
-        key = _key(code, signature, parallel) if cls.is_enabled else None
-        if key is None:
-            return compile_anew(cls, code, signature)
-        if key not in _made:
-            dispatcher = compile_anew(cls, code, signature)
-            _made[key] = dispatcher
-            _key_of[id(dispatcher)] = key
-        return _made[key]
 
-    compile.shares_compiles = True
-    Compiler.compile = classmethod(compile)
+@contextmanager
+def sharing_compiles() -> Iterator[None]:
+    """Within the block (in any thread: ffcv's compiler is one class), ffcv hands back the
+    dispatcher it made for an equal function; after the last block open ends, its own
+    `compile` is back."""
+    global _open
+    with _lock:
+        if _open == 0:
+            Compiler.compile = classmethod(_compile)
+        _open += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _open -= 1
+            if _open == 0:
+                Compiler.compile = _ffcv_compile

@@ -13,8 +13,9 @@ forever) is passed on to the consumer.
 The work on a sample is one function, compiled once, when this module is imported
 (`_cut_sample`); each loader's own code is a small loop around it, so a run forked after the
 import (compare.py's runs) does not compile the decoding and cropping at all. ffcv compiles each
-loader's code anew; `pipelines.ffcv_compiles` has it hand back what it compiled for equal code,
-so a run's val and test loaders share the eval loop, and all three the reader and label decoder.
+loader's code anew; while a loader is built here, `pipelines.ffcv_compiles` has it hand back
+what it compiled for equal code, so a run's val and test loaders share the eval loop, and all
+three the reader and label decoder.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 from numba import njit, types
 
-from pipelines.ffcv_compiles import share_compiles
+from pipelines.ffcv_compiles import sharing_compiles
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
 
@@ -49,7 +50,6 @@ from storage.beton import JPEG
 # nothing is cached on disk (numba's cache fails where the code's folder and the home folder are
 # not writable, as in a container run as another user)
 _JIT = dict(fastmath=True, nogil=True, error_model="numpy")
-share_compiles()  # a run's loaders compile ffcv's code for them once, not once each
 
 
 @njit(types.uint64(types.uint64), **_JIT)
@@ -273,7 +273,8 @@ class _Loader(Loader):
             Compiler.set_num_threads(self.num_workers)  # numba's threads (it sets torch's too)
         order = self.next_traversal_order()[: len(self) * self.batch_size]
         if self.code is None or self.recompile:
-            self.generate_code()
+            with sharing_compiles():
+                self.generate_code()
         return _Epoch(self, order)
 
 
@@ -293,7 +294,8 @@ class FFCVLoader(CropLoader):
             crop_pct=cfg.crop_pct,
         )
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
-        with _torch_threads_kept():  # ffcv's Loader sets torch's to its worker count
+        # ffcv's Loader sets torch's threads to its worker count, and compiles the loader's code
+        with _torch_threads_kept(), sharing_compiles():
             self._ffcv = _Loader(
                 str(self.path),
                 batch_size=self.batch_size,

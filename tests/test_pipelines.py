@@ -466,7 +466,9 @@ def test_ffcv_loaders_compile_only_their_own_loop(data, workers):
 def test_ffcv_loaders_share_compiles_of_equal_code(data):
     """A run's loaders hand ffcv equal code (each loader's reader and label decoder, the eval
     loaders' crop loop with the same constants): it is compiled once, and the same code with
-    other constants is compiled for them and cuts other crops."""
+    other constants is compiled for them and cuts other crops. Outside a loader's construction
+    ffcv's compiler is its own."""
+    from ffcv.pipeline.compiler import Compiler
     from numba.core import event
 
     def compiled_by(*loaders_of):
@@ -491,6 +493,7 @@ def test_ffcv_loaders_share_compiles_of_equal_code(data):
     counts, (other,) = compiled_by(loader(False, 0.62))
     assert counts["multi_crop"] == 1 and counts["read"] == counts["decoder"] == 0, counts
     assert any(not torch.equal(a["crops"], b["crops"]) for a, b in zip(val, other, strict=True))
+    assert Compiler.compile.__func__.__module__ == "ffcv.pipeline.compiler"  # ffcv's own again
 
 
 def test_normalisation_of_any_memory_layout():
