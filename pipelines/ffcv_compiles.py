@@ -4,10 +4,10 @@ ffcv compiles every loader's code anew: its `Compiler.compile` makes a new numba
 each function handed to it, and a run's loaders hand it the same functions with the same
 constants (each loader's reader and label decoder, and the two eval loaders' crop loop), so a
 run compiled the same code three times over. Inside `sharing_compiles()` it hands back the
-dispatcher it made before for an equal function: the same code, with globals and closure
-constants equal, which numba freezes into the compiled code, so equal ones compile to the same
-machine code. A function holding anything else (a list, a dict, an object) is compiled anew, as
-ffcv does; outside the block ffcv's own `compile` is in place.
+dispatcher it made before for an equal function: the same code, with globals, defaults and
+closure constants equal, which numba freezes into the compiled code, so equal ones compile to
+the same machine code. A function holding anything else (a list, a dict, an object) is compiled
+anew, as ffcv does; outside the block ffcv's own `compile` is in place.
 
 Constants are equal when they are the same plain value (None, a number, a string, a NumPy
 scalar, an array of the same dtype, shape and bytes, a tuple of these), the same module,
@@ -62,8 +62,9 @@ def _names(code: types.CodeType) -> set[str]:
 
 def _key(function, signature, parallel: bool) -> tuple | None:
     """What makes two functions compile alike; None where they cannot be compared."""
-    if not isinstance(function, types.FunctionType):
+    if not isinstance(function, types.FunctionType) or function.__kwdefaults__:
         return None
+    defaults = _constant(function.__defaults__ or ())
     try:
         cells = tuple(_constant(c.cell_contents) for c in function.__closure__ or ())
     except ValueError:  # a cell not yet filled
@@ -71,9 +72,9 @@ def _key(function, signature, parallel: bool) -> tuple | None:
     known = function.__globals__
     names = sorted(n for n in _names(function.__code__) if n in known)
     globals_ = tuple((n, _constant(known[n])) for n in names)
-    if any(c is None for c in cells) or any(g is None for _, g in globals_):
+    if defaults is None or any(c is None for c in cells) or any(g is None for _, g in globals_):
         return None
-    key = (function.__code__, signature, parallel, cells, globals_)
+    key = (function.__code__, signature, parallel, defaults, cells, globals_)
     try:
         hash(key)
     except TypeError:

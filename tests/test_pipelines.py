@@ -496,6 +496,26 @@ def test_ffcv_loaders_share_compiles_of_equal_code(data):
     assert Compiler.compile.__func__.__module__ == "ffcv.pipeline.compiler"  # ffcv's own again
 
 
+def test_shared_compiles_tell_constants_apart():
+    """Two functions share a compile only when their code, defaults, globals and closure
+    constants are equal (arrays by dtype, shape and bytes); a captured list, which is not
+    compared by value, is never shared."""
+    from pipelines.ffcv_compiles import _key
+
+    def made(value, default=1):
+        def add(x, y=default):
+            return x + y + value
+
+        return _key(add, None, False)
+
+    assert made(2) == made(2) and made(2) != made(3) and made(2) != made(2, default=4)
+    assert made(2) != made(2.0)  # an int and a float type differently
+    assert made(np.array([1.0, 2.0])) == made(np.array([1.0, 2.0]))
+    assert made(np.array([1.0, 2.0])) != made(np.array([1.0, 2.5]))
+    assert made(np.array([1.0, 2.0])) != made(np.array([1.0, 2.0], dtype=np.float32))
+    assert made([1]) is None
+
+
 def test_normalisation_of_any_memory_layout():
     """The fast path (channels-last rows) and the general one give the same values."""
     augment = _augment()
