@@ -259,7 +259,12 @@ class _Epoch(EpochIterator):
 
 class _Loader(Loader):
     """ffcv's Loader reading the order it is handed (ffcv 1.0.2 cannot take a custom traversal
-    order class), with the safe epoch thread."""
+    order class), with the safe epoch thread, compiling its code (which ffcv does as it builds
+    the loader) once for all the process's loaders that share it."""
+
+    def __init__(self, *args, **kwargs):
+        with sharing_compiles():
+            super().__init__(*args, **kwargs)
 
     def set_order(self, order: np.ndarray) -> None:
         self.indices = order
@@ -273,8 +278,7 @@ class _Loader(Loader):
             Compiler.set_num_threads(self.num_workers)  # numba's threads (it sets torch's too)
         order = self.next_traversal_order()[: len(self) * self.batch_size]
         if self.code is None or self.recompile:
-            with sharing_compiles():
-                self.generate_code()
+            self.generate_code()
         return _Epoch(self, order)
 
 
@@ -294,8 +298,7 @@ class FFCVLoader(CropLoader):
             crop_pct=cfg.crop_pct,
         )
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
-        # ffcv's Loader sets torch's threads to its worker count, and compiles the loader's code
-        with _torch_threads_kept(), sharing_compiles():
+        with _torch_threads_kept():  # ffcv's Loader sets torch's to its worker count
             self._ffcv = _Loader(
                 str(self.path),
                 batch_size=self.batch_size,
