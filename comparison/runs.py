@@ -192,10 +192,13 @@ def train_all(runs: list[Run], nproc: int, parallel: int = 1, out: Path | None =
             todo.append((head, run))
     free, active, received, failed = core_shares(parallel), [], [], []
 
+    def stop(job: Launched, signum: int) -> None:
+        job.proc.send_signal(signal.SIGTERM if nproc > 1 else signum)
+
     def forward(signum, frame):
         received.append(signum)
         for job in active:
-            job.proc.send_signal(signal.SIGTERM if nproc > 1 else signum)
+            stop(job, signum)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
@@ -210,6 +213,8 @@ def train_all(runs: list[Run], nproc: int, parallel: int = 1, out: Path | None =
                 doing = "continuing" if going_on else "training"
                 print(f"{head}: {doing} in {run.folder}{where}", flush=True)
                 active.append(launch(run, head, nproc, cores))
+                if received:  # it came while the run was starting (the warm process importing)
+                    stop(active[-1], received[0])
             time.sleep(0.05)
             for job in [job for job in active if job.proc.poll() is not None]:
                 job.printer.join()

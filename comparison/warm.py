@@ -4,7 +4,8 @@ again. A small run of a study is otherwise mostly its start: on the digits a one
 some 8 s importing before its first step (`python -m bench.run_start` measures it).
 
 The warm process is multiprocessing's fork server, started on the first run with train.py's
-modules preloaded (`preload`), before any thread that a fork would leave broken; each run is
+modules preloaded (`preload`, imported by `comparison.warm_imports`, where a Ctrl-C meanwhile
+ends it quietly), before any thread that a fork would leave broken; each run is
 still its own process: its own pid, signals, exit status, stdout (read through a pipe) and
 stderr (this process's, at the moment it starts). A run that needs torchrun (several processes)
 is started by `comparison.runs.launch` as a new interpreter instead."""
@@ -93,7 +94,7 @@ class ForkedRun:
     (the exit status, or minus the signal that killed it) and `send_signal`."""
 
     def __init__(self, argv: list[str], cores: list[int] | None = None, env: dict | None = None):
-        _context.set_forkserver_preload(preload())  # the server starts with the first run
+        _context.set_forkserver_preload(["comparison.warm_imports"])  # starts with the first run
         read, write = os.pipe()
         sys.stderr.flush()
         try:

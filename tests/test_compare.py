@@ -20,6 +20,7 @@ import fabricate
 from comparison.warm import TRAIN, ForkedRun
 from convert.first_use import MIRROR_ENV
 from convert.imagenet_to_ffcv import main as convert_folders
+from processes import with_sigint
 
 # 8 steps of 8 images an epoch; --log_interval 1, so a step shows in log.jsonl as it ends
 TRAIN_FLAGS = (
@@ -173,6 +174,92 @@ def test_runs_fork_warm_under_numbas_openmp_layer(data, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[1/1] ssat seed 0: done" in done.stdout
     assert (tmp_path / "cmp" / "results.md").exists()
+
+
+def _proc_field(pid: int, name: str) -> str:
+    """A field of /proc/PID/status ("" where the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
+
+
+def _warm_process(parent: int) -> int | None:
+    """The child of `parent` that is multiprocessing's fork server (the warm process), or None."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent_of == parent and b"multiprocessing.forkserver" in command:
+            return int(entry.name)
+    return None
+
+
+def _stop_while_importing(compare_py: subprocess.Popen) -> int:
+    """SIGSTOP the warm process that `compare_py` starts for its first run, once it is importing
+    torch, and check that it stopped inside its imports: torch's library mapped, scikit-learn's
+    (imported after torch) not yet, and Ctrl-C not yet ignored (the server ignores it after its
+    last import)."""
+    deadline = time.time() + 120
+    server = None
+    while True:
+        assert compare_py.poll() is None and time.time() < deadline, "no warm process importing"
+        server = server or _warm_process(compare_py.pid)
+        if server and b"libtorch_cpu" in Path(f"/proc/{server}/maps").read_bytes():
+            os.kill(server, signal.SIGSTOP)
+            break
+        time.sleep(0.005)
+    while not _proc_field(server, "State").startswith("T"):
+        time.sleep(0.005)
+    assert b"sklearn" not in Path(f"/proc/{server}/maps").read_bytes()
+    assert not int(_proc_field(server, "SigIgn"), 16) & 1 << (signal.SIGINT - 1)
+    return server
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_warm_process_imports(data, tmp_path, signum):
+    """A comparison's first run waits seconds for the warm process's imports. Ctrl-C then (SIGINT
+    to the process group, as a terminal sends it) ends compare.py with its own message alone,
+    and the warm process at once, without a traceback of the import it was in. SIGTERM to
+    compare.py alone (a scheduler's) stops the run that was starting, which trains nothing."""
+    out = tmp_path / "cmp"
+    argv = [sys.executable, str(TRAIN.parent / "compare.py"), "--data_path", "photos"]
+    argv += ["--methods", "scratch", "--seeds", "0", "--output_dir", str(out), "--"]
+    argv += ["--data_dir", str(data), *TRAIN_FLAGS.split()]
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            with_sigint("SIG_DFL", argv), stdout=stdout, stderr=stderr, start_new_session=True
+        )
+    server = None
+    try:
+        server = _stop_while_importing(proc)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        os.kill(server, signal.SIGCONT)
+        status = proc.wait(timeout=300)
+        deadline = time.time() + 60
+        while _proc_field(server, "State")[:1] not in ("", "Z"):
+            assert time.time() < deadline, "the warm process outlived compare.py"
+            time.sleep(0.02)
+    finally:
+        if server is not None and proc.poll() is None:
+            os.kill(server, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    printed, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert status == 128 + signum, printed[-2000:] + err[-2000:]
+    if signum == signal.SIGINT:
+        assert err == "interrupted; run the same command again to continue\n", err[-3000:]
+    else:
+        assert "[1/1] scratch seed 0: stopped; run the same command again to continue" in printed
+        log = out / "scratch" / "seed0" / "log.jsonl"
+        assert not log.exists() or '"type": "epoch"' not in log.read_text(), printed[-2000:]
 
 
 def test_test_record_gives_the_final_and_best_val_numbers(tmp_path):
