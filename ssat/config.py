@@ -316,7 +316,7 @@ class TrainConfig:
 
 # The recipe belongs to the dataset: a run on one of these takes each setting it does not give
 # from here; other datasets take the published defaults above.
-# The bundled digits: SSAT in about half a minute of training on 2 CPU cores, chosen on the
+# The bundled digits: SSAT in well under a minute of training on 2 CPU cores, chosen on the
 # digits' validation split. The scans are 8x8: at 16 px a patch of 4 covers 2x2 of their pixels.
 # In 20 short epochs RandAugment and random erasing cost more than they add, a batch of 16 (more
 # updates per epoch) beats 32 and 64, crops keep at least 60% of the scan, and a mirrored digit is
