@@ -15,7 +15,8 @@ The work on a sample is one function, compiled once, when this module is importe
 import (compare.py's runs) does not compile the decoding and cropping at all. ffcv compiles each
 loader's code anew; while a loader is built here, `pipelines.ffcv_compiles` has it hand back
 what it compiled for equal code, so a run's val and test loaders share the eval loop, and all
-three the reader and label decoder.
+three the reader and label decoder (and keeps ffcv's page-cache reader from changing one of
+numba's types in place).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor
 from numba import njit, types
 
-from pipelines.ffcv_compiles import sharing_compiles
+from pipelines.ffcv_compiles import loader_compiles
 from pipelines.loader import CropLoader
 from storage.beton import JPEG
 
@@ -263,7 +264,7 @@ class _Loader(Loader):
     the loader) once for all the process's loaders that share it."""
 
     def __init__(self, *args, **kwargs):
-        with sharing_compiles():
+        with loader_compiles():
             super().__init__(*args, **kwargs)
 
     def set_order(self, order: np.ndarray) -> None:

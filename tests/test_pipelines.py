@@ -487,13 +487,38 @@ def test_ffcv_loaders_share_compiles_of_equal_code(data):
     val_and_test = loader(False, 0.81), loader(False, 0.81)
     counts, (_, val, test) = compiled_by(loader(True, 0.81), *val_and_test)
     assert counts["multi_crop"] == 2, counts  # the train loop, and one for both eval loaders
-    assert counts["read"] <= 1 and counts["decoder"] <= 1, counts  # another test's, if any
+    reader = "_read_mapped"  # the page-cache reader (pipelines.ffcv_compiles)
+    assert counts[reader] <= 1 and counts["decoder"] <= 1, counts  # another test's, if any
     for a, b in zip(val, test, strict=True):  # the shared code cuts the same crops
         assert torch.equal(a["crops"], b["crops"]) and torch.equal(a["labels"], b["labels"])
     counts, (other,) = compiled_by(loader(False, 0.62))
-    assert counts["multi_crop"] == 1 and counts["read"] == counts["decoder"] == 0, counts
+    assert counts["multi_crop"] == 1 and counts[reader] == counts["decoder"] == 0, counts
     assert any(not torch.equal(a["crops"], b["crops"]) for a, b in zip(val, other, strict=True))
     assert Compiler.compile.__func__.__module__ == "ffcv.pipeline.compiler"  # ffcv's own again
+
+
+def test_ffcv_loaders_leave_numbas_types_alone(data):
+    """An ffcv loader reading through the page cache leaves numba's interned array types as they
+    were (ffcv's own reader marks `uint8[::1]` read-only in place: every function typed with it
+    afterwards, and numba's type cache, saw another type), and reads the same batches as one
+    that reads whole pages; outside a loader's construction the reader's typing is ffcv's."""
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from numba.core import types
+
+    held = types.uint8[::1]
+    before = held.key
+
+    def epoch(in_memory):  # constants no other test uses: the reader is typed and compiled here
+        return _epoch(create_loader(
+            "ffcv", data["photos"], train=False, batch_size=8, img_size=24, crop_pct=0.69,
+            num_workers=1, in_memory=in_memory, **NO_AUG,
+        ))  # fmt: skip
+
+    cached, paged = epoch(True), epoch(False)
+    assert held.key == before and held.mutable and types.uint8[::1] is held
+    for a, b in zip(cached, paged, strict=True):
+        assert torch.equal(a["crops"], b["crops"]) and torch.equal(a["labels"], b["labels"])
+    assert OSCacheManager.compile_reader.__module__ == "ffcv.memory_managers.os_cache"
 
 
 def test_shared_compiles_tell_constants_apart():
