@@ -1,21 +1,41 @@
-"""What the tests that start torchrun need to know of its processes."""
+"""What the tests that start processes (torchrun, compare.py) need to know of them."""
 
 import sys
 from pathlib import Path
 
 
+def children(parent: int) -> list[int]:
+    """The pids of `parent`'s children, as /proc lists them now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def status_field(pid: int, name: str) -> str:
+    """A field of /proc/PID/status ("" where the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
+
+
 def torchrun_workers(parent: int) -> dict[int, int]:
     """rank -> pid of the children of `parent` (torchrun) that have a RANK in their environment."""
     found = {}
-    for entry in Path("/proc").iterdir():
+    for pid in children(parent):
         try:
-            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
             continue
         ranks = [v[5:] for v in environment if v.startswith(b"RANK=")]
-        if parent_of == parent and ranks:
-            found[int(ranks[0])] = int(entry.name)
+        if ranks:
+            found[int(ranks[0])] = pid
     return found
 
 

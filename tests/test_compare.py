@@ -20,7 +20,7 @@ import fabricate
 from comparison.warm import TRAIN, ForkedRun
 from convert.first_use import MIRROR_ENV
 from convert.imagenet_to_ffcv import main as convert_folders
-from processes import with_sigint
+from processes import children, status_field, with_sigint
 
 # 8 steps of 8 images an epoch; --log_interval 1, so a step shows in log.jsonl as it ends
 TRAIN_FLAGS = (
@@ -176,25 +176,14 @@ def test_runs_fork_warm_under_numbas_openmp_layer(data, tmp_path):
     assert (tmp_path / "cmp" / "results.md").exists()
 
 
-def _proc_field(pid: int, name: str) -> str:
-    """A field of /proc/PID/status ("" where the process is gone)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
-
-
 def _warm_process(parent: int) -> int | None:
     """The child of `parent` that is multiprocessing's fork server (the warm process), or None."""
-    for entry in Path("/proc").iterdir():
+    for pid in children(parent):
         try:
-            parent_of = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
+            if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
             continue
-        if parent_of == parent and b"multiprocessing.forkserver" in command:
-            return int(entry.name)
     return None
 
 
@@ -212,10 +201,10 @@ def _stop_while_importing(compare_py: subprocess.Popen) -> int:
             os.kill(server, signal.SIGSTOP)
             break
         time.sleep(0.005)
-    while not _proc_field(server, "State").startswith("T"):
+    while not status_field(server, "State").startswith("T"):
         time.sleep(0.005)
     assert b"sklearn" not in Path(f"/proc/{server}/maps").read_bytes()
-    assert not int(_proc_field(server, "SigIgn"), 16) & 1 << (signal.SIGINT - 1)
+    assert not int(status_field(server, "SigIgn"), 16) & 1 << (signal.SIGINT - 1)
     return server
 
 
@@ -243,7 +232,7 @@ def test_a_signal_while_the_warm_process_imports(data, tmp_path, signum):
         os.kill(server, signal.SIGCONT)
         status = proc.wait(timeout=300)
         deadline = time.time() + 60
-        while _proc_field(server, "State")[:1] not in ("", "Z"):
+        while status_field(server, "State")[:1] not in ("", "Z"):
             assert time.time() < deadline, "the warm process outlived compare.py"
             time.sleep(0.02)
     finally:
