@@ -212,7 +212,17 @@ def train_all(runs: list[Run], nproc: int, parallel: int = 1, out: Path | None =
                 where = "" if cores is None else f" on cores {','.join(map(str, cores))}"
                 doing = "continuing" if going_on else "training"
                 print(f"{head}: {doing} in {run.folder}{where}", flush=True)
-                active.append(launch(run, head, nproc, cores))
+                try:
+                    active.append(launch(run, head, nproc, cores))
+                except (EOFError, ConnectionError) as err:  # the warm process ended before it
+                    free.append(cores)
+                    if received:  # a signal to the whole process group: stopped as the runs are
+                        again = "run the same command again to continue"
+                        print(f"{head}: stopped before it began; {again}", flush=True)
+                    else:
+                        ended = f"the warm process that forks the runs ended first ({err})"
+                        failed.append(CompareError(f"{run.name} did not start: {ended}"))
+                    continue
                 if received:  # it came while the run was starting (the warm process importing)
                     stop(active[-1], received[0])
             time.sleep(0.05)

@@ -208,12 +208,31 @@ def _stop_while_importing(compare_py: subprocess.Popen) -> int:
     return server
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_the_warm_process_imports(data, tmp_path, signum):
-    """A comparison's first run waits seconds for the warm process's imports. Ctrl-C then (SIGINT
-    to the process group, as a terminal sends it) ends compare.py with its own message alone,
-    and the warm process at once, without a traceback of the import it was in. SIGTERM to
-    compare.py alone (a scheduler's) stops the run that was starting, which trains nothing."""
+STOPPED = "[1/1] scratch seed 0: stopped; run the same command again to continue\n"
+# what compare.py says, and its status, when this reaches it while its first run waits for the
+# warm process's imports: signal -> (stdout's last line, stderr, status)
+WHILE_IMPORTING = {
+    # Ctrl-C: compare.py's message alone, not a traceback of the warm process's import
+    "SIGINT to the group": ("", "interrupted; run the same command again to continue\n", 130),
+    # a scheduler's signal to compare.py: the run being started stops as it begins
+    "SIGTERM to compare.py": (STOPPED, "", 143),
+    # a scheduler's signal to every process of the job: the warm process ends with the rest
+    "SIGTERM to the group": (STOPPED.replace("stopped;", "stopped before it began;"), "", 143),
+    # the warm process killed alone (the OOM killer): an error that says so
+    "SIGKILL to the warm process": (
+        "",
+        "error: scratch seed 0 did not start: the warm process that forks the runs ended first "
+        "(unexpected EOF)\n",
+        1,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent", sorted(WHILE_IMPORTING))
+def test_a_signal_while_the_warm_process_imports(data, tmp_path, sent):
+    """A comparison's first run waits seconds for the warm process's imports; a signal then
+    ends compare.py as it ends any run, the warm process with it, and no run trains."""
     out = tmp_path / "cmp"
     argv = [sys.executable, str(TRAIN.parent / "compare.py"), "--data_path", "photos"]
     argv += ["--methods", "scratch", "--seeds", "0", "--output_dir", str(out), "--"]
@@ -223,12 +242,14 @@ def test_a_signal_while_the_warm_process_imports(data, tmp_path, signum):
             with_sigint("SIG_DFL", argv), stdout=stdout, stderr=stderr, start_new_session=True
         )
     server = None
+    name, _, whom = sent.split(" ", 2)
+    signum = getattr(signal, name)
     try:
         server = _stop_while_importing(proc)
-        if signum == signal.SIGINT:
+        if whom == "the group":
             os.killpg(proc.pid, signum)
         else:
-            os.kill(proc.pid, signum)
+            os.kill(proc.pid if whom == "compare.py" else server, signum)
         os.kill(server, signal.SIGCONT)
         status = proc.wait(timeout=300)
         deadline = time.time() + 60
@@ -242,13 +263,11 @@ def test_a_signal_while_the_warm_process_imports(data, tmp_path, signum):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     printed, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
-    assert status == 128 + signum, printed[-2000:] + err[-2000:]
-    if signum == signal.SIGINT:
-        assert err == "interrupted; run the same command again to continue\n", err[-3000:]
-    else:
-        assert "[1/1] scratch seed 0: stopped; run the same command again to continue" in printed
-        log = out / "scratch" / "seed0" / "log.jsonl"
-        assert not log.exists() or '"type": "epoch"' not in log.read_text(), printed[-2000:]
+    last, message, expected = WHILE_IMPORTING[sent]
+    assert (status, err) == (expected, message), printed[-2000:] + err[-3000:]
+    assert printed.startswith("[1/1] scratch seed 0: training in ") and printed.endswith(last)
+    log = out / "scratch" / "seed0" / "log.jsonl"
+    assert not log.exists() or '"type": "epoch"' not in log.read_text(), printed[-2000:]
 
 
 def test_test_record_gives_the_final_and_best_val_numbers(tmp_path):
