@@ -24,12 +24,17 @@ from storage import DatasetError
 from storage.beton import RAW, BetonFile
 from storage.forking import forking
 
+# what stops the trainer cleanly: Ctrl-C, and what schedulers send before they kill a job
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches every process of its group, workers included. The trainer
-    # finishes its step and saves; a worker ended by it would fail the epoch under way instead.
-    # Workers still end with the process that started them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of its group, workers included, and a scheduler
+    # may signal every process of a job (Slurm's scancel and preemption do). The trainer
+    # finishes its step and saves; a worker ended by the signal would fail the step under way
+    # instead. Workers still end with the process that started them.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _Crops(Dataset):
@@ -118,7 +123,7 @@ class TorchLoader(CropLoader):
             # the workers' base seed comes from here, not from the global generator, so starting
             # a pass draws nothing from the trainer's random streams
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_leave_ctrl_c_to_the_trainer,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
 
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -152,6 +152,26 @@ def test_record_lock_where_file_locks_do_not_work(tmp_path):
 
 
 # ------------------------------------------------------------------------------- Ctrl-C
+def test_sigterm_to_the_whole_run_stops_it_cleanly_with_loader_workers(tmp_path, data):
+    """SIGTERM to every process of a run, its two loader workers included (a scheduler that
+    signals a whole job does so: Slurm's scancel, its preemption), inside epoch 0: the workers
+    leave it to the trainer, which finishes its step, records the place and exits 143. A worker
+    ended by it would fail the step under way."""
+    out = tmp_path / "run"
+    run = _start([sys.executable, "train.py", *_args(data, out, "--num_workers", 2)], out)
+    try:
+        _wait_for(out, '"step": 2,', run)
+        os.killpg(run.pid, signal.SIGTERM)
+        status = run.wait(timeout=120)
+    finally:
+        _end(run)
+    err = Path(f"{out}.stderr").read_text()
+    assert status == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    position = load_checkpoint(out / "checkpoint-last.pth")["position"]
+    assert position["epoch"] == 0 and 2 <= position["batch"] < 10
+    assert "stopped by SIGTERM after step" in Path(f"{out}.stdout").read_text()
+
+
 def test_ctrl_c_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, data, capsys):
     """Ctrl-C (SIGINT to the process group, loader worker included) inside epoch 0: the step
     finishes, checkpoint-last.pth records the place, one line says how to go on, exit 130.
