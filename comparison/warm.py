@@ -80,6 +80,9 @@ def _train(argv: list[str], stdout: int, stderr: int, cores: list[int] | None, e
         os.sched_setaffinity(0, cores)
     os.environ.clear()  # the launching process's environment now, not the one the server began in
     os.environ.update(env)
+    # a new interpreter's default way to start processes, not the one that started this one
+    # (multiprocessing makes a fork server's child start its own processes by a fork server)
+    multiprocessing.set_start_method(None, force=True)
     sys.argv = [str(TRAIN), *argv]  # what the run lock records as its command
     if str(TRAIN.parent) not in sys.path:
         sys.path.insert(0, str(TRAIN.parent))

@@ -117,6 +117,10 @@ class TorchLoader(CropLoader):
             sampler=self._sampler,
             drop_last=self.train,
             num_workers=self.num_workers,
+            # forked, whatever the process's default (a process started by a fork server, as
+            # compare.py's runs are, defaults to starting a fork server of its own, whose workers
+            # import torch afresh every pass)
+            multiprocessing_context="fork" if self.num_workers else None,
             # new workers every pass: they copy the pass's epoch and order
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,

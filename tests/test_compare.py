@@ -159,6 +159,24 @@ def test_a_run_forked_warm_is_train_py_as_launched(tmp_path, capfd):
     assert f"cannot download {mirror}/cifar-10-python.tar.gz" in capfd.readouterr().err
 
 
+def test_a_forked_runs_loader_workers_are_forked_from_it(data, tmp_path):
+    """A run forked from the warm process starts processes as `python train.py` does: the torch
+    loader's workers are the run's own forked children. A process that a fork server started
+    otherwise starts a fork server of its own, whose workers import torch afresh every pass."""
+    argv = ["--data_path", "photos", "--data_dir", str(data), "--output_dir", str(tmp_path)]
+    argv += [*TRAIN_FLAGS.replace("--num_workers 0", "--num_workers 1").split()]
+    run = ForkedRun(argv)
+    depth, seen = 0, set()  # how deep the run's processes went below it, and its children
+    while run.poll() is None:
+        for child in children(run.pid):
+            seen.add(child)
+            depth = max(depth, 2 if children(child) else 1)
+        time.sleep(0.01)
+    printed = run.stdout.read()
+    assert run.wait() == 0 and "epoch 0:" in printed, printed[-2000:]
+    assert depth == 1 and seen, (depth, seen)
+
+
 def test_runs_fork_warm_under_numbas_openmp_layer(data, tmp_path):
     """`python compare.py` with NUMBA_THREADING_LAYER=omp, as the Docker image runs it: numba's
     OpenMP layer ends every fork from a process that started it (importing ffcv does), so the
