@@ -10,7 +10,9 @@ the pass started, so a pass started at batch k repeats the uninterrupted pass's 
 from __future__ import annotations
 
 import io
+import os
 import signal
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -24,17 +26,28 @@ from storage import DatasetError
 from storage.beton import RAW, BetonFile
 from storage.forking import forking
 
-# what stops the trainer cleanly: Ctrl-C, and what schedulers send before they kill a job
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches every process of its group, workers included, and a scheduler
-    # may signal every process of a job (Slurm's scancel and preemption do). The trainer
-    # finishes its step and saves; a worker ended by the signal would fail the step under way
-    # instead. Workers still end with the process that started them.
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """A terminal's Ctrl-C reaches every process of its group, workers included, and a
+    scheduler may signal every process of a job (Slurm's scancel and preemption do). The
+    trainer then finishes its step and saves; a worker ended by the signal would fail the step
+    under way instead. So a worker ignores Ctrl-C and SIGUSR1, and SIGTERM from anyone but the
+    process that started it: that one ends its workers by SIGTERM when they do not stop when
+    asked (multiprocessing, as the process exits, and torch's DataLoader)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell (macOS): SIGTERM ends the worker
+        return
+    starter = os.getppid()
+    # blocked in this thread, so in the threads it starts: only sigwaitinfo takes it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_the_starter() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != starter:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_starter, name="sigterm", daemon=True).start()
 
 
 class _Crops(Dataset):

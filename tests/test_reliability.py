@@ -172,6 +172,23 @@ def test_sigterm_to_the_whole_run_stops_it_cleanly_with_loader_workers(tmp_path,
     assert "stopped by SIGTERM after step" in Path(f"{out}.stdout").read_text()
 
 
+def test_a_process_that_exits_mid_epoch_ends_its_loader_workers(data):
+    """The workers that leave a scheduler's SIGTERM to the trainer still end by the one their
+    own process sends them (multiprocessing does, as a process exits with workers alive): a
+    script that exits in the middle of a torch loader's epoch ends, workers included."""
+    script = (
+        "import sys; from pipelines import create_loader; "
+        f"loader = create_loader('torch', {str(data / 'digits_train.beton')!r}, train=True, "
+        "batch_size=8, img_size=16, num_workers=2); "
+        "batches = iter(loader); next(batches); print('mid-epoch', flush=True)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "mid-epoch\n", done.stderr[-3000:]
+
+
 def test_ctrl_c_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, data, capsys):
     """Ctrl-C (SIGINT to the process group, loader worker included) inside epoch 0: the step
     finishes, checkpoint-last.pth records the place, one line says how to go on, exit 130.
