@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +27,24 @@ from storage import DatasetError
 from storage.beton import RAW, BetonFile
 from storage.forking import forking
 
+# whether a worker can tell who sent it a SIGTERM (not on macOS: there SIGTERM ends a worker)
+_TELLS_SENDERS = hasattr(signal, "sigwaitinfo")
+
+
+@contextmanager
+def _workers_start_with_sigterm_blocked() -> Iterator[None]:
+    """Workers forked inside the block start with SIGTERM blocked, so in every thread they will
+    have (some come before `worker_init_fn` runs); the thread that forks them gets its
+    own mask back after."""
+    if not _TELLS_SENDERS:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """A terminal's Ctrl-C reaches every process of its group, workers included, and a
@@ -33,14 +52,13 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     trainer then finishes its step and saves; a worker ended by the signal would fail the step
     under way instead. So a worker ignores Ctrl-C and SIGUSR1, and SIGTERM from anyone but the
     process that started it: that one ends its workers by SIGTERM when they do not stop when
-    asked (multiprocessing, as the process exits, and torch's DataLoader)."""
+    asked (multiprocessing, as the process exits, and torch's DataLoader). The worker starts
+    with SIGTERM blocked (`_workers_start_with_sigterm_blocked`); one of its threads takes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell (macOS): SIGTERM ends the worker
+    if not _TELLS_SENDERS:
         return
     starter = os.getppid()
-    # blocked in this thread, so in the threads it starts: only sigwaitinfo takes it
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def wait_for_the_starter() -> None:
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != starter:
@@ -146,7 +164,7 @@ class TorchLoader(CropLoader):
     def _raw_batches(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._sampler.order = order
         self._crops.epoch = self.epoch
-        with forking():  # the DataLoader forks its workers here
+        with forking(), _workers_start_with_sigterm_blocked():  # the DataLoader forks them here
             batches = iter(self._loader)
         for crops, labels in batches:
             yield (

@@ -158,7 +158,9 @@ def test_sigterm_to_the_whole_run_stops_it_cleanly_with_loader_workers(tmp_path,
     leave it to the trainer, which finishes its step, records the place and exits 143. A worker
     ended by it would fail the step under way."""
     out = tmp_path / "run"
-    run = _start([sys.executable, "train.py", *_args(data, out, "--num_workers", 2)], out)
+    command = [sys.executable, "train.py", *_args(data, out, "--num_workers", 2)]
+    # two threads: a worker then has a thread from before its own code runs
+    run = _start(command, out, env={**ENV, "OMP_NUM_THREADS": "2"})
     try:
         _wait_for(out, '"step": 2,', run)
         os.killpg(run.pid, signal.SIGTERM)
