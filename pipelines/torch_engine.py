@@ -148,9 +148,9 @@ class TorchLoader(CropLoader):
             sampler=self._sampler,
             drop_last=self.train,
             num_workers=self.num_workers,
-            # forked, whatever the process's default (a process started by a fork server, as
-            # compare.py's runs are, defaults to starting a fork server of its own, whose workers
-            # import torch afresh every pass)
+            # forked, whatever the process's default: so they start with the SIGTERM mask of
+            # `_workers_start_with_sigterm_blocked`, and without importing torch afresh every
+            # pass (a fork server's child, as compare.py's runs are, defaults to a fork server)
             multiprocessing_context="fork" if self.num_workers else None,
             # new workers every pass: they copy the pass's epoch and order
             pin_memory=self.device.type == "cuda",

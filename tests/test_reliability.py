@@ -85,6 +85,18 @@ def _end(*procs: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _signalled_at_step_2(command: list[str], out: Path, logs: Path, signum: int, **start) -> int:
+    """`command` started as `_start` starts it (`start`: its env and sigint), `signum` sent to
+    its process group once step 2 is in `out`'s log; its exit status."""
+    run = _start(command, logs, **start)
+    try:
+        _wait_for(out, '"step": 2,', run)
+        os.killpg(run.pid, signum)
+        return run.wait(timeout=120)
+    finally:
+        _end(run)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,13 +172,8 @@ def test_sigterm_to_the_whole_run_stops_it_cleanly_with_loader_workers(tmp_path,
     out = tmp_path / "run"
     command = [sys.executable, "train.py", *_args(data, out, "--num_workers", 2)]
     # two threads: a worker then has a thread from before its own code runs
-    run = _start(command, out, env={**ENV, "OMP_NUM_THREADS": "2"})
-    try:
-        _wait_for(out, '"step": 2,', run)
-        os.killpg(run.pid, signal.SIGTERM)
-        status = run.wait(timeout=120)
-    finally:
-        _end(run)
+    env = {**ENV, "OMP_NUM_THREADS": "2"}
+    status = _signalled_at_step_2(command, out, out, signal.SIGTERM, env=env)
     err = Path(f"{out}.stderr").read_text()
     assert status == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
     position = load_checkpoint(out / "checkpoint-last.pth")["position"]
@@ -198,13 +205,8 @@ def test_ctrl_c_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_pa
     same data it ends with exactly the uninterrupted run's weights."""
     flags = ["--epochs", 1, "--num_workers", 1]
     split, straight = tmp_path / "split", tmp_path / "straight"
-    run = _start([sys.executable, "train.py", *_args(data, split, *flags)], tmp_path / "run")
-    try:
-        _wait_for(split, '"step": 2,', run)
-        os.killpg(run.pid, signal.SIGINT)
-        status = run.wait(timeout=120)
-    finally:
-        _end(run)
+    command = [sys.executable, "train.py", *_args(data, split, *flags)]
+    status = _signalled_at_step_2(command, split, tmp_path / "run", signal.SIGINT)
     stdout = Path(f"{tmp_path / 'run'}.stdout").read_text()
     assert status == 130, Path(f"{tmp_path / 'run'}.stderr").read_text()[-3000:]
     ckpt = load_checkpoint(split / "checkpoint-last.pth")
@@ -464,13 +466,8 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, data):
     its group inside epoch 0 changes nothing, and the run trains to its end."""
     out, logs = tmp_path / "run", tmp_path / "run"
     command = [sys.executable, "train.py", *_args(data, out, "--epochs", 2)]
-    run = _start(command, logs, sigint="SIG_IGN")
-    try:
-        _wait_for(out, '"step": 2,', run)  # 18 steps still to go
-        os.killpg(run.pid, signal.SIGINT)
-        status = run.wait(timeout=120)
-    finally:
-        _end(run)
+    # at step 2: 18 steps still to go
+    status = _signalled_at_step_2(command, out, logs, signal.SIGINT, sigint="SIG_IGN")
     stdout = Path(f"{logs}.stdout").read_text()
     assert status == 0, Path(f"{logs}.stderr").read_text()[-3000:]
     assert "SIGINT" not in stdout and _epochs(out) == [0, 1]
