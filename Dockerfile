@@ -19,7 +19,7 @@ LABEL org.opencontainers.image.title="ssat" \
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential tini \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1001 ssat && install -d -o ssat -g ssat /opt/ssat /data
@@ -40,4 +40,9 @@ USER 1001
 ENV PATH=/opt/ssat/.venv/bin:$PATH \
     NUMBA_THREADING_LAYER=omp \
     PYTHONUNBUFFERED=1
+# tini is the container's PID 1, so the command runs as it would outside one: the kernel gives PID 1
+# no default action for a signal it has no handler for, and `docker stop` in the seconds before
+# the trainer installs its own (imports) would wait for its SIGKILL. tini passes each signal on to
+# the command, ends with the command's status and reaps the processes left orphaned.
+ENTRYPOINT ["tini", "--"]
 CMD ["python", "train.py"]

@@ -1,12 +1,19 @@
-"""The Dockerfile: hadolint-clean, and built from the same setup step and requirements as `make`."""
+"""The Dockerfile: hadolint-clean, built from the same setup step and requirements as `make`, and
+with an init that lets `docker stop` reach its command."""
 
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from processes import children
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +69,54 @@ def test_cuda_torch_and_dali_agree():
     torch = pytest.importorskip("torch")
     if torch.__version__.split("+")[0] == torch_pin and torch.version.cuda:
         assert torch.version.cuda.startswith(labels["cuda"]), torch.version.cuda
+
+
+def _in_a_pid_namespace() -> list[str]:
+    """The prefix that runs a command as PID 1 of a new PID namespace, as a container runs its
+    entrypoint (root, or an unprivileged user namespace where the kernel allows one)."""
+    for prefix in (
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"],
+        ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc"],
+    ):
+        if shutil.which("unshare") and subprocess.run([*prefix, "true"]).returncode == 0:
+            return prefix
+    pytest.skip("cannot start a PID namespace here (unshare missing or not permitted)")
+
+
+def test_docker_stop_reaches_a_command_before_it_has_a_handler(tmp_path):
+    """`docker stop` sends SIGTERM to the container's PID 1, which the kernel does not end for a
+    signal it has no handler for. The image's entrypoint is that PID 1 and passes the signal on:
+    a trainer still importing (no handler of its own yet) ends at once with SIGTERM's status,
+    where as PID 1 itself it would go on training until docker's SIGKILL."""
+    found = re.search(r"^ENTRYPOINT (\[.*\])$", (REPO / "Dockerfile").read_text(), re.M)
+    entrypoint = json.loads(found.group(1)) if found else []
+    if entrypoint and not shutil.which(entrypoint[0]):
+        pytest.skip(f"{entrypoint[0]} is not installed here (the image installs it with apt)")
+    command = [sys.executable, "train.py", "--data_dir", str(tmp_path / "data")]
+    command += ["--output_dir", str(tmp_path / "run")]
+    container = subprocess.Popen(
+        [*_in_a_pid_namespace(), *entrypoint, *command],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_1 := children(container.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # the trainer has started (PID 1 itself, or its child) and is importing torch: it
+        # installs its handlers only seconds later
+        while time.monotonic() < deadline and not any(
+            "train.py" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+            for pid in [*pid_1, *(c for p in pid_1 for c in children(p))]
+        ):
+            time.sleep(0.01)
+        os.kill(pid_1[0], signal.SIGTERM)  # what `docker stop` does
+        output, _ = container.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        container.kill()  # the namespace's PID 1 goes with it, and every process in it
+        container.communicate()
+        pytest.fail("SIGTERM to the container's PID 1 did not stop the command within 20 s")
+    assert container.returncode == 128 + signal.SIGTERM, output
+    assert not (tmp_path / "run" / "log.jsonl").exists(), output
