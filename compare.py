@@ -62,7 +62,7 @@ from comparison.runs import core_shares, result, train_all
 from comparison.study import paired_gap, study_report
 from comparison.tables import METRICS, report, summarize
 from ssat.config import EMBEDDED_DEFAULT
-from ssat.runlock import FolderInUse, RunLock
+from ssat.runlock import FolderInUse, RunLock, UnusableFolder
 from storage import DatasetError
 from storage.version import add_version_flag
 from train import TrainError
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainError,
         DatasetError,
         FolderInUse,
+        UnusableFolder,
         ValueError,
         FileNotFoundError,
     ) as err:

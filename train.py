@@ -60,7 +60,7 @@ from ssat.evaluation import brief, evaluate, improved, loggable, report, shown, 
 from ssat.optim import set_lr
 from ssat.preemption import StopSignals, exit_status
 from ssat.run_state import build_state, save, stop_here
-from ssat.runlock import FolderInUse, hold_output_dir
+from ssat.runlock import FolderInUse, UnusableFolder, hold_output_dir
 from ssat.runlog import DataWait, RunLog, peak_memory_mb
 from ssat.training import (
     LOSS_PARTS,
@@ -182,11 +182,17 @@ def train_one_epoch(
     state.train_model.train()
     device, first, accum = dist_ctx.device, state.batch, state.accum_iter
     steps = state.updates_per_epoch * accum  # micro-batches of whole optimizer steps
-    sums = torch.zeros(len(LOSS_PARTS), device=device)
-    window = torch.zeros_like(sums)
-    window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
+    # the loss sums of the epoch and of the log's window (a run stopped inside the epoch
+    # saved those it had reached; a checkpoint without them sums from here)
+    logged, state.logged = state.logged or {}, None
+    zeros = [0.0] * len(LOSS_PARTS)
+    sums = torch.tensor(logged.get("sums", zeros), device=device)
+    window = torch.tensor(logged.get("window", zeros), device=device)
+    window_norm = torch.tensor(logged.get("window_norm", 0.0), device=device)  # --clip_grad's
+    summed_from = 0 if logged else first  # the first batch in `sums`
+    window_steps, window_updates = logged.get("window_steps", 0), logged.get("window_updates", 0)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    wait, window_images, window_steps, window_updates = DataWait(device), 0, 0, 0
+    wait, window_images = DataWait(device), 0
     epoch_sums = None  # the epoch's loss sums, as read at the last log
     epoch_start = window_start = time.perf_counter()
     bar = log.bar(steps, state.epoch, done=first)
@@ -244,15 +250,24 @@ def train_one_epoch(
             window_start = time.perf_counter()
         # every rank asks after the same optimizer steps; the epoch's last is left to its end
         if updated and i + 1 < steps and stop.requested():
-            # never save weights after a bad step
-            check_finite(int(host_values(first_bad)[0]), state, cfg, bar)
+            bad, *read = host_values(first_bad, sums, window, window_norm)
+            check_finite(int(bad), state, cfg, bar)  # never save weights after a bad step
+            n = len(LOSS_PARTS)
+            state.logged = {
+                "sums": read[:n],
+                "window": read[n : 2 * n],
+                "window_norm": read[2 * n],
+                "window_steps": window_steps,
+                "window_updates": window_updates,
+            }
             bar.close()
             return None
     bar.close()
     seconds, ran = time.perf_counter() - epoch_start, steps - first
     if epoch_sums is None:  # started at the epoch's end: no step, no log
         epoch_sums = host_values(sums)
-    means = [value / max(ran, 1) for value in epoch_sums]  # read with the last step's log
+    # read with the last step's log
+    means = [value / max(steps - summed_from, 1) for value in epoch_sums]
     return {
         **dict(zip(LOSS_PARTS, means, strict=True)),
         "train_images_per_s": ran * cfg.batch_size * dist_ctx.world_size / seconds,
@@ -265,10 +280,13 @@ def check_finite(bad: int, state: TrainState, cfg: TrainConfig, bar) -> None:
     """Stop at the first non-finite loss: `bad` is its step as read from the device, or -1."""
     if bad >= 0:
         bar.close()
-        raise TrainError(
-            f"non-finite loss at step {bad} (epoch {state.epoch}); stopping. The last "
-            f"good checkpoint is in {cfg.output_dir}"
+        last = Path(cfg.output_dir) / "checkpoint-last.pth"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.exists()
+            else "no checkpoint was saved before it"
         )
+        raise TrainError(f"non-finite loss at step {bad} (epoch {state.epoch}); stopping: {kept}")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -289,11 +307,21 @@ def start(cfg: TrainConfig, dist_ctx: DistContext) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.print_config:
             print(json.dumps(cfg.to_dict(), indent=1), flush=True)
-        with atomic_path(out / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         for name in cfg.no_effect:  # published flags, accepted so their commands run verbatim
             print(f"{flag_names(name)[0]}: accepted, no effect here ({NOTES[name]})", flush=True)
     return out
+
+
+def record_config(cfg: TrainConfig, out: Path, dist_ctx: DistContext) -> None:
+    """config.json, once the settings are known to fit the data and any checkpoint resumed (a
+    refused --resume leaves the folder's record of its run as it was)."""
+    if dist_ctx.main:
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+
+def holds_a_training_run(out: Path) -> bool:
+    return (out / "log.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------- main
@@ -333,9 +361,20 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
         result = evaluate(state.model, val_loader, cfg, dist_ctx)
-        report(cfg, {"val": result}, val_loader.info.class_names, dist_ctx)
+        # a training run's folder keeps its own config.json and eval.json (its test results)
+        keep = holds_a_training_run(out)
+        if not keep:
+            record_config(cfg, out, dist_ctx)
+        report(cfg, {"val": result}, val_loader.info.class_names, dist_ctx, write=not keep)
+        if keep:
+            print0(
+                dist_ctx,
+                f"{out} holds a training run: its config.json and eval.json are left as they "
+                f"are (give another --output_dir to keep this evaluation's)",
+            )
         print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
+    record_config(cfg, out, dist_ctx)
     log = RunLog(out, dist_ctx, fresh=state.step == 0, board=cfg.log_dir)
     try:
         with StopSignals(dist_ctx) as stop:
@@ -430,7 +469,7 @@ def fit(
 
 
 # what ends a run with its one-line message (exit 1) rather than a traceback
-CLEAR_ERRORS = (TrainError, DatasetError, DiskSpaceError, FolderInUse)
+CLEAR_ERRORS = (TrainError, DatasetError, DiskSpaceError, FolderInUse, UnusableFolder)
 CLEAR_ERRORS += (ValueError, FileNotFoundError)
 
 

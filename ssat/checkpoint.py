@@ -4,8 +4,9 @@ A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`)
 `config` (the run's settings as a plain dict), `step` (optimizer steps taken), `best_metric`,
 `rng` (the saving process's random generators), `position` (`{'epoch', 'batch', 'world_size'}`:
 where training continues, batch `batch` of epoch `epoch`; `batch` > 0 for a run stopped inside
-an epoch) and, for such a stop, `rng_ranks` (every rank's generators, indexed by rank, which a
-run resuming inside the epoch restores), `data_fingerprints` (the content fingerprints of the
+an epoch, whose position also holds `logged`: the loss sums its log had reached in the epoch)
+and, for such a stop, `rng_ranks` (every rank's generators, indexed by rank, which a run
+resuming inside the epoch restores), `data_fingerprints` (the content fingerprints of the
 splits it trained and evaluated on, `{'train', 'eval', 'test'}` -> `sha256:<hex>`, where their
 metadata has one). `epoch` keeps MAE's meaning, the last epoch completed
 (-1 for none), so MAE's own resume code restarts an interrupted epoch from its start. A file

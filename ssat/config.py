@@ -455,6 +455,28 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+# settings whose meaning has a range: (name, lowest, highest, highest included, what it is)
+RANGES = (
+    ("epochs", 1, None, True, "the epochs to train"),
+    ("batch_size", 1, None, True, "images per device per step"),
+    ("accum_iter", 1, None, True, "micro-batches per optimizer step"),
+    ("img_size", 1, None, True, "the input resolution in pixels"),
+    ("patch_size", 1, None, True, "the patch size in pixels"),
+    ("eval_interval", 1, None, True, "the epochs between validations"),
+    ("drop_path", 0, 1, False, "a probability"),
+    ("smoothing", 0, 1, False, "the label smoothing, a probability"),
+)
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """A clear error for a setting outside its meaningful range, before anything is built."""
+    for name, low, high, closed, meaning in RANGES:
+        value = getattr(cfg, name)
+        if value < low or (high is not None and (value > high or (value == high and not closed))):
+            bound = f"{low} or more" if high is None else f"in [{low}, {high})"
+            raise ValueError(f"{flag_names(name)[0]} {value}: {meaning}, {bound}")
+
+
 def parse_config(argv: list[str] | None) -> TrainConfig:
     """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded
     default. A setting comes from the command line, else the --config file, else the dataset's
@@ -478,10 +500,7 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
         )
     cfg = TrainConfig(**{k: v for k, v in values.items() if not k.startswith("_given_")})
     cfg.no_effect = given
-    if cfg.eval_interval < 1:
-        raise ValueError(
-            f"--eval_interval {cfg.eval_interval}: the epochs between validations, 1 or more"
-        )
+    check_ranges(cfg)
     if cfg.version:  # each named run in its own folder, as the FGCR scripts file them
         cfg.output_dir = str(Path(cfg.output_dir) / cfg.version)
     return cfg

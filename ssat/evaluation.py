@@ -258,11 +258,13 @@ def test_once(
     return results
 
 
-def report(cfg: TrainConfig, results: dict, class_names, dist_ctx: DistContext) -> None:
-    """The end of a run: every metric of the evaluated splits in `<output_dir>/eval.json`, and
-    the first split's in a few lines."""
+def report(
+    cfg: TrainConfig, results: dict, class_names, dist_ctx: DistContext, write: bool = True
+) -> None:
+    """The end of a run: the first split's metrics in a few lines, and (with `write`) every
+    metric of the evaluated splits in `<output_dir>/eval.json`."""
     first = next(iter(results))
     print0(dist_ctx, "\n".join(summary(first, results[first], list(class_names))))
-    write_eval(
-        Path(cfg.output_dir) / "eval.json", {**results, "class_names": list(class_names)}, dist_ctx
-    )
+    if write:
+        results = {**results, "class_names": list(class_names)}
+        write_eval(Path(cfg.output_dir) / "eval.json", results, dist_ctx)

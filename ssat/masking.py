@@ -21,6 +21,11 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     k = int(num_patches * (1 - mask_ratio))
     if k < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of L={num_patches}")
+    if k >= num_patches:  # the reconstruction loss is a mean over the masked patches
+        raise ValueError(
+            f"mask_ratio {mask_ratio} masks no patch out of L={num_patches}: the decoder "
+            f"reconstructs the masked patches, so at least one must be masked"
+        )
     return k
 
 

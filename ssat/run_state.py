@@ -104,10 +104,25 @@ def resume(
     """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
     optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
     generator states)."""
+    then = ckpt.get("config") or {}
+    shape = ("model", "img_size", "patch_size")
+    if any(key in then and then[key] != getattr(cfg, key) for key in shape):
+        raise TrainError(
+            f"cannot resume from {path}: it holds {then.get('model')} at "
+            f"{then.get('img_size')} px, patch {then.get('patch_size')}, and this run builds "
+            f"{cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}: give the checkpoint's "
+            f"--model, --img_size and --patch_size"
+        )
     try:
         state.model.load_state_dict(ckpt["model"])
     except RuntimeError as err:  # weights of another model
-        raise TrainError(f"cannot resume from {path}: {err}") from err
+        lines = str(err).strip().splitlines()
+        more = f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else ""
+        raise TrainError(
+            f"cannot resume from {path}: its weights do not fit {cfg.model}: "
+            + " ".join(line.strip() for line in lines[:3])
+            + more
+        ) from None
     if cfg.eval:
         return
     if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
@@ -124,6 +139,18 @@ def resume(
     ):
         print0(dist_ctx, f"warning: {warning}")
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
+    if not state.batch and state.step != state.epoch * state.updates_per_epoch:
+        # another batch size, accumulation or number of processes than the checkpoint's: the
+        # schedule counts optimizer steps of this run's size, so it goes on from the epoch
+        # reached (as the published code's, which counts in epochs)
+        saved, state.step = state.step, state.epoch * state.updates_per_epoch
+        print0(
+            dist_ctx,
+            f"{path}: {saved} optimizer steps over {state.epoch} epoch(s), and this run takes "
+            f"{state.updates_per_epoch} an epoch (--batch_size, --accum_iter or the number of "
+            f"processes changed): the learning-rate schedule goes on from epoch {state.epoch}, "
+            f"step {state.step}",
+        )
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
         if then != (dist_ctx.world_size, cfg.batch_size):
@@ -134,6 +161,7 @@ def resume(
                 f"{cfg.batch_size}"
             )
         state.rng = ckpt["rng_ranks"][dist_ctx.rank]
+        state.logged = position.get("logged")
         print0(
             dist_ctx,
             f"resumed from {path}: epoch {state.epoch} at batch {state.batch} of "
@@ -161,6 +189,8 @@ def save(
     if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
         names.append(f"checkpoint-{done}.pth")
     position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
+    if state.batch and state.logged:
+        position["logged"] = state.logged
     for name in names:
         save_checkpoint(
             out / name,

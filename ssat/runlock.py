@@ -57,6 +57,20 @@ class FolderInUse(Exception):
     """Another run holds the output folder; the message names it."""
 
 
+class UnusableFolder(Exception):
+    """The output folder cannot be made or written; the message says why."""
+
+
+def _unusable(folder: Path, err: OSError) -> UnusableFolder:
+    reason = {
+        errno.EEXIST: "a file of that name is there",
+        errno.ENOTDIR: "a part of its path is a file",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "the filesystem is read-only",
+    }.get(err.errno, err.strerror or str(err))
+    return UnusableFolder(f"cannot use {folder} as the output folder: {reason}")
+
+
 def _process_start(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, from /proc), to tell it from a later
     process given the same PID; None where /proc is not there."""
@@ -135,9 +149,13 @@ class RunLock:
         )
 
     def acquire(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.os_lock:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise _unusable(self.folder, err) from None
         if self.os_lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -94,6 +94,9 @@ class TrainState:
     batch: int = 0  # batches of `epoch` done
     best: float | None = None  # best validation top-1 so far
     rng: dict[str, Any] | None = None  # generator states to restore before the next step
+    # stopped inside `epoch`: the loss sums its log had reached there (see train.py's
+    # train_one_epoch), so that its records go on as if it had not stopped
+    logged: dict[str, Any] | None = None
     # the splits it trains and evaluates on: role (train, eval, test) -> (path, fingerprint)
     data: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 

@@ -306,8 +306,10 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert "--resume auto" in lines[0] and str(split / "checkpoint-last.pth") in lines[0]
 
     capsys.readouterr()  # the place in the epoch holds only for the same batch size
+    recorded = (split / "config.json").read_bytes()
     assert train.main(_args(data, split, *common, "--batch_size", 16, "--resume", "auto")) == 1
     assert "stopped inside epoch 1 with 1 process(es) of batch 32" in capsys.readouterr().err
+    assert (split / "config.json").read_bytes() == recorded  # a refused resume changes nothing
     assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
     assert train.main(_args(data, straight, *common)) == 0
     a = load_checkpoint(straight / "checkpoint-last.pth")
@@ -315,6 +317,14 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 20
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # and the log: every loss the stopped epoch logged, as if it had not stopped
+    timing = {"images_per_s", "train_images_per_s", "data_wait", "train_seconds"}
+    timing |= {"epoch_seconds", "peak_memory_mb"}
+    logs = [
+        [{k: v for k, v in r.items() if k not in timing} for r in _log(out)]
+        for out in (straight, split)
+    ]
+    assert logs[0] == logs[1]
 
 
 @pytest.mark.xdist_group("processes")
@@ -394,6 +404,21 @@ def test_eval_reproduces_the_logged_accuracy(tmp_path, data, capsys, model):
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     if "--global_pool" in model:
         return
+    # into the run's own folder (the default --output_dir of both): its record is kept
+    kept = {name: (out / name).read_bytes() for name in ("config.json", "eval.json")}
+    again = _args(data, out, "--pipeline ffcv", *model, "--epochs 5 --eval --resume", out)
+    assert train.main(again) == 0
+    assert f"{out} holds a training run: its config.json and eval.json are left" in (
+        capsys.readouterr().out
+    )
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    tiny = _args(data, tmp_path / "tiny", "--model mae_vit_tiny --eval --resume", out)
+    assert train.main(tiny) == 1  # another model: one line that says which
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot resume from {out / 'checkpoint-last.pth'}: it holds mae_vit_micro at 16 "
+        f"px, patch 4, and this run builds mae_vit_tiny at 16 px, patch 4: give the "
+        f"checkpoint's --model, --img_size and --patch_size"
+    )
     # the published robustness study: the same weights on perspective-warped images
     warped = _args(data, tmp_path / "warped", "--pipeline ffcv --device cpu", *model)
     assert (
@@ -476,7 +501,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert train.main(args + ["--resume", "auto"]) == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 13" in err  # 10 steps in epoch 0, then the 4th of epoch 1
+    assert f"the last good checkpoint is {out / 'checkpoint-last.pth'}" in err
     assert hashlib.sha256((out / "checkpoint-last.pth").read_bytes()).hexdigest() == good
+    calls["n"] = 3  # the first step of a new run
+    assert train.main(_args(data, tmp_path / "new", "--pipeline torch --model mae_vit_micro")) == 1
+    assert "non-finite loss at step 0 (epoch 0); stopping: no checkpoint" in capsys.readouterr().err
 
 
 def test_eval_interval_validates_every_nth_epoch_and_the_last(tmp_path, data, capsys):
@@ -515,12 +544,28 @@ def test_eval_interval_validates_every_nth_epoch_and_the_last(tmp_path, data, ca
         (["--model", "mae_vit_gigantic"], "unknown model 'mae_vit_gigantic'"),
         (["--model", "vit_tiny", "--method", "ssat"], "needs a decoder"),
         (["--model", "mae_vit_tiny", "--views", "9"], "r=9, k=4, L=16"),
+        (["--epochs", "0"], "--epochs 0: the epochs to train, 1 or more"),
+        (["--accum_iter", "0"], "--accum_iter 0: micro-batches per optimizer step, 1 or more"),
+        (["--patch_size", "0"], "--patch_size 0: the patch size in pixels, 1 or more"),
+        (["--drop_path", "1.5"], "--drop_path 1.5: a probability, in [0, 1)"),
+        (["--smoothing", "1"], "--smoothing 1.0: the label smoothing, a probability, in [0, 1)"),
+        (["--model", "mae_vit_micro", "--mask_ratio", "0"], "mask_ratio 0.0 masks no patch"),
     ],
 )
 def test_clear_errors(tmp_path, data, capsys, extra, message):
     argv = _args(data, tmp_path / "run", "--pipeline", "torch", "--epochs", 1) + extra
     assert train.main(argv) == 1
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "config.json").exists()  # no record of a run that never was
+
+
+def test_an_output_dir_that_cannot_be_a_folder(tmp_path, data, capsys):
+    (tmp_path / "file").write_text("")
+    for folder, reason in [("file", "a file of that name is there"), ("file/run", "is a file")]:
+        assert train.main(_args(data, tmp_path / folder, "--epochs 1")) == 1
+        err = capsys.readouterr().err
+        assert f"cannot use {tmp_path / folder} as the output folder: " in err and reason in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -744,6 +789,25 @@ def test_accumulation_equals_the_large_batch(tmp_path, data):
     for key in ("lr", "grad_norm", "loss"):
         logged = [[r[key] for r in _log(out) if r["type"] == "step"] for out in (big, small)]
         assert logged[0] == pytest.approx(logged[1], rel=1e-4), key
+
+
+def test_resume_with_another_batch_size_goes_on_from_the_epoch_reached(tmp_path, data, capsys):
+    """A run continued at an epoch's end with another batch size takes another number of
+    optimizer steps an epoch: its schedule goes on from the epoch reached, as one trained with
+    that batch size from the start (the published code counts its schedule in epochs)."""
+    flags = "--pipeline torch --model vit_micro --epochs 2"
+    straight, changed = tmp_path / "straight", tmp_path / "changed"
+    assert train.main(_args(data, straight, flags, "--batch_size 16")) == 0
+    assert train.main(_args(data, changed, flags, "--stop_after 1")) == 0  # 10 steps of 32
+    capsys.readouterr()
+    assert train.main(_args(data, changed, flags, "--batch_size 16 --resume auto")) == 0
+    said = "10 optimizer steps over 1 epoch(s), and this run takes 20 an epoch"
+    assert said in capsys.readouterr().out
+    schedule = [
+        [(r["step"], r["lr"]) for r in _log(out) if r["type"] == "step" and r["epoch"] == 1]
+        for out in (straight, changed)
+    ]
+    assert schedule[0] == schedule[1] and schedule[0][-1][0] == 40
 
 
 def test_start_epoch_goes_on_from_there(tmp_path, data):
