@@ -455,24 +455,24 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-# settings whose meaning has a range: (name, lowest, highest, highest included, what it is)
+# settings whose meaning has a range: name, lowest, highest (excluded; None: no bound), meaning
 RANGES = (
-    ("epochs", 1, None, True, "the epochs to train"),
-    ("batch_size", 1, None, True, "images per device per step"),
-    ("accum_iter", 1, None, True, "micro-batches per optimizer step"),
-    ("img_size", 1, None, True, "the input resolution in pixels"),
-    ("patch_size", 1, None, True, "the patch size in pixels"),
-    ("eval_interval", 1, None, True, "the epochs between validations"),
-    ("drop_path", 0, 1, False, "a probability"),
-    ("smoothing", 0, 1, False, "the label smoothing, a probability"),
+    ("epochs", 1, None, "the epochs to train"),
+    ("batch_size", 1, None, "images per device per step"),
+    ("accum_iter", 1, None, "micro-batches per optimizer step"),
+    ("img_size", 1, None, "the input resolution in pixels"),
+    ("patch_size", 1, None, "the patch size in pixels"),
+    ("eval_interval", 1, None, "the epochs between validations"),
+    ("drop_path", 0, 1, "a probability"),
+    ("smoothing", 0, 1, "the label smoothing, a probability"),
 )
 
 
 def check_ranges(cfg: TrainConfig) -> None:
     """A clear error for a setting outside its meaningful range, before anything is built."""
-    for name, low, high, closed, meaning in RANGES:
+    for name, low, high, meaning in RANGES:
         value = getattr(cfg, name)
-        if value < low or (high is not None and (value > high or (value == high and not closed))):
+        if value < low or (high is not None and value >= high):
             bound = f"{low} or more" if high is None else f"in [{low}, {high})"
             raise ValueError(f"{flag_names(name)[0]} {value}: {meaning}, {bound}")
 
