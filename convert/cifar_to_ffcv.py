@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.cli import converter_parser, run
-from convert.writer import ConvertError, Source, Split
+from convert.writer import ConvertError, Origin, Source, Split
 
 LAYOUTS = {
     "c10": dict(
@@ -69,7 +69,7 @@ def read_source(args) -> Source:
     names = [n.decode() for n in _load(root / layout["meta"])[layout["names"]]]
     splits = []
     for split in ("train", "test"):
-        images, labels = [], []
+        images, labels, origins = [], [], []
         for part in layout[split]:
             batch = _load(root / part)
             try:
@@ -83,7 +83,11 @@ def read_source(args) -> Source:
                 )
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
             labels.append(np.asarray(lab, dtype=np.int64))
-        splits.append(Split(split, np.concatenate(labels), arrays=np.concatenate(images)))
+            fields = f"{layout['labels']!r}[{{}}]"
+            origins.append(Origin(root / part, "b'data'[{}]", fields, len(labels[-1])))
+        splits.append(
+            Split(split, np.concatenate(labels), arrays=np.concatenate(images), origins=origins)
+        )
     return Source(args.name, names, splits, str(root), photos=False)
 
 

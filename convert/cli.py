@@ -19,11 +19,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
-from convert.writer import WRITE_MODES, ConvertError, Source, WriteOptions, write_source
+from convert.writer import (
+    MAX_RESOLUTION,
+    WRITE_MODES,
+    ConvertError,
+    Interrupted,
+    Source,
+    WriteOptions,
+    write_source,
+)
 from storage import DatasetError
+from storage.atomic import final_path
 from storage.version import add_version_flag
 
 
@@ -106,8 +116,11 @@ def converter_parser(
 def options(args: argparse.Namespace) -> WriteOptions:
     if not 1 <= args.jpeg_quality <= 100:
         raise ConvertError(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
-    if args.max_resolution is not None and args.max_resolution < 8:
-        raise ConvertError(f"--max_resolution must be at least 8, got {args.max_resolution}")
+    if args.max_resolution is not None and not 8 <= args.max_resolution <= MAX_RESOLUTION:
+        raise ConvertError(
+            f"--max_resolution must be in 8..{MAX_RESOLUTION} (a page of the .beton holds four "
+            f"raw images of that size), got {args.max_resolution}"
+        )
     if args.limit is not None and args.limit < 1:
         raise ConvertError(f"--limit must be positive, got {args.limit}")
     if args.write_mode == "smart" and args.smart_threshold is None:
@@ -126,6 +139,24 @@ def options(args: argparse.Namespace) -> WriteOptions:
     )
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """--src exists, and --out_dir is a folder this process can write in, or can become one:
+    said before any source is read, not as a traceback naming a hidden temporary file."""
+    if args.src is not None and not args.src.exists():
+        raise ConvertError(f"{args.src}: source not found")
+    out = args.out_dir
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under the file {existing}"
+        raise ConvertError(f"--out_dir {out}: {where}, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # fails where the converter's write would
+    except OSError as err:
+        raise ConvertError(
+            f"--out_dir {out}: cannot write in {existing} ({err.strerror})"
+        ) from None
+
+
 def run(
     read_source: Callable[[argparse.Namespace], Source],
     parser: argparse.ArgumentParser,
@@ -135,13 +166,25 @@ def run(
     args = parser.parse_args(argv)
     try:
         opts = options(args)
-        if args.src is not None and not args.src.exists():
-            raise ConvertError(f"{args.src}: source not found")
+        check_paths(args)
         write_source(read_source(args), opts, only=args.split)
     except DatasetError as err:  # a ConvertError, or a source or output the shared layer refused
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written at the final paths", file=sys.stderr)
+    except OSError as err:  # a folder that cannot be listed or written after all: where and why
+        where = f"{final_path(err.filename)}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        print(f"interrupted: {_what_was_written(stop)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _what_was_written(stop: KeyboardInterrupt) -> str:
+    if not isinstance(stop, Interrupted) or not stop.written:
+        return "nothing was written at the final paths"
+    return (
+        f"complete: {', '.join(map(str, stop.written))} (each with its .json); not written: "
+        f"the {', '.join(stop.rest)} split(s) (any older files at their paths are as they were)"
+    )

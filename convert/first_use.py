@@ -65,6 +65,7 @@ class Known:
     src: str | None  # --src, under downloads/ ("" for downloads/ itself); None: no --src
     files: tuple[Remote, ...] = ()
     unpack: tuple[tuple[str, str], ...] = ()  # (archive, the folder it holds), under downloads/
+    splits: tuple[str, ...] = ("train", "test")  # what the converter writes, in its order
 
 
 def _cifar(name: str) -> Known:
@@ -104,6 +105,7 @@ def _flowers(name: str) -> Known:
         folder,
         files,
         ((f"{folder}/{archive}", f"{folder}/jpg"),),
+        ("train", "val", "test"),
     )
 
 
@@ -125,7 +127,7 @@ def _medmnist(name: str) -> Known | None:
     if base != flag or size != 28:  # the converter takes the flag from --name otherwise
         flags += ("--flag", flag, "--size", str(size))
     remote = Remote(info[f"url{suffix}"], f"{flag}{suffix}.npz", info[f"MD5{suffix}"])
-    return Known(name, "medmnist_to_ffcv", flags, "", (remote,))
+    return Known(name, "medmnist_to_ffcv", flags, "", (remote,), splits=("train", "val", "test"))
 
 
 def _medmnist_2d(info: dict) -> bool:
@@ -148,7 +150,7 @@ BUILDERS: dict[str, Callable[[str], Known]] = {
     "svhn": _svhn,
     "flowers102": _flowers,
 }
-BUNDLED = Known("digits", "digits_to_ffcv", (), None)
+BUNDLED = Known("digits", "digits_to_ffcv", (), None, splits=("train", "val", "test"))
 DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
@@ -194,14 +196,35 @@ def manual_command(item: Known, data_dir: Path) -> str:
     return shlex.join(["python", f"convert/{item.converter}.py", *converter_argv(item, data_dir)])
 
 
+def _there(item: Known, data_dir: Path) -> list[str]:
+    """The splits whose .beton and .json are both there (a conversion stopped between their
+    renames leaves a .beton alone)."""
+    return [
+        s
+        for s in item.splits
+        if all((data_dir / f"{item.name}_{s}{suffix}").exists() for suffix in (".beton", ".json"))
+    ]
+
+
 def ready(item: Known, data_dir: Path) -> bool:
-    """Its train split and an evaluation split are there (converted here or by hand, with
-    --merge_val or not); the digits with all three splits (a copy from before they had a
-    validation split is converted again)."""
-    there = [s for s in ("train", "val", "test") if (data_dir / f"{item.name}_{s}.beton").exists()]
-    if item is BUNDLED:
-        return len(there) == 3
-    return there[:1] == ["train"] and len(there) > 1
+    """Every split its converter writes is there (converted here or by hand). A val split may
+    be missing where train and test are there: a manual `--merge_val` conversion writes none,
+    and an interrupted one writes val before test. The digits need all three (a copy from
+    before they had a validation split is converted again)."""
+    missing = set(item.splits) - set(_there(item, data_dir))
+    if item is not BUNDLED:
+        missing.discard("val")  # the converter writes val before test: a --merge_val run
+    return not missing
+
+
+def _to_convert(item: Known, data_dir: Path) -> list[str]:
+    """The splits a conversion must write: the missing ones of a conversion stopped after
+    its train split (each other split takes its mean/std from train's metadata), or all. A
+    train split alone may be a stopped `--merge_val` run (train holds val): all again."""
+    there = _there(item, data_dir)
+    if "train" not in there or ("val" in item.splits and "val" not in there):
+        return list(item.splits)
+    return [s for s in item.splits if s not in there]
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -290,10 +313,14 @@ def _make(item: Known, data_dir: Path, download: bool, mirror: str) -> None:
         _download(item, remote, data_dir, mirror)
     for archive, folder in item.unpack:
         _unpack(downloads / archive, downloads / folder)
-    command = manual_command(item, data_dir)
+    splits = _to_convert(item, data_dir)
+    argv = converter_argv(item, data_dir)
+    if splits != list(item.splits):
+        argv += [flag for split in splits for flag in ("--split", split)]
+    command = shlex.join(["python", f"convert/{item.converter}.py", *argv])
     print(f"{item.name}: converting ({command})", flush=True)
     module = importlib.import_module(f"convert.{item.converter}")
-    if module.main(converter_argv(item, data_dir)) != 0:
+    if module.main(argv) != 0:
         raise DatasetError(f"{item.name}: the conversion failed (its error is above): {command}")
 
 

@@ -11,7 +11,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from convert.area import area_resize
 
@@ -91,6 +91,8 @@ def decode_rgb(data: bytes, max_side: int | None = None) -> np.ndarray:
             img.load()
             img = _to_rgb(ImageOps.exif_transpose(img))
             return shrink(np.asarray(img, dtype=np.uint8), max_side)
+    except UnidentifiedImageError:  # PIL's message names its in-memory buffer
+        raise BadImage("not an image PIL can read") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...
         raise BadImage(f"{type(err).__name__}: {err}") from None
 

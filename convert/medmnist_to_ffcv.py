@@ -18,7 +18,7 @@ import numpy as np
 from medmnist import INFO
 
 from convert.cli import converter_parser, run
-from convert.writer import ConvertError, Source, Split
+from convert.writer import ConvertError, Origin, Source, Split
 
 ALIASES = {"pmnist": "pneumoniamnist"}
 SIZES = (28, 64, 128, 224)
@@ -62,7 +62,10 @@ def read_source(args) -> Source:
                 f"{path}: {split}_images should be (N, H, W[, 3]) matching "
                 f"{split}_labels, got {images.shape} and {labels.shape}"
             )
-        splits.append(Split(split, labels, arrays=images.astype(np.uint8, copy=False)))
+        if images.dtype != np.uint8:  # a cast would turn 0..1 floats black
+            raise ConvertError(f"{path}: {split}_images: expected uint8 pixels, got {images.dtype}")
+        origin = Origin(path, f"{split}_images[{{}}]", f"{split}_labels[{{}}]", len(labels))
+        splits.append(Split(split, labels, arrays=images, origins=[origin]))
     if args.merge_val:
         train, val, test = splits
         splits = [
@@ -70,6 +73,7 @@ def read_source(args) -> Source:
                 "train",
                 np.concatenate([train.labels, val.labels]),
                 arrays=np.concatenate([train.arrays, val.arrays]),
+                origins=[*train.origins, *val.origins],
             ),
             test,
         ]

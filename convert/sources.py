@@ -44,7 +44,7 @@ def require_files(files: list[Path], listing: Path | str) -> None:
 def parse_label(value, where: str) -> int:
     try:
         label = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "x", NaN; Infinity
         raise ConvertError(f"{where}: label {value!r} is not an integer") from None
     if label != float(value):
         raise ConvertError(f"{where}: label {value!r} is not an integer")

@@ -12,7 +12,7 @@ import numpy as np
 
 from convert.cli import converter_parser, run
 from convert.sources import read_mat
-from convert.writer import ConvertError, Source, Split
+from convert.writer import ConvertError, Origin, Source, Split
 
 
 def _read(path, split: str) -> Split:
@@ -23,7 +23,9 @@ def _read(path, split: str) -> Split:
             f"{path}: field 'X' should be (32, 32, 3, N) with N = len(y), got {images.shape}"
         )
     labels[labels == 10] = 0
-    return Split(split, labels, arrays=np.ascontiguousarray(images.transpose(3, 0, 1, 2)))
+    origin = Origin(path, "X[:, :, :, {}]", "y[{}]", len(labels))
+    arrays = np.ascontiguousarray(images.transpose(3, 0, 1, 2))
+    return Split(split, labels, arrays=arrays, origins=[origin])
 
 
 def read_source(args) -> Source:

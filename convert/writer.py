@@ -12,6 +12,7 @@ loaders' reader in `storage/`), and only then renamed into place, with its metad
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from convert.images import BadImage
 from convert.stored import STATS, Storage, Stored, run, store_array, store_file
 from storage import DatasetError
-from storage.atomic import atomic_path, no_space
-from storage.beton import BetonFile, BetonWriter
+from storage.atomic import atomic_pair, no_space
+from storage.beton import MAX_PAGE_SIZE, BetonFile, BetonWriter
 from storage.fingerprint import Fingerprint
 from storage.metadata import build_metadata, check_metadata, metadata_path, read_metadata
 
@@ -43,12 +44,34 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 # Records written (and hashed) together: at most _BATCH of them, and at most _BATCH_BYTES bytes
 # unless one record alone is larger.
 _BATCH, _BATCH_BYTES = 64, 8 << 20
+# The largest --max_resolution whose page (`_page_size`: 4 raw images) the file's header holds.
+MAX_RESOLUTION = math.isqrt(MAX_PAGE_SIZE // (4 * 3))
 
 
 class ConvertError(DatasetError):
     """A problem with the source or the output; the message names the file and the field.
     A `DatasetError`, as the shared layer's own errors are (a source folder that does not list,
     a written file that does not read back): one `except DatasetError` reports them all."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in `write_source`: `written`, the splits whose .beton and .json it put in place
+    before; `rest`, the chosen splits it did not (their final paths are as they were)."""
+
+    def __init__(self, written: list[Path], rest: list[str]):
+        super().__init__()
+        self.written, self.rest = written, rest
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where `count` consecutive samples of an array split come from, for messages: the file
+    and the fields of their images and labels, `{}` standing for the index in them."""
+
+    file: Path | str
+    images: str  # e.g. "X[:, :, :, {}]"
+    labels: str  # e.g. "y[{}]"
+    count: int
 
 
 @dataclass
@@ -59,12 +82,23 @@ class Split:
     labels: np.ndarray  # (N,) int64
     files: Sequence[Path] | None = None
     arrays: np.ndarray | None = None  # (N, H, W) or (N, H, W, 3) uint8
+    origins: Sequence[Origin] = ()  # of the arrays, in order
+    positions: np.ndarray | None = None  # of a subset's samples in the whole split
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def describe(self, i: int) -> str:
-        return str(self.files[i]) if self.files is not None else f"{self.name}[{i}]"
+    def describe(self, i: int, field: str = "images") -> str:
+        """Sample i for a message: its file, or its array's file and field (`field`: the
+        images or the labels)."""
+        if self.files is not None:
+            return str(self.files[i])
+        k = int(self.positions[i]) if self.positions is not None else i
+        for origin in self.origins:
+            if k < origin.count:
+                return f"{origin.file}: {getattr(origin, field).format(k)}"
+            k -= origin.count
+        return f"{self.name}[{i}]"
 
     def subset(self, indices: np.ndarray) -> "Split":
         return Split(
@@ -72,6 +106,10 @@ class Split:
             self.labels[indices],
             files=[self.files[i] for i in indices] if self.files is not None else None,
             arrays=self.arrays[indices] if self.arrays is not None else None,
+            origins=self.origins,
+            positions=(self.positions if self.positions is not None else np.arange(len(self)))[
+                indices
+            ],
         )
 
 
@@ -329,7 +367,7 @@ def _check_labels(source: Source, split: Split) -> None:
     if len(bad):
         i = bad[0]
         raise ConvertError(
-            f"{split.describe(i)}: label {split.labels[i]} is outside the class range "
+            f"{split.describe(i, 'labels')}: label {split.labels[i]} is outside the class range "
             f"0..{len(source.class_names) - 1} of {source.name} ({len(bad)} such samples)"
         )
 
@@ -348,8 +386,8 @@ def write_split(
         free = shutil.disk_usage(final.parent).free
         raise ConvertError(
             f"{final}: the disk filled while it was written ({free / 2**20:.1f} MiB free on its "
-            f"filesystem without it); nothing was written in its place. Free some space or choose "
-            f"another --out_dir"
+            f"filesystem without it); it and its .json are as they were. Free some space or "
+            f"choose another --out_dir"
         ) from None
 
 
@@ -357,7 +395,9 @@ def _write_split(
     source: Source, split: Split, opts: WriteOptions, final: Path, stats_from: dict | None
 ) -> dict:
     start = time.perf_counter()
-    with atomic_path(final) as tmp:
+    # the .json is written before either file is renamed: a disk that fills, or a Ctrl-C,
+    # never leaves the new .beton beside the old .json (`storage.atomic.atomic_pair`)
+    with atomic_pair(final, metadata_path(final)) as (tmp, meta_tmp):
         written = _write(tmp, split, opts)
         if len(written.kept) == 0:
             raise ConvertError(f"{source.location}: every sample of split '{split.name}' failed")
@@ -385,11 +425,10 @@ def _write_split(
         )
         verify(tmp, split.labels[written.kept], meta)
         nbytes = tmp.stat().st_size
+        with open(meta_tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
     seconds = time.perf_counter() - start
-
-    with atomic_path(metadata_path(final)) as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
     kept, skipped = len(written.kept), written.skipped
     as_they_were = f" ({written.passed_through} JPEGs stored as they were)"
     print(
@@ -423,11 +462,32 @@ def write_source(
     stats = _existing_train_stats(opts.out_dir, source.name)
     written = []
     for split in chosen:
-        meta = write_split(source, split, opts, stats_from=None if split.name == "train" else stats)
+        meta_path = metadata_path(opts.out_dir / f"{source.name}_{split.name}.beton")
+        before = _stamp(meta_path)
+        try:
+            meta = write_split(
+                source, split, opts, stats_from=None if split.name == "train" else stats
+            )
+        except KeyboardInterrupt:
+            # a Ctrl-C while this split's pair was renamed takes effect once both are in place
+            done = [m["split"] for m in written]
+            if _stamp(meta_path) != before:
+                done.append(split.name)
+            finals = [opts.out_dir / f"{source.name}_{name}.beton" for name in done]
+            raise Interrupted(finals, [s.name for s in chosen[len(done) :]]) from None
         if split.name == "train":
             stats = meta
         written.append(meta)
     return written
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (a renamed-in one is another inode), or None."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _existing_train_stats(out_dir: Path, name: str) -> dict | None:

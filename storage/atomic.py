@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +22,16 @@ _MARK = ".ssat-"
 
 def temporary_path(final: Path) -> Path:
     return final.parent / f".{final.name}{_MARK}{os.getpid()}.tmp"
+
+
+def final_path(path: str | os.PathLike) -> Path:
+    """The final path a temporary path stands for (`path` itself when it is none): what an
+    error message names."""
+    path = Path(path)
+    name, mark, pid = path.name.rpartition(_MARK)
+    if mark and name.startswith(".") and pid.endswith(".tmp") and pid[: -len(".tmp")].isdigit():
+        return path.parent / name[1:]
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -70,6 +82,54 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync(final.parent, directory=True)  # make the rename itself durable
+
+
+@contextmanager
+def atomic_pair(data: str | os.PathLike, meta: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """`atomic_path` for a data file and its metadata: yield their temporary paths; on success
+    both are synced, then the old metadata is removed, the data file renamed into place and
+    the new metadata after it, so that a reader never finds the new data file beside the old
+    metadata (at worst a data file without any, which readers refuse by name). A Ctrl-C during
+    those three steps takes effect after them; on any error before, both finals stay as
+    they were."""
+    data, meta = Path(data), Path(meta)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    for final in (data, meta):
+        remove_stale_temporaries(final)
+    tmps = temporary_path(data), temporary_path(meta)
+    try:
+        yield tmps
+        for tmp in tmps:
+            _fsync(tmp)
+        with _interrupt_deferred():
+            meta.unlink(missing_ok=True)
+            os.replace(tmps[0], data)
+            os.replace(tmps[1], meta)
+    except BaseException:
+        for tmp in tmps:
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    _fsync(data.parent, directory=True)
+
+
+@contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """SIGINT held back until the block ends, then sent again (Python runs its handlers in
+    the main thread only: elsewhere, or where a handler outside Python is set, nothing is held
+    back)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)
 
 
 def no_space(err: BaseException) -> bool:

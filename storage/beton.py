@@ -41,6 +41,7 @@ HEADER = np.dtype(
 FIELD = np.dtype(
     [("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True
 )
+MAX_PAGE_SIZE = 1 << 31  # the largest power of two the header's u4 page_size holds
 ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 # An image's row in the sample table; `mode` is one of the storage modes below.
 IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
@@ -193,8 +194,8 @@ class BetonWriter:
     the sample table; fewer samples may be appended (the header holds the count)."""
 
     def __init__(self, path: str | Path, capacity: int, page_size: int):
-        if page_size & (page_size - 1) or page_size <= 0:
-            raise ValueError(f"page size {page_size} is not a power of two")
+        if page_size & (page_size - 1) or not 0 < page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page size {page_size} is not a power of two up to {MAX_PAGE_SIZE}")
         self.path, self.page_size = Path(path), page_size
         self._table = np.zeros(capacity, dtype=_row_dtype())
         self._alloc: list[tuple[int, int, int]] = []

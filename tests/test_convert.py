@@ -105,8 +105,8 @@ def check(out_dir: Path, name: str, expected: dict, *, exact: bool, num_classes:
 
 # ------------------------------------------------------------------------- every layout
 def test_imagenet_image_folder(tmp_path):
-    expected = fabricate.image_folder(tmp_path / "src", {"train": 4, "valid": 2})
-    expected["val"] = expected.pop("valid")  # valid/ is the val split
+    expected = fabricate.image_folder(tmp_path / "src", {"train": 4, "Valid": 2})
+    expected["val"] = expected.pop("Valid")  # Valid/ is the val split: names in any case
     assert (
         convert(
             "imagenet",
@@ -324,6 +324,48 @@ def test_limit_writes_a_fixed_subset(tmp_path):
     assert index == sorted(index) and np.array_equal(expected["train"][1][index], labels)
 
 
+def test_a_max_resolution_the_header_cannot_hold_is_refused_before_converting(tmp_path, capsys):
+    """The page (four raw images at --max_resolution) is a u4 in the header: 13378 failed with
+    an OverflowError once every sample was converted."""
+    from convert.writer import MAX_RESOLUTION
+    from storage.beton import MAX_PAGE_SIZE, BetonWriter
+
+    assert MAX_RESOLUTION == 13377
+    assert convert("digits", "--out_dir", tmp_path, "--max_resolution", 13378) == 1
+    assert "error: --max_resolution must be in 8..13377" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="not a power of two up to"):
+        BetonWriter(tmp_path / "x.beton", 1, 2 * MAX_PAGE_SIZE)
+
+
+def test_an_output_or_source_that_cannot_be_used_is_one_line_naming_it(tmp_path, capsys):
+    """An --out_dir that is a file, lies under one or cannot be written, and a --src that is an
+    archive: one line naming the user's path (a traceback naming a hidden temporary before)."""
+    from storage.atomic import final_path, temporary_path
+
+    file = tmp_path / "file"
+    file.write_text("")
+    fabricate.image_folder(tmp_path / "src", {"train": 1})
+    archive = tmp_path / "src.zip"
+    archive.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    cases = [
+        (["--out_dir", file], f"--out_dir {file}: is a file, not a folder"),
+        (["--out_dir", file / "out"], f"--out_dir {file / 'out'}: lies under the file {file}"),
+        (["--src", archive, "--out_dir", tmp_path], f"--src {archive}: a file, not a folder"),
+    ]
+    if os.path.isdir("/sys"):  # not writable, even by root
+        cases.append((["--out_dir", "/sys"], "--out_dir /sys: cannot write in /sys (Permission"))
+    for argv, message in cases:
+        if "--src" not in argv:
+            argv = ["--src", tmp_path / "src", *argv]
+        assert convert("imagenet", *argv) == 1, message
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {message}") and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["file", "src", "src.zip"]
+    beton = tmp_path / "x_train.beton"
+    assert final_path(temporary_path(beton)) == beton and final_path(file) == file
+
+
 def test_verify_reads_the_file_back_as_the_loaders_do(tmp_path):
     """Before a split is renamed into place, the loaders' reader must accept it and the metadata
     about to be written beside it, decode its first and last samples and find their labels."""
@@ -371,7 +413,7 @@ def _bad_image_folder(root: Path) -> dict[str, str]:
     return {
         "a_truncated.JPEG": "truncated",
         "b_empty.jpg": "empty file",
-        "c_text.jpg": "cannot identify",
+        "c_text.jpg": "not an image pil can read",
         "d_garbage.png": "",
     }
 
@@ -425,6 +467,72 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path, small_d
     assert sorted(os.listdir(out)) == ["x_train.beton", "x_train.json"]
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this test, as in a terminal's foreground job, also
+    where the suite was started with it ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_a_beton_is_never_beside_the_metadata_of_another(tmp_path, monkeypatch, capsys):
+    """Both files are written before either is renamed: a full disk while the .json is
+    written leaves the old pair as it was (it left the new .beton beside the old .json), and
+    a Ctrl-C while they are renamed takes effect once the new pair is in place."""
+    import storage.atomic
+
+    args = ("--out_dir", tmp_path, "--split", "val", "--limit")
+    assert convert("digits", *args, 20) == 0
+    old = {name: _digest(tmp_path / name) for name in ("digits_val.beton", "digits_val.json")}
+
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dump", full)
+        assert convert("digits", *args, 30) == 1
+    assert {name: _digest(tmp_path / name) for name in old} == old
+    assert "it and its .json are as they were" in capsys.readouterr().err
+    replace = os.replace
+
+    def interrupted(source, target):  # Ctrl-C while the .beton is renamed into place
+        signal.raise_signal(signal.SIGINT)
+        replace(source, target)
+
+    monkeypatch.setattr(storage.atomic.os, "replace", interrupted)
+    assert convert("digits", *args, 30) == 130
+    assert f"complete: {tmp_path / 'digits_val.beton'} (each" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted(old)
+    assert json.loads((tmp_path / "digits_val.json").read_text())["num_samples"] == 30
+    assert BetonFile(tmp_path / "digits_val.beton").num_samples == 30
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_an_interrupted_conversion_says_which_splits_it_wrote(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the val split, after train was put in place: the message names the train
+    files and the splits not written (it said nothing was written)."""
+    from convert import writer
+
+    verify = writer.verify
+
+    def interrupted(path, labels, meta):
+        if meta["split"] == "val":
+            signal.raise_signal(signal.SIGINT)
+        verify(path, labels, meta)
+
+    monkeypatch.setattr(writer, "verify", interrupted)
+    assert convert("digits", "--out_dir", tmp_path, "--limit", 10) == 130
+    err = capsys.readouterr().err.splitlines()[-1]
+    train = tmp_path / "digits_train.beton"
+    assert err == (
+        f"interrupted: complete: {train} (each with its .json); not written: the val, test "
+        f"split(s) (any older files at their paths are as they were)"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["digits_train.beton", "digits_train.json"]
+
+
 def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
     reasons = _bad_image_folder(tmp_path / "bad")
     out = tmp_path / "out"
@@ -456,10 +564,19 @@ def _structural_cases(root: Path):
     loose.mkdir(parents=True)
     (root / "empty_class" / "train" / "class_0" / "img_000.JPEG").rename(loose / "a.JPEG")
     cases.append(("imagenet", ["--src", loose], "no class folders"))
+    # split folders the converter does not name, or one level too deep: not classes
+    for split in ("Training", "Testing"):
+        (root / "named" / split / "cat").mkdir(parents=True)
+        (root / "deep" / "dataset" / split.lower()[:-3] / "cat").mkdir(parents=True)
+    named = f"--src {root / 'named'}: its folders Testing, Training look like splits"
+    cases.append(("imagenet", ["--src", root / "named"], named))
+    deep = f"--src {root / 'deep'}: dataset/ holds the split folders test, train; give --src"
+    cases.append(("imagenet", ["--src", root / "deep"], deep))
     # an empty split, a label outside the class range, paths leading outside the root
     for case, entries in {
         "empty": [],
         "label": [{"name": "train/0000-IMG000.JPG", "label": 9}],
+        "infinite": [{"name": "train/0000-IMG000.JPG", "label": float("inf")}],  # Infinity
         "absolute": [{"name": "/etc/hostname", "label": 0}],
         "dotdot": [{"name": "train/../../escape.jpg", "label": 0}],
     }.items():
@@ -469,6 +586,7 @@ def _structural_cases(root: Path):
         message = {
             "empty": "split 'test' has no samples",
             "label": "label 9 is outside the class range",
+            "infinite": "test.json[0]: label inf is not an integer",
             "absolute": "leads outside the source root",
             "dotdot": "leads outside the source root",
         }[case]
@@ -493,6 +611,31 @@ def _structural_cases(root: Path):
     cases.append(
         ("cifar", ["--name", "c10", "--src", root / "cf"], "data_batch_3: missing field b'labels'")
     )
+    # labels outside the class range, named by file and field (and index in that file)
+    import scipy.io
+
+    fabricate.svhn(root / "svhn")
+    mat = scipy.io.loadmat(root / "svhn" / "train_32x32.mat")
+    mat["y"][3] = 11
+    scipy.io.savemat(root / "svhn" / "train_32x32.mat", {"X": mat["X"], "y": mat["y"]})
+    message = f"{root / 'svhn' / 'train_32x32.mat'}: y[3]: label 11 is outside the class range"
+    cases.append(("svhn", ["--src", root / "svhn"], message))
+    fabricate.cifar(root / "cf2", "c10")
+    batch = root / "cf2" / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "rb") as f:
+        content = pickle.load(f, encoding="bytes")
+    content[b"labels"][1] = 10
+    with open(batch, "wb") as f:
+        pickle.dump(content, f)
+    message = f"{batch}: b'labels'[1]: label 10 is outside the class range 0..9 of c10"
+    cases.append(("cifar", ["--name", "c10", "--src", root / "cf2"], message))
+    # pixels that are not uint8 (a cast made 0..1 floats black)
+    fabricate.medmnist(root / "mm", "pneumoniamnist", 28, rgb=False, classes=2)
+    arrays = dict(np.load(root / "mm" / "pneumoniamnist.npz"))
+    arrays["val_images"] = arrays["val_images"] / 255.0
+    np.savez(root / "mm" / "pneumoniamnist.npz", **arrays)
+    message = "pneumoniamnist.npz: val_images: expected uint8 pixels, got float64"
+    cases.append(("medmnist", ["--src", root / "mm"], message))
     return cases
 
 

@@ -405,13 +405,38 @@ def test_two_runs_on_one_data_dir_download_once(tmp_path, server, monkeypatch, c
 
 
 def test_a_dataset_converted_by_hand_is_used_as_it_is(tmp_path):
-    """A train split and an evaluation split are enough (a manual --merge_val conversion has no
-    val split); a train split alone (a conversion stopped before its test split) is made again."""
+    """Train and test are enough (a manual --merge_val conversion has no val split); a .beton
+    without its .json, or train and val (a conversion stopped in its test split), is made
+    again."""
     mirror = f"http://127.0.0.1:{_closed_port()}"
     for split in ("train", "test"):
-        (tmp_path / f"pmnist_{split}.beton").touch()
+        for suffix in (".beton", ".json"):
+            (tmp_path / f"pmnist_{split}{suffix}").touch()
     assert first_use.prepare("pmnist", tmp_path, mirror=mirror) == "pmnist"
     assert not (tmp_path / "downloads").exists()
-    (tmp_path / "pmnist_test.beton").unlink()
-    with pytest.raises(first_use.DownloadError, match="Connection refused"):
-        first_use.prepare("pmnist", tmp_path, mirror=mirror)
+    for gone, also in (("test.json", ()), ("test.beton", ("val.beton", "val.json"))):
+        (tmp_path / f"pmnist_{gone}").unlink()
+        for name in also:
+            (tmp_path / f"pmnist_{name}").touch()
+        with pytest.raises(first_use.DownloadError, match="Connection refused"):
+            first_use.prepare("pmnist", tmp_path, mirror=mirror)
+
+
+def test_a_conversion_stopped_before_its_test_split_is_finished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the test split is written leaves train and val: the next run converts the
+    test split alone (train and val stay as they were), with train's mean/std."""
+    data = tmp_path / "data"
+    fabricate.medmnist(data / "downloads", "pneumoniamnist", 28, rgb=False, classes=2)
+    monkeypatch.setitem(INFO["pneumoniamnist"], "MD5", _md5(data / "downloads/pneumoniamnist.npz"))
+    assert first_use.prepare("pmnist", data, download=False) == "pmnist"
+    kept = {s: _md5(data / f"pmnist_{s}.beton") for s in ("train", "val")}
+    test = _md5(data / "pmnist_test.beton")
+    for suffix in (".beton", ".json"):
+        (data / f"pmnist_test{suffix}").unlink()
+    capsys.readouterr()
+    assert first_use.prepare("pmnist", data, download=False) == "pmnist"
+    assert "--split test" in capsys.readouterr().out
+    assert {s: _md5(data / f"pmnist_{s}.beton") for s in ("train", "val")} == kept
+    assert _md5(data / "pmnist_test.beton") == test
+    train, made = (json.loads((data / f"pmnist_{s}.json").read_text()) for s in ("train", "test"))
+    assert made["mean"] == train["mean"] and made["std"] == train["std"]
