@@ -16,6 +16,8 @@ weights, the command that trained it. A run that kept a moving average of its we
 `DIR/ssat_model.safetensors`, the whole model with ssat's names (MAE decoder included), which
 `train.py --finetune DIR` then starts from. `--onnx` adds `DIR/model.onnx` (input `images`
 (B, 3, H, W) normalised, output `logits`, any batch size; needs the onnx and onnxscript packages).
+An export into a folder that holds another removes the files of the old one that it does not
+write itself (`ssat_model.safetensors`, `model.onnx`, `calibration.json`), and no other file.
 
 Back into ssat: `train.py --finetune DIR` (or `DIR/model.safetensors`) starts from an export;
 `train.py --eval --resume DIR` evaluates one (with the model flags it was trained with).
@@ -36,8 +38,17 @@ from pipelines.augment import AugmentConfig
 from ssat.checkpoint import load_checkpoint
 from ssat.config import TrainConfig
 from ssat.evaluation import SCALARS
-from ssat.export import FULL_WEIGHTS, WEIGHTS, timm_config, write_json, write_weights
+from ssat.export import (
+    FULL_WEIGHTS,
+    ONNX,
+    OPTIONAL_FILES,
+    WEIGHTS,
+    timm_config,
+    write_json,
+    write_weights,
+)
 from ssat.models import create_model
+from ssat.runlog import read_records
 from storage import DatasetError
 from storage.atomic import atomic_path
 from storage.metadata import read_metadata
@@ -79,6 +90,23 @@ def find_metadata(config: dict, given: Path | None) -> dict:
     )
 
 
+def check_classes(num_classes: int, meta: dict) -> None:
+    """A model of `num_classes` classes against the dataset metadata that names them."""
+    if meta.get("num_classes") != num_classes:
+        raise ExportError(
+            f"the model classifies {num_classes} classes but the dataset metadata has "
+            f"{meta.get('num_classes')}: pass --data <the run's training split>"
+        )
+
+
+def read_checkpoint(path: Path) -> dict:
+    """`load_checkpoint`, failing with an ExportError."""
+    try:
+        return load_checkpoint(path)
+    except RuntimeError as err:
+        raise ExportError(str(err)) from None
+
+
 def model_of(ckpt: dict, path: Path, raw: bool) -> tuple[nn.Module, bool]:
     """The checkpoint's model, with its weights' moving average unless `raw`; and whether the
     average was taken."""
@@ -117,17 +145,15 @@ def train_command(config: dict) -> str:
 
 def run_metrics(log: Path, epoch: int, ema: bool) -> dict[str, dict]:
     """What the run's log.jsonl measured with the weights of `epoch`: the validation split
-    (the moving average's with `ema`) and, where the test split was read with them, test."""
+    (the moving average's with `ema`) and, where the test split was read with them, test. An
+    unreadable log gives none, and a line that is not a record is passed over: the card
+    says what the rest measured, and the export goes on."""
     try:
-        lines = log.read_text().splitlines()
+        records, _ = read_records(log)
     except OSError:
         return {}
     found, val = {}, "ema_val_" if ema else "val_"
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when a run was killed
-            continue
+    for record in records:
         if record.get("type") == "epoch" and record.get("epoch") == epoch:
             measured = {k[len(val) :]: v for k, v in record.items() if k.startswith(val)}
             if measured:  # none for an epoch that --eval_interval did not validate
@@ -228,10 +254,7 @@ def export_onnx(model: nn.Module, img_size: int, path: Path) -> None:
 def export(source: Path, out: Path, *, data=None, raw=False, with_decoder=False, onnx=False):
     """Write the export of `source` (a run folder or a checkpoint) into `out`."""
     path = find_checkpoint(source)
-    try:
-        ckpt = load_checkpoint(path)
-    except RuntimeError as err:
-        raise ExportError(str(err)) from None
+    ckpt = read_checkpoint(path)
     model, ema = model_of(ckpt, path, raw)
     config = ckpt["config"]
     meta = find_metadata(config, Path(data) if data else None)
@@ -258,12 +281,9 @@ def write_export(
 ) -> None:
     """`model` (an `SSATViT` trained with the run `config` on the dataset of metadata `meta`)
     into `out`: weights, config.json, the model card (`facts`: weights, checkpoint, epochs,
-    metrics) and, when asked, the full model and ONNX."""
-    if meta.get("num_classes") != model.num_classes:
-        raise ExportError(
-            f"the model classifies {model.num_classes} classes but the dataset metadata has "
-            f"{meta.get('num_classes')}: pass --data <the run's training split>"
-        )
+    metrics) and, when asked, the full model and ONNX. Any other file an export writes that
+    `out` holds (a previous export's) is removed first."""
+    check_classes(model.num_classes, meta)
     ssat_model = {  # how ssat rebuilds the model (timm reads none of it)
         k: config.get(k) for k in ("model", "img_size", "patch_size", "global_pool", "method")
     }
@@ -281,6 +301,10 @@ def write_export(
         extra={"ssat": ssat_model},
     )
     out.mkdir(parents=True, exist_ok=True)
+    written = {FULL_WEIGHTS: with_decoder, ONNX: onnx}
+    for name in OPTIONAL_FILES:
+        if not written.get(name):  # it would be read with these weights: another model's
+            (out / name).unlink(missing_ok=True)
     write_weights(out / WEIGHTS, model.encoder_state_dict())
     if with_decoder:
         write_weights(out / FULL_WEIGHTS, model.state_dict())
@@ -288,7 +312,7 @@ def write_export(
     with atomic_path(out / "README.md") as tmp:
         tmp.write_text(model_card(config, meta, config_json, facts))
     if onnx:
-        export_onnx(model, model.patch_embed.img_size[0], out / "model.onnx")
+        export_onnx(model, model.patch_embed.img_size[0], out / ONNX)
 
 
 def build_parser() -> argparse.ArgumentParser:

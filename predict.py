@@ -22,13 +22,16 @@ nothing written (`--on_error fail`), or is kept as a row with its error (`--on_e
 `--calibrate VAL.beton` fits one temperature on a labelled split by minimising the negative
 log-likelihood, stores it beside the model (`calibration.json` in an export or run folder,
 `<checkpoint>.calibration.json` beside a checkpoint file) and prints the expected calibration
-error and NLL before and after; predictions then report calibrated probabilities.
+error and NLL before and after; predictions then report calibrated probabilities. The file
+records the weights it was fitted on: once they change (the run trained on), the temperature is
+not applied and a warning says to calibrate again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
@@ -45,11 +48,19 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from convert.images import BadImage, decode_rgb
-from export import ExportError, find_checkpoint, find_metadata, model_of
+from export import (
+    ExportError,
+    check_classes,
+    find_checkpoint,
+    find_metadata,
+    model_of,
+    read_checkpoint,
+)
 from pipelines.augment import AugmentConfig
-from ssat.checkpoint import load_checkpoint, load_pretrained
+from ssat.checkpoint import load_pretrained
+from ssat.distributed import checked_device
 from ssat.evaluation import classification_metrics
-from ssat.export import is_export
+from ssat.export import CALIBRATION, is_export, weights_file
 from ssat.models import create_model
 from storage import DatasetError
 from storage.atomic import atomic_path
@@ -59,7 +70,6 @@ from storage.version import add_version_flag
 
 LISTS = (".txt", ".csv")
 PROGRESS_FROM = 512  # images: a progress bar on longer inputs
-CALIBRATION = "calibration.json"
 
 
 class PredictError(Exception):
@@ -112,7 +122,16 @@ def _export_model(folder: Path) -> tuple[torch.nn.Module, Preprocess, list[str]]
         global_pool=bool(ours.get("global_pool")),
         pos_embed=ours.get("pos_embed"),
     )
-    load_pretrained(model, folder)
+    try:
+        loaded = load_pretrained(model, folder)
+    except RuntimeError as err:  # a weights file that does not read (cut short)
+        raise PredictError(str(err)) from None
+    if loaded.head_reset or any(k.startswith("head.") for k in loaded.missing_keys):
+        # load_pretrained starts a head afresh where the file's does not fit: random answers
+        raise PredictError(
+            f"{weights_file(folder)}: its head does not classify the {config['num_classes']} "
+            f"classes of {folder / 'config.json'} (a file of another export?): export again"
+        )
     preprocess = Preprocess(
         img_size=pre["input_size"][1],
         mean=tuple(m * 255 for m in pre["mean"]),
@@ -125,13 +144,11 @@ def _export_model(folder: Path) -> tuple[torch.nn.Module, Preprocess, list[str]]
 
 
 def _checkpoint_model(path: Path, data: Path | None) -> tuple[torch.nn.Module, Preprocess, list]:
-    try:
-        ckpt = load_checkpoint(path)
-    except RuntimeError as err:
-        raise PredictError(str(err)) from None
+    ckpt = read_checkpoint(path)
     model, _ = model_of(ckpt, path, raw=False)  # the moving average, as export.py exports
     config = ckpt["config"]
     meta = find_metadata(config, data)
+    check_classes(model.num_classes, meta)  # the class names come from it
     preprocess = Preprocess(
         img_size=config["img_size"],
         mean=tuple(meta["mean"]),
@@ -142,10 +159,16 @@ def _checkpoint_model(path: Path, data: Path | None) -> tuple[torch.nn.Module, P
 
 
 def load_model(
-    source: Path, *, onnx: Path | None = None, data: Path | None = None, device="cpu"
+    source: Path,
+    *,
+    onnx: Path | None = None,
+    data: Path | None = None,
+    device="cpu",
+    calibrated: bool = True,
 ) -> Model:
     """The model of a run folder, a checkpoint or an export folder (its forward pass in
-    onnxruntime with `onnx`), with its preprocessing, class names and stored temperature."""
+    onnxruntime with `onnx`), with its preprocessing, class names and, when `calibrated`, its
+    stored temperature."""
     source = Path(source)
     try:
         if source.is_dir() and is_export(source):
@@ -166,10 +189,10 @@ def load_model(
             return module.classify(batch.to(device)).double().numpy(force=True)
 
     else:
-        logits = _onnx_logits(Path(onnx))
+        logits = _onnx_logits(Path(onnx), preprocess.img_size)
     model = Model(logits, preprocess, names, calibration, module=module)
-    if calibration.is_file():
-        model.temperature = float(json.loads(calibration.read_text())["temperature"])
+    if calibrated:
+        model.temperature = stored_temperature(calibration, module)
     return model
 
 
@@ -177,12 +200,64 @@ def _beside(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + "." + CALIBRATION)
 
 
-def _onnx_logits(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the classifier's weights (encoder and head, by name): what a temperature
+    is fitted on. The same for a run's final weights, their checkpoint and their export,
+    wherever they are copied; another once training goes on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.encoder_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def stored_temperature(path: Path, module: torch.nn.Module) -> float:
+    """The temperature stored at `path` for these weights; 1 without one, or with one that
+    was fitted on other weights (a run trained on since), with a warning."""
+    if not path.is_file():
+        return 1.0
+    try:
+        stored = json.loads(path.read_text())
+        temperature, fitted_on = float(stored["temperature"]), stored.get("weights")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PredictError(f"{path}: not a calibration file ({err})") from None
+    if fitted_on is None:  # written before the weights were recorded
+        _warn(
+            f"{path} does not record which weights it was fitted on, so it is applied "
+            f"unchecked; run --calibrate again to record them"
+        )
+    elif fitted_on != weights_digest(module):
+        _warn(
+            f"{path} was fitted on other weights than these, so it is not applied: "
+            f"run --calibrate again"
+        )
+        return 1.0
+    return temperature
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _onnx_logits(path: Path, img_size: int) -> Callable[[torch.Tensor], np.ndarray]:
     import onnxruntime
 
     if not path.is_file():
         raise PredictError(f"{path}: no such ONNX file (export.py --onnx writes model.onnx)")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PredictError(f"{path}: not an ONNX model onnxruntime can load ({first})") from None
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if "images" not in inputs:
+        raise PredictError(f"{path}: no input named 'images' (export.py --onnx writes one)")
+    if list(inputs["images"][2:]) != [img_size, img_size]:
+        size = "x".join(map(str, inputs["images"][2:]))
+        raise PredictError(
+            f"{path}: takes {size} px images but the model's are {img_size} px "
+            f"(the ONNX of another export?)"
+        )
 
     def logits(batch: torch.Tensor) -> np.ndarray:
         (out,) = session.run(["logits"], {"images": batch.numpy(force=True)})
@@ -264,6 +339,8 @@ def collect(inputs: list[Path], preprocess: Preprocess) -> list[Item]:
             continue
         elif path.suffix.lower() in LISTS:
             files = _listed(path)
+            if not files:
+                raise PredictError(f"{path}: no image paths in this list (one path a line)")
         else:
             files = [path]
         items += [_file(f, preprocess.max_resolution) for f in files]
@@ -379,6 +456,7 @@ def calibrate(model: Model, split: Path, batch_size: int = 64) -> dict:
     after = classification_metrics(logits / temperature, labels)
     found = {
         "temperature": temperature,
+        "weights": weights_digest(model.module),  # a retrained model's is another
         "fitted_on": str(split),
         "num_samples": len(labels),
         "before": {k: before[k] for k in ("ece", "nll", "acc1")},
@@ -427,17 +505,34 @@ def build_parser() -> argparse.ArgumentParser:
     return add_version_flag(p)
 
 
+def check_args(args: argparse.Namespace) -> torch.device:
+    """The flags checked before any model is loaded or image read; the device to run on."""
+    if args.out is not None and args.out.suffix not in (".csv", ".json"):
+        raise PredictError(f"--out {args.out}: expected a .csv or a .json file")
+    if args.out is not None and args.out.is_dir():
+        raise PredictError(f"--out {args.out}: a folder; expected a .csv or a .json file")
+    if not args.images and args.calibrate is None:
+        raise PredictError("no images given (image files, folders, .beton files or lists)")
+    for flag in ("batch_size", "topk"):
+        if getattr(args, flag) < 1:
+            raise PredictError(f"--{flag} {getattr(args, flag)}: expected 1 or more")
+    try:
+        return checked_device(None if args.device == "auto" else args.device)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # images after the options too
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        if args.out is not None and args.out.suffix not in (".csv", ".json"):
-            raise PredictError(f"--out {args.out}: expected a .csv or a .json file")
-        if not args.images and args.calibrate is None:
-            raise PredictError("no images given (image files, folders, .beton files or lists)")
-        model = load_model(args.model, onnx=args.onnx, data=args.data, device=device)
+        device = check_args(args)
+        model = load_model(
+            args.model,
+            onnx=args.onnx,
+            data=args.data,
+            device=device,
+            calibrated=args.calibrate is None,  # a new temperature replaces the stored one
+        )
         if args.calibrate is not None:
             found = calibrate(model, args.calibrate, args.batch_size)
             b, a = found["before"], found["after"]

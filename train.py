@@ -185,10 +185,13 @@ def train_one_epoch(
     # the loss sums of the epoch and of the log's window (a run stopped inside the epoch
     # saved those it had reached; a checkpoint without them sums from here)
     logged, state.logged = state.logged or {}, None
-    zeros = [0.0] * len(LOSS_PARTS)
-    sums = torch.tensor(logged.get("sums", zeros), device=device)
-    window = torch.tensor(logged.get("window", zeros), device=device)
-    window_norm = torch.tensor(logged.get("window_norm", 0.0), device=device)  # --clip_grad's
+    sums = torch.zeros(len(LOSS_PARTS), device=device)
+    window = torch.zeros_like(sums)
+    window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
+    if logged:  # copies to the device, once per run resumed inside an epoch
+        sums.copy_(torch.tensor(logged["sums"]))
+        window.copy_(torch.tensor(logged["window"]))
+        window_norm.fill_(logged["window_norm"])
     summed_from = 0 if logged else first  # the first batch in `sums`
     window_steps, window_updates = logged.get("window_steps", 0), logged.get("window_updates", 0)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -375,7 +378,7 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
         return 0
     record_config(cfg, out, dist_ctx)
-    log = RunLog(out, dist_ctx, fresh=state.step == 0, board=cfg.log_dir)
+    log = RunLog(out, dist_ctx, resumed_at=state.step or None, board=cfg.log_dir)
     try:
         with StopSignals(dist_ctx) as stop:
             return fit(cfg, state, train_loader, val_loader, log, dist_ctx, stop, test_loader)

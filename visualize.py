@@ -36,11 +36,12 @@ from torch import nn
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import export  # noqa: E402
 import predict  # noqa: E402
 from convert.images import BadImage  # noqa: E402
 from pipelines import DatasetError, create_loader  # noqa: E402
-from ssat.checkpoint import load_checkpoint  # noqa: E402
 from ssat.models import create_model  # noqa: E402
+from ssat.runlog import read_records  # noqa: E402
 from storage.atomic import atomic_path  # noqa: E402
 from storage.version import add_version_flag  # noqa: E402
 
@@ -77,7 +78,7 @@ def reconstruct(
     checkpoint: Path, data: Path, *, mask_views: int | None = None, num_images: int, seed: int
 ) -> Reconstructions:
     """The first `num_images` of `data` (eval crops) through the checkpoint's model."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = export.read_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}
     missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
     if missing:
@@ -199,9 +200,11 @@ def reconstruction_grid(
 def curves(log: Path, out: Path) -> Path:
     """A 2x2 figure of a log.jsonl: losses, learning rate, validation accuracy, images/s."""
     try:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
+        records, bad = read_records(log)  # a last line cut short (a killed run) left out
+    except OSError as err:
         raise ValueError(f"{log}: not a readable log.jsonl ({err})") from None
+    if bad:
+        raise ValueError(f"{log}: not a readable log.jsonl (line {bad[0]} is not a JSON record)")
     steps = [r for r in records if r.get("type") == "step"]
     epochs = [r for r in records if r.get("type") == "epoch"]
     if not steps and not epochs:
@@ -416,7 +419,7 @@ def draw_run(out: Path, has_decoder: bool, data: Path) -> None:
                 out / "checkpoint-last.pth", data, out / "reconstructions.png"
             )
             drawn.append(("reconstructions", grid))
-    except (ValueError, OSError, DatasetError) as err:
+    except (ValueError, OSError, DatasetError, export.ExportError) as err:
         print(f"pictures: not drawn ({err})", flush=True)
         return
     for what, path in drawn:
@@ -434,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recon", help="inputs, mask views and reconstructions, one PNG per image")
     rec.add_argument("--checkpoint", type=Path, required=True)
     rec.add_argument("--data", type=Path, required=True, help="a .beton written by convert/")
-    rec.add_argument("--out", type=Path, default=Path("recon"))
+    rec.add_argument(
+        "--out", type=Path, default=None, help="a folder (with --grid, a PNG); default: recon"
+    )
     rec.add_argument("--mask_views", type=int, default=None, help="r (default: the run's)")
     rec.add_argument("--num_images", type=int, default=8)
     rec.add_argument("--seed", type=int, default=0)
@@ -473,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "recon":
             draw = reconstruction_grid if args.grid else reconstructions
+            out = args.out or Path("recon.png" if args.grid else "recon")
             drawn = draw(
                 args.checkpoint,
                 args.data,
-                args.out,
+                out,
                 mask_views=args.mask_views,
                 num_images=args.num_images,
                 seed=args.seed,
@@ -484,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.grid:
                 print(f"wrote {drawn}")
             else:
-                print(f"wrote {len(drawn)} pictures to {args.out}")
+                print(f"wrote {len(drawn)} pictures to {out}")
         elif args.command == "attention":
             drawn = attention_maps(
                 args.model, args.images, args.out, num_images=args.num_images, data=args.data
@@ -496,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))
             print(f"wrote {path}")
-    except (ValueError, OSError, DatasetError, predict.PredictError, BadImage) as err:
+    except (
+        ValueError,
+        OSError,
+        DatasetError,
+        export.ExportError,
+        predict.PredictError,
+        BadImage,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -22,6 +22,7 @@ import numpy as np
 from comparison.plan import CompareError, Run
 from comparison.warm import TRAIN, ForkedRun
 from ssat.preemption import SIGNALS, exit_status
+from ssat.runlog import read_records
 
 
 def metric_value(value: float | None) -> float:
@@ -45,15 +46,11 @@ class Result:
 def read_log(folder: Path) -> tuple[list[dict], dict | None]:
     """A run's epoch records (one per epoch: the last written wins) and its test record."""
     try:
-        lines = (folder / "log.jsonl").read_text().splitlines()
+        records, _ = read_records(folder / "log.jsonl")
     except FileNotFoundError:
         return [], None
     epochs, test = {}, None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when a run was killed
-            continue
+    for record in records:
         if record.get("type") == "epoch":
             epochs[record["epoch"]] = record
         elif "test_acc1" in record:
@@ -276,13 +273,8 @@ def launches(runs: list[Run], out: Path) -> dict[str, Any]:
     folders = {_within(run.folder, out) for run in runs}
     records = []
     if (out / "launches.jsonl").exists():
-        for line in (out / "launches.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("folder") in folders:
-                records.append(record)
+        records = read_records(out / "launches.jsonl")[0]
+        records = [r for r in records if r.get("folder") in folders]
     ways = {}
     for r in records:
         key = (r["parallel"], len(r["cores"]))

@@ -40,7 +40,7 @@ def setup(device: str | None = None) -> DistContext:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU), or run alone.
     `device` is MAE's `--device`: "cuda" (the default where CUDA is available), "cpu", or
     "cuda:N" for one process; under torchrun the local rank picks the GPU."""
-    chosen = _checked_device(device)
+    chosen = checked_device(device)
     if int(os.environ.get("RANK", -1)) == -1:
         if chosen.type == "cpu":
             return DistContext()
@@ -61,7 +61,7 @@ def setup(device: str | None = None) -> DistContext:
     return DistContext(rank, world, local, where, host_group=dist.new_group(backend="gloo"))
 
 
-def _checked_device(device: str | None) -> torch.device:
+def checked_device(device: str | None) -> torch.device:
     """A `--device` value as a torch.device, checked against what this machine has."""
     available = torch.cuda.is_available()
     if device is None:

@@ -12,6 +12,7 @@ model with its decoder (`ssat_model.safetensors`, written with `--with_decoder`)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,11 @@ from storage.atomic import atomic_path
 
 WEIGHTS = "model.safetensors"  # encoder + head, timm's names
 FULL_WEIGHTS = "ssat_model.safetensors"  # the whole model, decoder included, ssat's names
+ONNX = "model.onnx"  # the classifier for onnxruntime (export.py --onnx)
+CALIBRATION = "calibration.json"  # the temperature predict.py --calibrate fitted on the weights
+# the files an export folder holds only when asked for (the calibration: by predict.py); an
+# export removes those it does not write, so that none of a previous export's is read with it
+OPTIONAL_FILES = (FULL_WEIGHTS, ONNX, CALIBRATION)
 # (embed dim, depth, heads) -> the timm family of that size
 TIMM_FAMILIES = {
     (192, 12, 3): "vit_tiny",
@@ -88,6 +94,14 @@ def write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, _new_file_mode())  # safetensors writes 0600 whatever the umask
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -101,13 +115,20 @@ def is_export(path: str | Path) -> bool:
     return (path / WEIGHTS).is_file() or path.suffix == ".safetensors"
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of an export: `path` a folder (its full model when it has one) or a
-    `.safetensors` file."""
+def weights_file(path: str | Path) -> Path:
+    """The file `read_weights` reads: a folder's full model when it has one, else its
+    classifier; a `.safetensors` file itself."""
     path = Path(path)
     if path.is_dir():
         full = path / FULL_WEIGHTS
-        path = full if full.is_file() else path / WEIGHTS
+        return full if full.is_file() else path / WEIGHTS
+    return path
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of an export: `path` a folder (its full model when it has one) or a
+    `.safetensors` file."""
+    path = weights_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported weights at {path}")
     try:

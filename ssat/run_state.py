@@ -139,18 +139,6 @@ def resume(
     ):
         print0(dist_ctx, f"warning: {warning}")
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
-    if not state.batch and state.step != state.epoch * state.updates_per_epoch:
-        # another batch size, accumulation or number of processes than the checkpoint's: the
-        # schedule counts optimizer steps of this run's size, so it goes on from the epoch
-        # reached (as the published code's, which counts in epochs)
-        saved, state.step = state.step, state.epoch * state.updates_per_epoch
-        print0(
-            dist_ctx,
-            f"{path}: {saved} optimizer steps over {state.epoch} epoch(s), and this run takes "
-            f"{state.updates_per_epoch} an epoch (--batch_size, --accum_iter or the number of "
-            f"processes changed): the learning-rate schedule goes on from epoch {state.epoch}, "
-            f"step {state.step}",
-        )
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))
         if then != (dist_ctx.world_size, cfg.batch_size):
@@ -169,6 +157,19 @@ def resume(
         )
     else:
         print0(dist_ctx, f"resumed from {path}: epoch {state.epoch - 1} done, step {state.step}")
+    # the schedule's place is in epochs (as the published code's): steps of another size than
+    # this run's (another batch size, accum_iter or number of processes) count as the epochs
+    # they made up
+    reached = state.epoch * state.updates_per_epoch + state.batch // state.accum_iter
+    state.schedule_offset = state.step - reached
+    if state.schedule_offset:
+        print0(
+            dist_ctx,
+            f"{path}: {state.step} optimizer steps to epoch {state.epoch}, batch {state.batch}, "
+            f"where this run takes {state.updates_per_epoch} an epoch (--batch_size, "
+            f"--accum_iter or the number of processes changed): the learning-rate schedule "
+            f"goes on from there, as at step {reached} of a run of this size",
+        )
 
 
 def save(

@@ -12,18 +12,44 @@ import torch
 from tqdm import tqdm
 
 from ssat.distributed import DistContext
+from storage.atomic import atomic_path
+
+
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a log.jsonl, and the numbers of its lines that are not JSON records. A
+    last line cut short (a run killed mid-write) is left out, not counted as bad. Raises
+    OSError for a file that cannot be read."""
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records, bad = [], []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif n != lines[-1][0]:
+            bad.append(n)
+    return records, bad
 
 
 class RunLog:
     """log.jsonl (one line per log interval and per epoch), TensorBoard when installed, and a
-    progress bar; rank 0 only."""
+    progress bar; rank 0 only. A new run (`resumed_at` None) starts a new log; a resumed one
+    goes on from the records up to its checkpoint's step, `resumed_at`: those a killed run
+    wrote after it (the rest of an epoch it then trains again, a line cut short) are dropped,
+    so that each step and epoch is logged once."""
 
-    def __init__(self, out: Path, dist_ctx: DistContext, fresh: bool, board: str = ""):
+    def __init__(self, out: Path, dist_ctx: DistContext, resumed_at: int | None, board: str = ""):
         self.active = dist_ctx.main
         self.path = out / "log.jsonl"
         self.board = None
-        if self.active and fresh:  # a new run starts a new log; a resumed one appends
+        if self.active and resumed_at is None:
             self.path.unlink(missing_ok=True)
+        elif self.active and self.path.exists():
+            kept = [r for r in read_records(self.path)[0] if r.get("step", 0) <= resumed_at]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if self.active:
             try:
                 from torch.utils.tensorboard import SummaryWriter

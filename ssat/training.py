@@ -90,6 +90,9 @@ class TrainState:
     accum_iter: int = 1  # micro-batches per optimizer step
     ema: ModelEmaV3 | None = None  # the weights' moving average (`ema.module`), with --model_ema
     step: int = 0  # optimizer steps taken, all epochs together
+    # steps taken at another size than this run's (a resume with another batch size, accum_iter
+    # or number of processes): the schedule is at `step - schedule_offset`, its place in epochs
+    schedule_offset: int = 0
     epoch: int = 0  # the epoch under way, or the next to start
     batch: int = 0  # batches of `epoch` done
     best: float | None = None  # best validation top-1 so far
@@ -108,7 +111,7 @@ class TrainState:
     def lr(self) -> float:
         """The learning rate for the next step."""
         return lr_at(
-            self.step,
+            self.step - self.schedule_offset,
             base_lr=self.base_lr,
             min_lr=self.min_lr,
             warmup_steps=self.warmup_steps,

@@ -4,7 +4,9 @@ Runtime gives them from model.onnx, and a trained run goes out and comes back (t
 
 import dataclasses
 import json
+import os
 import re
+import stat
 
 import pytest
 import timm
@@ -133,3 +135,32 @@ def test_a_trained_run_goes_out_and_comes_back(digits, tmp_path, capsys):
     missing_data = ["--out", str(tmp_path / "x"), "--data", str(tmp_path)]
     assert export.main([str(run / "checkpoint-last.pth"), *missing_data]) == 1
     assert "no dataset metadata" in capsys.readouterr().err
+
+
+def test_an_export_removes_the_files_of_the_one_it_replaces(digits, tmp_path):
+    """Into the folder of an export with its decoder, ONNX and calibration, an export without
+    them: those three files go (the full weights would be read before the new ones, with
+    another head), the user's own files stay."""
+    _export("micro, cls, fixed, 16 px", digits, tmp_path, with_decoder=True)
+    (tmp_path / "model.onnx").write_bytes(b"the previous export's graph")
+    (tmp_path / "calibration.json").write_text('{"temperature": 2.0}\n')
+    (tmp_path / "notes.txt").write_text("mine\n")
+    _export("micro, pool, learned, 16 px", digits, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "notes.txt",
+    }
+
+
+def test_the_weights_files_follow_the_umask(digits, tmp_path):
+    """safetensors writes its files owner-only; an export's weights are as readable as its
+    config.json."""
+    before = os.umask(0o027)
+    try:
+        _export("micro, cls, fixed, 16 px", digits, tmp_path, with_decoder=True)
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o640}, modes

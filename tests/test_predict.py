@@ -218,3 +218,156 @@ def test_original_photos_predict_as_their_converted_split(tmp_path, capsys):
         f"largest top-1 probability gap {max(gaps):.4f}"
     )
     assert max(gaps) < 0.05 and np.mean(same) >= 0.9
+
+
+def _copy_export(trained, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(trained["export"], folder, ignore=shutil.ignore_patterns("model.onnx"))
+    return folder
+
+
+def test_weights_whose_head_does_not_fit_are_refused(trained, tmp_path, capsys):
+    """An export whose weights classify 3 classes where its config.json says 10 (a file of
+    another export): an error, not predictions by a head started afresh."""
+    from safetensors.torch import load_file, save_file
+
+    other = _copy_export(trained, tmp_path / "other")
+    weights = load_file(str(other / "model.safetensors"))
+    weights = {k: v[:3] if k.startswith("head.") else v for k, v in weights.items()}
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    test = trained["data"] / "digits_test.beton"
+    assert predict.main([str(other), str(test), "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {other / 'model.safetensors'}: its head does not classify the 10" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def _head_scaled(checkpoint: Path, out: Path, factor: float) -> None:
+    """A copy of `checkpoint` whose head's weights are `factor` times larger (other weights, as
+    training on would give)."""
+    import torch
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key in ("head.weight", "head.bias"):
+        ckpt["model"][key] = ckpt["model"][key] * factor
+    torch.save(ckpt, out)
+
+
+def test_a_temperature_fitted_on_other_weights_is_not_applied(trained, tmp_path, capsys):
+    """A run folder calibrated, then trained on (its checkpoint-last.pth replaced): the stored
+    temperature is not applied and a warning says to calibrate again. A calibration.json that
+    records no weights (written before they were recorded) is applied, with a warning."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained["run"] / "checkpoint-last.pth", run)
+    val, test = trained["data"] / "digits_val.beton", trained["data"] / "digits_test.beton"
+    assert predict.main([str(run), "--calibrate", str(val)]) == 0
+    calibration = run / "calibration.json"
+    assert json.loads(calibration.read_text())["weights"].startswith("sha256:")
+    capsys.readouterr()
+    assert _predict(tmp_path, run, test) and "warning" not in capsys.readouterr().err
+
+    _head_scaled(run / "checkpoint-last.pth", run / "checkpoint-last.pth", 1.5)
+    applied_before = _predict(tmp_path, run, test)
+    err = capsys.readouterr().err
+    assert f"warning: {calibration} was fitted on other weights" in err
+    assert "--calibrate again" in err
+    stored = calibration.read_text()
+    calibration.unlink()
+    uncalibrated = _predict(tmp_path, run, test)
+    assert applied_before == uncalibrated
+
+    old = {k: v for k, v in json.loads(stored).items() if k != "weights"}
+    calibration.write_text(json.dumps(old))
+    capsys.readouterr()
+    unchecked = _predict(tmp_path, run, test)
+    assert f"warning: {calibration} does not record which weights" in capsys.readouterr().err
+    assert [r["prob"] for r in unchecked] != [r["prob"] for r in uncalibrated]  # applied
+
+
+def _three_class_metadata(trained, folder: Path) -> Path:
+    meta = json.loads((trained["data"] / "digits_train.json").read_text())
+    meta.update(num_classes=3, class_names=meta["class_names"][:3])
+    folder.mkdir()
+    path = folder / "three_train.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def test_metadata_of_another_dataset_is_refused(trained, tmp_path, capsys):
+    """`--data` naming another dataset's metadata: export.py's error, not an IndexError or
+    another dataset's class names."""
+    meta = _three_class_metadata(trained, tmp_path / "three")
+    image = _as_files(trained["data"] / "digits_test.beton", tmp_path / "scans", 1)[0]
+    assert predict.main([str(trained["run"]), str(image), "--data", str(meta)]) == 1
+    assert (
+        "error: the model classifies 10 classes but the dataset metadata has 3: pass --data "
+        "<the run's training split>"
+    ) in capsys.readouterr().err
+
+
+def _tiny_onnx(path: Path, size: int) -> None:
+    """An ONNX graph with export.py's input and output names, taking `size` px images."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 3, size, size])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3 * size * size])
+    node = helper.make_node("Flatten", ["images"], ["logits"])
+    graph = helper.make_graph([node], "tiny", [images], [logits])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_clear_errors_instead_of_tracebacks(trained, tmp_path, capsys):
+    """Each a one-line error that names what is wrong, before any prediction is made."""
+    pytest.importorskip("onnxruntime")
+    scans = tmp_path / "scans"
+    image = _as_files(trained["data"] / "digits_test.beton", scans, 1)[0]
+    cut = _copy_export(trained, tmp_path / "cut")
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "garbage.onnx").write_bytes(b"not a graph")
+    _tiny_onnx(tmp_path / "24px.onnx", 24)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "text.jpg").write_text("hello")
+    (tmp_path / "folder.csv").mkdir()
+    run, export_ = str(trained["run"]), str(trained["export"])
+    cases = {
+        f"{cut / 'model.safetensors'}": [str(cut), str(image)],
+        "garbage.onnx: not an ONNX model onnxruntime can load": [
+            export_,
+            str(image),
+            "--onnx",
+            str(tmp_path / "garbage.onnx"),
+        ],
+        "24px.onnx: takes 24x24 px images but the model's are 16 px": [
+            export_,
+            str(image),
+            "--onnx",
+            str(tmp_path / "24px.onnx"),
+        ],
+        "--out": [run, str(image), "--out", str(tmp_path / "folder.csv")],
+        "--batch_size 0: expected 1 or more": [run, str(image), "--batch_size", "0"],
+        "--topk 0: expected 1 or more": [run, str(image), "--topk", "0"],
+        "--topk -2: expected 1 or more": [run, str(image), "--topk", "-2"],
+        "empty.txt: no image paths in this list": [run, str(tmp_path / "empty.txt")],
+        "text.jpg: does not decode (not an image PIL can read)": [run, str(tmp_path / "text.jpg")],
+    }
+    for expected, argv in cases.items():
+        assert predict.main(argv) == 1, expected
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert "folder.csv: a folder" in (predict.main(cases["--out"]), capsys.readouterr().err)[1]
+
+
+def test_a_cuda_device_without_one_is_a_clear_error(trained, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    image = _as_files(trained["data"] / "digits_test.beton", tmp_path, 1)[0]
+    assert predict.main([str(trained["run"]), str(image), "--device", "cuda"]) == 1
+    assert "error: --device cuda: no CUDA device is visible" in capsys.readouterr().err

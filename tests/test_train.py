@@ -252,10 +252,14 @@ def test_killed_run_finishes_when_rerun(tmp_path, data):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-way through epoch 1
     proc.wait()
+    with open(out / "log.jsonl", "a") as log:  # as a kill in the middle of a line leaves it
+        log.write('{"type": "step", "epo')
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0
     assert subprocess.run(command, cwd=REPO, capture_output=True, env=env).returncode == 0
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 2
     assert [r["epoch"] for r in _log(out) if r["type"] == "epoch"] == [0, 1, 2]
+    # epoch 1's steps logged before the kill were dropped with the resume: each is logged once
+    assert [r["step"] for r in _log(out) if r["type"] == "step"] == [*range(2, 31, 2)]
 
 
 def _wait_for_log(out: Path, text: str, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -801,13 +805,13 @@ def test_resume_with_another_batch_size_goes_on_from_the_epoch_reached(tmp_path,
     assert train.main(_args(data, changed, flags, "--stop_after 1")) == 0  # 10 steps of 32
     capsys.readouterr()
     assert train.main(_args(data, changed, flags, "--batch_size 16 --resume auto")) == 0
-    said = "10 optimizer steps over 1 epoch(s), and this run takes 20 an epoch"
+    said = "10 optimizer steps to epoch 1, batch 0, where this run takes 20 an epoch"
     assert said in capsys.readouterr().out
-    schedule = [
-        [(r["step"], r["lr"]) for r in _log(out) if r["type"] == "step" and r["epoch"] == 1]
-        for out in (straight, changed)
-    ]
-    assert schedule[0] == schedule[1] and schedule[0][-1][0] == 40
+    logged = [[r for r in _log(out) if r["type"] == "step"] for out in (straight, changed)]
+    lrs = [[r["lr"] for r in records if r["epoch"] == 1] for records in logged]
+    assert len(lrs[0]) == 10 and lrs[0] == lrs[1]
+    # the steps go on counting the optimizer steps taken: 10 of 32, then 20 of 16
+    assert [r["step"] for r in logged[1]] == [*range(2, 11, 2), *range(12, 31, 2)]
 
 
 def test_start_epoch_goes_on_from_there(tmp_path, data):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import export
 import predict
 import train
 from ssat.models import create_model
@@ -95,9 +96,9 @@ def test_curves(run, tmp_path):
 
 
 def test_clear_errors(run, tmp_path, capsys):
-    (tmp_path / "log.jsonl").write_text("not json\n")
+    (tmp_path / "log.jsonl").write_text('not json\n{"type": "step"}\n')
     assert visualize(["curves", str(tmp_path / "log.jsonl")]) == 1
-    assert "not a readable log.jsonl" in capsys.readouterr().err
+    assert "not a readable log.jsonl (line 1 is not a JSON record)" in capsys.readouterr().err
     assert _recon(run, "--data", tmp_path / "nosuch.beton") == 1
     assert "no such dataset file" in capsys.readouterr().err
 
@@ -169,3 +170,57 @@ def test_attention_errors(run, tmp_path, capsys):
     assert _attention(tmp_path, run["data"]) == 1  # no checkpoint there
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_curves_of_a_killed_run(run, tmp_path, capsys):
+    """A log whose last line was cut short (a run killed mid-write) is drawn without it; a bad
+    line elsewhere is an error that names its line."""
+    lines = (run["run"] / "log.jsonl").read_text().splitlines()
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    assert visualize(["curves", str(killed), "--out", str(tmp_path / "c.png")]) == 0
+    assert _picture(tmp_path / "c.png").std() > 0.05
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([lines[0], lines[1][:10], *lines[2:]]) + "\n")
+    assert visualize(["curves", str(broken)]) == 1
+    assert "not a readable log.jsonl (line 2 is not a JSON record)" in capsys.readouterr().err
+
+
+def test_recon_errors_and_default_grid_name(run, tmp_path, monkeypatch, capsys):
+    """A checkpoint cut short or empty: one line naming it. `--grid` without `--out` writes
+    recon.png."""
+    checkpoint = run["run"] / "checkpoint-last.pth"
+    cut, empty = tmp_path / "cut.pth", tmp_path / "empty.pth"
+    cut.write_bytes(checkpoint.read_bytes()[:2000])
+    empty.write_bytes(b"")
+    for bad, said in ((cut, "cannot load checkpoint"), (empty, "the file is empty")):
+        argv = ["recon", "--checkpoint", str(bad), "--data", str(run["data"])]
+        assert visualize(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot load checkpoint {bad}: ") and said in err, err
+    monkeypatch.chdir(tmp_path)
+    assert _recon(run, "--data", run["data"], "--num_images", 1, "--grid") == 0
+    assert _picture(tmp_path / "recon.png").std() > 0.05
+
+
+def test_attention_with_unusable_weights_or_metadata(run, tmp_path, capsys):
+    """Another dataset's metadata (3 classes for a 10-class model), an export whose weights
+    were cut short: one error line each, no picture."""
+    import json
+
+    meta = json.loads((run["data"].parent / "digits_train.json").read_text())
+    meta.update(num_classes=3, class_names=meta["class_names"][:3])
+    (tmp_path / "three_train.json").write_text(json.dumps(meta))
+    out = tmp_path / "a.png"
+    argv = [run["data"], "--data", tmp_path / "three_train.json", "--out", out]
+    assert _attention(run["run"], *argv) == 1
+    assert "the model classifies 10 classes but the dataset metadata has 3" in (
+        capsys.readouterr().err
+    )
+    cut = tmp_path / "cut"
+    assert export.main([str(run["run"]), "--out", str(cut)]) == 0
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert _attention(cut, run["data"], "--out", out) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot read {cut / 'model.safetensors'}")
+    assert not out.exists()
