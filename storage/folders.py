@@ -30,7 +30,7 @@ def _images_under(folder: Path) -> list[Path]:
     paths as strings (a folder's own files before its subfolders'), the files of each by name.
     Hidden files and folders are left out."""
     walk = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unlisted, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         walk.append((dirpath, filenames))
     return [
@@ -39,6 +39,12 @@ def _images_under(folder: Path) -> list[Path]:
         for name in sorted(filenames)
         if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
     ]
+
+
+def _unlisted(err: OSError) -> None:
+    """A folder os.walk cannot list (no permission, a symlink to nowhere): said, not taken as
+    empty."""
+    raise DatasetError(f"{err.filename}: cannot be listed ({err.strerror})")
 
 
 def class_folders(root: Path) -> list[Path]:

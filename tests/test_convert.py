@@ -164,6 +164,27 @@ def test_folders_list_in_torchvision_order(tmp_path):
     ]
 
 
+def test_a_class_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """A folder below a class that cannot be read (its permissions, which root does not feel:
+    the listing is refused here as the OS would refuse it) is an error naming it, not a class
+    with fewer images, or an empty one."""
+    from storage.folders import list_image_folder
+
+    for name in ("a/1.jpg", "a/locked/2.jpg", "b/3.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    scandir = os.scandir
+
+    def refused(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'a' / 'locked'}: cannot be listed"):
+        list_image_folder(tmp_path)
+
+
 def test_single_split_folder_in_raw_mode_is_exact(tmp_path):
     expected = fabricate.image_folder(tmp_path, {"val": 3})
     assert (
