@@ -463,6 +463,11 @@ RANGES = (
     ("img_size", 1, None, "the input resolution in pixels"),
     ("patch_size", 1, None, "the patch size in pixels"),
     ("eval_interval", 1, None, "the epochs between validations"),
+    ("blr", 0, None, "the base learning rate"),
+    ("lr", 0, None, "the learning rate"),
+    ("min_lr", 0, None, "the schedule's last learning rate"),
+    ("warmup_epochs", 0, None, "the epochs of warmup"),
+    ("weight_decay", 0, None, "the weight decay"),
     ("drop_path", 0, 1, "a probability"),
     ("smoothing", 0, 1, "the label smoothing, a probability"),
 )
@@ -472,6 +477,8 @@ def check_ranges(cfg: TrainConfig) -> None:
     """A clear error for a setting outside its meaningful range, before anything is built."""
     for name, low, high, meaning in RANGES:
         value = getattr(cfg, name)
+        if value is None:  # not given, and filled in later (--lr from --blr)
+            continue
         if value < low or (high is not None and value >= high):
             bound = f"{low} or more" if high is None else f"in [{low}, {high})"
             raise ValueError(f"{flag_names(name)[0]} {value}: {meaning}, {bound}")
