@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
-        "--size", choices=SIZES, help="model size (default: that of a --model after --, or tiny)"
+        "--size",
+        choices=SIZES,
+        help="model size (default: that of a --model after --; with nothing after --, the "
+        "recipe's micro; else tiny)",
     )
     p.add_argument("--views", type=int, default=3, help="r: the fgcr runs' disjoint mask views")
     p.add_argument("--output_dir", type=Path, default=Path("output/compare"))
@@ -157,6 +160,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(argv[:cut])
     if len(set(args.methods)) < len(args.methods) or len(set(args.seeds)) < len(args.seeds):
         p.error("--methods and --seeds each name a method or a seed once")
+    if min(args.seeds) < 0:
+        p.error(f"--seeds {min(args.seeds)}: a seed is 0 or more")
     if args.views < 2:
         p.error(f"--views {args.views}: FGCR needs 2 or more disjoint mask views")
     if args.nproc_per_node < 1:

@@ -402,6 +402,10 @@ def fit(
     --pictures). Returns the exit status: 0, or 128 + the signal that stopped it."""
     step, began, result = TrainStep.from_config(cfg, state), time.perf_counter(), None
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+    # resumed at the schedule's end by a run that stopped before its report (during the test
+    # split, say): the last epoch's weights are evaluated again, and the report written
+    unreported = state.epoch == cfg.epochs and not (Path(cfg.output_dir) / "eval.json").exists()
+    unreported = bool(distributed.host_max(int(unreported and dist_ctx.main), dist_ctx))  # rank 0's
     while state.epoch < last:
         epoch = state.epoch
         seed_everything(cfg.seed, dist_ctx.rank, epoch)
@@ -452,6 +456,11 @@ def fit(
         signum = stop.requested() if state.epoch < last else 0  # came during eval or saving
         if signum:
             return stop_here(cfg, state, signum, dist_ctx)
+    if unreported:
+        result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        averaged = {}
+        if state.ema is not None:
+            averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
     minutes = (time.perf_counter() - began) / 60
     if result:  # the last epoch of the invocation is always validated
         print0(

@@ -5,6 +5,7 @@ compare.py sets itself, a fraction too small for one optimizer step)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -132,9 +133,21 @@ def variants(args: argparse.Namespace, given: dict[str, Any]) -> list[tuple[str,
         return []
     flag, values = args.vary
     settings = [given_settings([f"--{flag}", value]) for value in values]  # refused if unknown
+    if not settings[0]:  # a published flag that train.py accepts and ignores
+        raise CompareError(
+            f"--vary {flag}: train.py accepts it for the published commands, "
+            f"and it changes nothing here"
+        )
     name = next(iter(settings[0]))
     if name in SET_HERE:
         raise CompareError(f"--vary {_flags(name)}: {SET_HERE[name]}")
+    if name == "model":
+        raise CompareError("--vary model: each method's model is the one of --size")
+    if name in FREE:
+        raise CompareError(f"--vary {_flags(name)}: it changes no result")
+    parsed = [s[name] for s in settings]
+    if any(v in parsed[:i] for i, v in enumerate(parsed)):
+        raise CompareError(f"--vary {flag}={','.join(values)}: two of its values are the same")
     if name in given:
         raise CompareError(f"--vary {_flags(name)}: it is given after -- too; give it once")
     if not set(args.methods) - {"scratch"}:
@@ -242,13 +255,14 @@ def check_settings(run: Run) -> None:
     if not saved.exists():
         return
     before = json.loads(saved.read_text())
-    # None: train.py's run-time default, filled in alike; a setting newer than the folder's
+    # a setting not given is compared as train.py fills it in before it writes config.json,
+    # on a machine with or without CUDA (--amp, --compile); one newer than the folder's
     # config.json is left out
-    wanted = run.config.to_dict()
+    filled = [copy.deepcopy(run.config).resolve(cuda=cuda).to_dict() for cuda in (False, True)]
     changed = [
-        f"{k}={before.get(k)!r}, now {v!r}"
-        for k, v in wanted.items()
-        if k in before and k not in FREE and v is not None and before[k] != v
+        f"{k}={before[k]!r}, now {'not given' if v is None else repr(v)}"
+        for k, v in run.config.to_dict().items()
+        if k in before and k not in FREE and all(before[k] != f[k] for f in filled)
     ]
     if changed:
         raise CompareError(

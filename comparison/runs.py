@@ -59,9 +59,13 @@ def read_log(folder: Path) -> tuple[list[dict], dict | None]:
 
 
 def result(run: Run, metric: str = "acc1") -> Result | None:
-    """The run's result in `metric` (--metric), or None while its log lacks the last epoch."""
+    """The run's result in `metric` (--metric), or None while it is not finished: its log
+    lacks the last epoch, or it stopped before its report (eval.json; the test split is read
+    just before it), which the same command then writes."""
     epochs, test = read_log(run.folder)
     if not epochs or epochs[-1]["epoch"] < run.config.epochs - 1:
+        return None
+    if not (run.folder / "eval.json").exists():
         return None
     validated = [r for r in epochs if "val_acc1" in r]  # every --eval_interval-th, and the last
     curve = [metric_value(r.get(f"val_{metric}")) for r in validated]

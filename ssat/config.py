@@ -226,8 +226,8 @@ class TrainConfig:
     log_interval: int = _flag("steps between log lines (the only host-device syncs)", 20)
     pictures: bool = _flag(
         "when the schedule ends, draw the training curves (curves.png), the validation "
-        "confusion matrix (confusion.png) and the decoder's reconstructions of validation "
-        "images (reconstructions.png) into --output_dir",
+        "confusion matrix (confusion.png), its reliability diagram (reliability.png) and the "
+        "decoder's reconstructions of validation images (reconstructions.png) into --output_dir",
         False,
     )
     version: str = _flag(
@@ -361,6 +361,8 @@ NO_EFFECT = {
 # Why a published setting that is a flag here too changes nothing in this run.
 NOTES = {**NO_EFFECT, "color_jitter": "RandAugment replaces colour jitter, as in timm"}
 _NO_EFFECT_VALUES = {"world_size": int, "dist_url": str, "local_rank": int}
+# published as `type=bool`, given with a value (`--distributed True`); a bare flag is accepted too
+_NO_EFFECT_OPTIONAL_VALUE = {"distributed"}
 # Flags of the published code's Swin / PVT backbones, which this project does not have.
 OTHER_BACKBONES = ("token_size", "vis_mask_ratio", "mask_regular")
 
@@ -378,6 +380,8 @@ def _add_published_flags(parser: argparse.ArgumentParser) -> None:
         names = flag_names(name)
         kind = _NO_EFFECT_VALUES.get(name)
         extra = {"type": kind} if kind else {"action": "store_true"}
+        if name in _NO_EFFECT_OPTIONAL_VALUE:
+            extra = {"nargs": "?"}
         group.add_argument(
             *names,
             dest=f"_given_{name}",
@@ -430,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
         parser.add_argument(*names, **kwargs)
         for negation in f.metadata.get("negations", ()):
-            parser.add_argument(
-                negation, dest=f.name, action="store_false", help=f"the opposite of --{f.name}"
+            parser.add_argument(  # no default of its own: --help shows the flag's
+                negation,
+                dest=f.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"the opposite of --{f.name}",
             )
     _add_published_flags(parser)
     return parser
@@ -458,6 +466,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 # settings whose meaning has a range: name, lowest, highest (excluded; None: no bound), meaning
 RANGES = (
     ("epochs", 1, None, "the epochs to train"),
+    ("seed", 0, None, "the random seed"),
     ("batch_size", 1, None, "images per device per step"),
     ("accum_iter", 1, None, "micro-batches per optimizer step"),
     ("img_size", 1, None, "the input resolution in pixels"),

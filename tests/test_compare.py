@@ -120,10 +120,27 @@ def test_compare_stops_continues_skips_and_reports(data, tmp_path, capsys, monke
     assert {p: p.read_bytes() for p in logs} == logs
     assert table in printed
 
-    # 4. a larger budget in the same folder would mix budgets in one table
+    # 4. a run that stopped before its report (during the test split, say) is not finished:
+    # the same command writes its report, and it alone
+    (out / "scratch" / "seed1" / "eval.json").unlink()
+    assert compare.main(_compare(data, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 3 and "] done: 1 of 1 epochs" in printed
+    assert (out / "scratch" / "seed1" / "eval.json").exists()
+    rows = [line for line in table.splitlines() if line.startswith("|")]  # the same numbers
+    assert rows == [line for line in printed.splitlines() if line.startswith("|")]
+    assert {p: p.read_bytes() for p in logs} == logs
+
+    # 5. a larger budget in the same folder would mix budgets in one table, and so would a
+    # flag given before and not now (train.py fills in none: the rate comes from --blr)
     assert compare.main([*_compare(data, out), "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert f"{first} was trained with other settings (epochs=1, now 2)" in err
+    config["lr"] = 0.01  # as if trained with --lr 0.01
+    (first / "config.json").write_text(json.dumps(config))
+    assert compare.main(_compare(data, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{first} was trained with other settings (lr=0.01, now not given)" in err
 
 
 def _write_log(folder: Path, val: list[float], test: dict | None) -> None:
@@ -139,6 +156,7 @@ def _write_log(folder: Path, val: list[float], test: dict | None) -> None:
     if test is not None:
         lines.append(json.dumps({"split": "test", "epoch": len(val) - 1, **test}))
     (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "eval.json").write_text("{}\n")  # a finished run's report
 
 
 def test_a_run_forked_warm_is_train_py_as_launched(tmp_path, capfd):

@@ -81,7 +81,7 @@ EVERY_FLAG = (
     "--frozen_emb --data_path c10 --nb_classes 10 --subset_size 0.5 --perturb_perspective "
     "--version v1 --output_dir out --log_dir logs --device cpu --seed 2025 --resume '' "
     "--start_epoch 0 --eval --dist_eval --pin_mem --no_pin_mem --world_size 1 --local_rank 0 "
-    "--distributed --dist_on_itp --dist_url env://"
+    "--distributed True --dist_on_itp --dist_url env://"
 )
 
 
@@ -94,6 +94,7 @@ def test_every_published_flag_is_accepted_with_its_meaning():
     assert (cfg.device, cfg.subset_size, cfg.version, cfg.log_dir) == ("cpu", 0.5, "v1", "logs")
     assert (cfg.finetune, cfg.output_dir, cfg.seed) == ("mae.pth", "out/v1", 2025)
     assert sorted(cfg.no_effect) == sorted({*NO_EFFECT, "color_jitter"} - {"u"})
+    assert _parse("--distributed").no_effect == ["distributed"]  # without its value too
 
 
 @pytest.mark.parametrize("flag", ["--token_size 16", "--vis_mask_ratio 0.25", "--mask_regular"])

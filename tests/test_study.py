@@ -393,6 +393,10 @@ def test_vary_and_budget_refuse_what_they_cannot_run(data, tmp_path, capsys):
     for flags, train, message in [
         ("--vary lambda_weight=0.1,0.3", "--lambda_weight 0.2", "it is given after -- too"),
         ("--vary seed=1,2", "", "--vary --seed: compare.py trains each of --seeds"),
+        ("--vary model=mae_vit_tiny,mae_vit_small", "", "--vary model: each method's model"),
+        ("--vary num_workers=1,2", "", "--vary --num_workers: it changes no result"),
+        ("--vary lambda_weight=0.1,0.10", "", "two of its values are the same"),
+        ("--vary world_size=1,2", "", "--vary world_size: train.py accepts it for the published"),
     ]:
         assert compare.main(_study(data, out, flags, train=f"{TRAIN_FLAGS} {train}")) == 1
         assert message in capsys.readouterr().err
@@ -404,6 +408,7 @@ def test_vary_and_budget_refuse_what_they_cannot_run(data, tmp_path, capsys):
         ("--vary lambda_weight=0.1,0.1", "(distinct values)"),
         ("--budget epochs steps", "two budgets need a study (--subset_sizes)"),
         ("--subset_sizes 0.5 --budget steps steps", "--budget names each budget once"),
+        ("--seeds -1", "--seeds -1: a seed is 0 or more"),
     ]:
         with pytest.raises(SystemExit):
             compare.main(_study(data, out, flags))

@@ -165,6 +165,26 @@ def test_test_split_is_read_once_at_the_end(tmp_path, data, capsys):
     assert records[-1]["val_num_samples"] == 320
 
 
+def test_a_run_stopped_before_its_report_writes_it_when_resumed(tmp_path, data, monkeypatch):
+    """A run that trained every epoch and stopped while it read the test split (a Ctrl-C, the
+    OOM killer) is not finished: --resume auto reads the test split and writes the report,
+    once; after that, a finished run reads nothing again."""
+    args = _args(data, tmp_path, "--pipeline torch --model vit_micro --epochs 1 --resume auto")
+    test_once = train.test_once
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "test_once", stopped)
+    assert train.main(args) == 130
+    assert not (tmp_path / "eval.json").exists()
+    monkeypatch.setattr(train, "test_once", test_once)
+    for _ in range(2):
+        assert train.main(args) == 0
+        assert [r["type"] for r in _log(tmp_path) if r["type"] != "step"] == ["epoch", "test"]
+    assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"val", "test"}
+
+
 def test_embedded_default_learns_the_digits(tmp_path, capsys):
     """`python train.py`'s recipe on all the digits, its schedule shortened to 6 epochs: well
     above chance (10%) on the validation split, and its pictures (the curves, the validation
