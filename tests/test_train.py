@@ -573,6 +573,7 @@ def test_eval_interval_validates_every_nth_epoch_and_the_last(tmp_path, data, ca
         (["--patch_size", "0"], "--patch_size 0: the patch size in pixels, 1 or more"),
         (["--drop_path", "1.5"], "--drop_path 1.5: a probability, in [0, 1)"),
         (["--blr", "-1"], "--blr -1.0: the base learning rate, 0 or more"),
+        (["--seed", "-1"], "--seed -1: the random seed, 0 or more"),
         (["--smoothing", "1"], "--smoothing 1.0: the label smoothing, a probability, in [0, 1)"),
         (["--model", "mae_vit_micro", "--mask_ratio", "0"], "mask_ratio 0.0 masks no patch"),
     ],
