@@ -241,6 +241,7 @@ def test_compare_tabulates_any_metric(tmp_path):
         record.update(test_auc=test, test_auc_at_best_val=test - 0.1)
         lines = [json.dumps({**r, "train_seconds": 1.0}) for r in epochs] + [json.dumps(record)]
         (run.folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+        (run.folder / "eval.json").write_text("{}\n")  # a finished run's report
     results = [compare.result(run, "auc") for run in runs]
     assert results[0].curve == [0.6, 0.8] and results[0].best == 0.8
     assert results[1].best == 0.5 and np.isnan(results[1].final)  # an undefined AUC
