@@ -4,9 +4,12 @@ One random permutation of the L patches per image; view i keeps the shuffled pos
 `[i*k, (i+1)*k)`. SSAT is the case r = 1. All shapes depend only on (r, B, k, L), so the model
 stays traceable with static shapes.
 
-The published FGCR code restores every view with the first view's unshuffle index, which puts the
-visible tokens of views 2..r at the positions of view 1's patches. Here each view carries its own
-slot table (`decoder_slots`), so every decoded token sits at its own patch position.
+The published FGCR decoder (`forward_views_decoder`) puts L - k(r - i) mask tokens before view
+i's k visible tokens and then unshuffles every view with the one shared index, which expects
+them after i*k: the two agree only where r*k = L (r = 4 at mask ratio 0.75). With fewer views,
+every view's visible tokens, the first view's too, are decoded at other patches' positions. Here
+each view carries its own slot table (`decoder_slots`), so every decoded token sits at its own
+patch position.
 """
 
 from __future__ import annotations
