@@ -102,6 +102,8 @@ def fits_in_memory(paths: list[str | os.PathLike]) -> tuple[bool, str]:
 
 def resolve(in_memory: bool | None, paths: list) -> tuple[bool, str]:
     """`in_memory` as given, or decided (None); and the line the start summary prints."""
+    if in_memory not in (None, True, False):  # 1 and 0 are True and False; "0" would be True
+        raise ValueError(f"in_memory={in_memory!r}: expected True, False or None (decided here)")
     if in_memory is not None:
         how = (
             "through the page cache, in a random order"

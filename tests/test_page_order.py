@@ -125,6 +125,9 @@ def test_auto_reads_in_pages_where_the_memory_limit_is_too_small(digits320, monk
         False,
         "in_memory=0 (as asked): read in whole pages by the loader, in a page-aware order",
     )
+    for given in ("0", "auto"):  # train.py's spellings are not the API's: no silent True
+        with pytest.raises(ValueError, match=f"in_memory={given!r}: expected True, False or None"):
+            create_loader("torch", path, train=True, batch_size=BATCH, img_size=8, in_memory=given)
 
 
 def test_memory_limits_read_cgroup_files(tmp_path, monkeypatch):
