@@ -188,12 +188,13 @@ def train_one_epoch(
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     window = torch.zeros_like(sums)
     window_norm = torch.zeros((), device=device)  # summed gradient norms (with --clip_grad)
+    window_steps, window_updates = 0, 0
     if logged:  # copies to the device, once per run resumed inside an epoch
         sums.copy_(torch.tensor(logged["sums"]))
         window.copy_(torch.tensor(logged["window"]))
         window_norm.fill_(logged["window_norm"])
+        window_steps, window_updates = logged["window_steps"], logged["window_updates"]
     summed_from = 0 if logged else first  # the first batch in `sums`
-    window_steps, window_updates = logged.get("window_steps", 0), logged.get("window_updates", 0)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     wait, window_images = DataWait(device), 0
     epoch_sums = None  # the epoch's loss sums, as read at the last log
@@ -404,8 +405,9 @@ def fit(
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     # resumed at the schedule's end by a run that stopped before its report (during the test
     # split, say): the last epoch's weights are evaluated again, and the report written
-    unreported = state.epoch == cfg.epochs and not (Path(cfg.output_dir) / "eval.json").exists()
-    unreported = bool(distributed.host_max(int(unreported and dist_ctx.main), dist_ctx))  # rank 0's
+    unreported = dist_ctx.main and state.epoch == cfg.epochs
+    unreported = unreported and not (Path(cfg.output_dir) / "eval.json").exists()
+    unreported = bool(distributed.host_max(int(unreported), dist_ctx))  # as rank 0 sees it
     while state.epoch < last:
         epoch = state.epoch
         seed_everything(cfg.seed, dist_ctx.rank, epoch)
@@ -418,9 +420,7 @@ def fit(
             return stop_here(cfg, state, stop.requested(), dist_ctx)
         result, averaged, better = {}, {}, False  # the epoch's validation, if it has one
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == last:
-            result = evaluate(state.model, val_loader, cfg, dist_ctx)
-            if state.ema is not None:  # the weights' moving average, evaluated beside them
-                averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
+            result, averaged = validate(cfg, state, val_loader, dist_ctx)
             better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
             state.best = result[cfg.best_metric] if better else state.best
         state.epoch, state.batch = epoch + 1, 0
@@ -457,10 +457,7 @@ def fit(
         if signum:
             return stop_here(cfg, state, signum, dist_ctx)
     if unreported:
-        result = evaluate(state.model, val_loader, cfg, dist_ctx)
-        averaged = {}
-        if state.ema is not None:
-            averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
+        result, averaged = validate(cfg, state, val_loader, dist_ctx)
     minutes = (time.perf_counter() - began) / 60
     if result:  # the last epoch of the invocation is always validated
         print0(
@@ -478,6 +475,16 @@ def fit(
 
         visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
     return 0
+
+
+def validate(cfg: TrainConfig, state: TrainState, val_loader, dist_ctx: DistContext):
+    """The weights on the validation split, and their moving average beside them ({} without
+    one)."""
+    result = evaluate(state.model, val_loader, cfg, dist_ctx)
+    averaged = {}
+    if state.ema is not None:
+        averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
+    return result, averaged
 
 
 # what ends a run with its one-line message (exit 1) rather than a traceback

@@ -104,12 +104,12 @@ def resume(
     """Load checkpoint `ckpt` (read from `path`) into `state`: weights, and to train on, the
     optimizer, the scaler and where to continue (inside an epoch: with this rank's saved
     generator states)."""
-    then = ckpt.get("config") or {}
+    trained = ckpt.get("config") or {}
     shape = ("model", "img_size", "patch_size")
-    if any(key in then and then[key] != getattr(cfg, key) for key in shape):
+    if any(key in trained and trained[key] != getattr(cfg, key) for key in shape):
         raise TrainError(
-            f"cannot resume from {path}: it holds {then.get('model')} at "
-            f"{then.get('img_size')} px, patch {then.get('patch_size')}, and this run builds "
+            f"cannot resume from {path}: it holds {trained.get('model')} at "
+            f"{trained.get('img_size')} px, patch {trained.get('patch_size')}, and this run builds "
             f"{cfg.model} at {cfg.img_size} px, patch {cfg.patch_size}: give the checkpoint's "
             f"--model, --img_size and --patch_size"
         )

@@ -66,21 +66,31 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 
 @contextmanager
+def _temporaries(finals: list[Path]) -> Iterator[list[Path]]:
+    """Temporary paths for `finals` (their folders made, stale temporaries removed), removed
+    again on any error (or KeyboardInterrupt) in the block."""
+    for final in finals:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
+    tmps = [temporary_path(final) for final in finals]
+    try:
+        yield tmps
+    except BaseException:
+        for tmp in tmps:
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+@contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `final`, on any error (or
     KeyboardInterrupt) it is removed and `final` is left as it was."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
-    tmp = temporary_path(final)
-    try:
+    with _temporaries([final]) as (tmp,):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, final)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     _fsync(final.parent, directory=True)  # make the rename itself durable
 
 
@@ -93,23 +103,14 @@ def atomic_pair(data: str | os.PathLike, meta: str | os.PathLike) -> Iterator[tu
     those three steps takes effect after them; on any error before, both finals stay as
     they were."""
     data, meta = Path(data), Path(meta)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    for final in (data, meta):
-        remove_stale_temporaries(final)
-    tmps = temporary_path(data), temporary_path(meta)
-    try:
-        yield tmps
-        for tmp in tmps:
-            _fsync(tmp)
+    with _temporaries([data, meta]) as (data_tmp, meta_tmp):
+        yield data_tmp, meta_tmp
+        _fsync(data_tmp)
+        _fsync(meta_tmp)
         with _interrupt_deferred():
             meta.unlink(missing_ok=True)
-            os.replace(tmps[0], data)
-            os.replace(tmps[1], meta)
-    except BaseException:
-        for tmp in tmps:
-            with suppress(FileNotFoundError):
-                tmp.unlink()
-        raise
+            os.replace(data_tmp, data)
+            os.replace(meta_tmp, meta)
     _fsync(data.parent, directory=True)
 
 
