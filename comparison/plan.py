@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.dataset import open_image_folder
 from pipelines.sampling import num_batches, training_subset
-from ssat.config import TrainConfig, load_file
+from ssat.config import FREE, TrainConfig, load_file
 from ssat.config import build_parser as train_parser
 from ssat.config import parse_config as parse_train_config
 from ssat.distributed import DistContext
@@ -41,18 +41,6 @@ SET_HERE = {
     "command again to continue",
     "subset_size": "give the fractions to compare.py: --subset_sizes",
     "subset_seed": "give it to compare.py: --subset_seed",
-}
-# settings that may differ between the invocations of one run: they change no result
-FREE = {
-    "resume",
-    "output_dir",
-    "num_workers",
-    "log_interval",
-    "log_dir",
-    "save_every",
-    "config",
-    "no_effect",
-    "verify_data",
 }
 _UNSET = object()  # an argparse default that no command line can give
 

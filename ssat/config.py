@@ -314,6 +314,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# settings that change no result: they may differ between the invocations of one run (a resume,
+# a rerun of compare.py)
+FREE = frozenset(
+    {
+        "resume",
+        "output_dir",
+        "num_workers",
+        "log_interval",
+        "log_dir",
+        "save_every",
+        "config",
+        "no_effect",
+        "verify_data",
+    }
+)
+
+
 # The recipe belongs to the dataset: a run on one of these takes each setting it does not give
 # from here; other datasets take the published defaults above.
 # The bundled digits: SSAT in well under a minute of training on 2 CPU cores, chosen on the

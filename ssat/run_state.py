@@ -18,7 +18,7 @@ from ssat.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ssat.config import TrainConfig
+from ssat.config import FREE, TrainConfig
 from ssat.distributed import DistContext, print0
 from ssat.export import is_export
 from ssat.models import list_models
@@ -98,6 +98,33 @@ def _resume_checkpoint(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path | 
         raise TrainError(f"cannot resume from {path}: {err}") from err
 
 
+# besides the settings that change no result: where the data are found, and what this one
+# invocation does (start_epoch: the checkpoint's position decides)
+_NOT_COMPARED = FREE | {
+    "data_dir",
+    "download",
+    "download_mirror",
+    "in_memory",
+    "start_epoch",
+    "stop_after",
+    "eval",
+    "print_config",
+    "pictures",
+    "version",
+}
+
+
+def changed_settings(trained: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The settings of this run that differ from those checkpoint config `trained` recorded,
+    as `name then, now now` (a setting the checkpoint predates is not compared)."""
+    now = cfg.to_dict()
+    return [
+        f"{name} {trained[name]!r}, now {value!r}"
+        for name, value in now.items()
+        if name in trained and name not in _NOT_COMPARED and trained[name] != value
+    ]
+
+
 def resume(
     cfg: TrainConfig, state: TrainState, dist_ctx: DistContext, path: Path, ckpt: dict
 ) -> None:
@@ -138,6 +165,13 @@ def resume(
         path, ckpt.get("data_fingerprints"), state.data, inside_epoch=state.batch > 0
     ):
         print0(dist_ctx, f"warning: {warning}")
+    changed = changed_settings(trained, cfg)
+    if changed:  # as the published code does, the run goes on with this command's
+        print0(
+            dist_ctx,
+            f"warning: {path} was trained with other settings ({'; '.join(changed)}): it goes "
+            f"on with this command's, which config.json records",
+        )
     state.step, state.best = int(ckpt.get("step", 0)), ckpt.get("best_metric")
     if state.batch:
         then = (int(position["world_size"]), ckpt["config"].get("batch_size"))

@@ -26,6 +26,7 @@ from processes import torchrun_workers
 from ssat.checkpoint import load_checkpoint
 from ssat.config import parse_config
 from ssat.distributed import DistContext
+from ssat.run_state import changed_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
@@ -138,6 +139,7 @@ def test_test_split_is_read_once_at_the_end(tmp_path, data, capsys):
     capsys.readouterr()
     assert train.main(_args(data, out, flags, "--resume auto")) == 0
     printed = capsys.readouterr().out
+    assert "other settings" not in printed  # --stop_after is this invocation's alone
     (record,) = [r for r in _log(out) if r["type"] == "test"]
     assert record["split"] == "test" and record["epoch"] == 2 and record["test_samples"] == 320
     assert record["best_val_epoch"] == best_epoch < 2
@@ -827,8 +829,9 @@ def test_resume_with_another_batch_size_goes_on_from_the_epoch_reached(tmp_path,
     assert train.main(_args(data, changed, flags, "--stop_after 1")) == 0  # 10 steps of 32
     capsys.readouterr()
     assert train.main(_args(data, changed, flags, "--batch_size 16 --resume auto")) == 0
-    said = "10 optimizer steps to epoch 1, batch 0, where this run takes 20 an epoch"
-    assert said in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "10 optimizer steps to epoch 1, batch 0, where this run takes 20 an epoch" in said
+    assert "was trained with other settings (batch_size 32, now 16): it goes on" in said
     logged = [[r for r in _log(out) if r["type"] == "step"] for out in (straight, changed)]
     lrs = [[r["lr"] for r in records if r["epoch"] == 1] for records in logged]
     assert len(lrs[0]) == 10 and lrs[0] == lrs[1]
@@ -845,3 +848,15 @@ def test_start_epoch_goes_on_from_there(tmp_path, data):
     epochs = [r for r in _log(out) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1] and epochs[0]["step"] == 20
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_names_the_settings_that_changed():
+    """A run resumed with other flags goes on with them, as the published code's does, and
+    says which: r = 3 mask views on an SSAT run make it FGCR. Where the data are found and what
+    this one invocation does (workers, --stop_after) are not compared."""
+    base = "--data_path digits --epochs 2"
+    trained = parse_config(base.split()).resolve(cuda=False).to_dict()
+    flags = f"{base} --data_dir elsewhere --resume auto --num_workers 3 --stop_after 1"
+    assert changed_settings(trained, parse_config(flags.split()).resolve(cuda=False)) == []
+    fgcr = parse_config(f"{base} --views 3".split()).resolve(cuda=False)
+    assert changed_settings(trained, fgcr) == ["method 'ssat', now 'fgcr'", "mask_views 1, now 3"]
