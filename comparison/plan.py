@@ -81,10 +81,11 @@ def flag_words(name: str, value: Any) -> list[str]:
     return [f"--{name}", str(value)]
 
 
-def given_settings(shared: list[str]) -> dict[str, Any]:
-    """The train.py settings that `shared` (and a --config file it names) set, by field name."""
+def given_settings(shared: list[str], where: str = "train.py flags after --") -> dict[str, Any]:
+    """The train.py settings that `shared` (and a --config file it names) set, by field name;
+    an error names the flag and `where` it was given."""
     parser = train_parser()
-    parser.prog = "train.py flags after --"  # its errors name the flag; no page of usage
+    parser.prog = where  # its errors name the flag; no page of usage
     parser.usage = "python compare.py [compare.py flags] -- [train.py flags]"
     names = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]
     parser.set_defaults(**dict.fromkeys(names, _UNSET))
@@ -120,7 +121,8 @@ def variants(args: argparse.Namespace, given: dict[str, Any]) -> list[tuple[str,
     if args.vary is None:
         return []
     flag, values = args.vary
-    settings = [given_settings([f"--{flag}", value]) for value in values]  # refused if unknown
+    # refused if unknown
+    settings = [given_settings([f"--{flag}", value], f"--vary {flag}") for value in values]
     if not settings[0]:  # a published flag that train.py accepts and ignores
         raise CompareError(
             f"--vary {flag}: train.py accepts it for the published commands, "
