@@ -288,26 +288,27 @@ class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
     head_reset: bool
-    pos_embed_resampled: bool
+    pos_embed_resampled: bool  # a learned table of another grid, resampled bicubically
+    pos_embed_grid: int | None = None  # the file's grid side where it differs from the model's
 
 
-def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> bool:
+def _adapt_pos_embed(state: dict, model: nn.Module, key: str) -> tuple[int, bool] | None:
     """Fit a position table of another grid size to the model's. A sin-cos table becomes the
     sin-cos table of the model's grid (exact, whether the model keeps it fixed or learns from it);
-    a learned one is resampled bicubically (timm). Returns True when a learned table was
-    resampled."""
+    a learned one is resampled bicubically (timm). Returns the file's grid side and whether a
+    learned table was resampled; None where the grids are the same."""
     own = getattr(model, key, None)
     if key not in state or own is None or state[key].shape == own.shape:
-        return False
+        return None
     table = state[key]
     old_grid = int((table.shape[1] - 1) ** 0.5)
     new_grid = int(model.num_patches**0.5)
     fixed = sincos_2d(table.shape[-1], old_grid)[None]
     if fixed.shape == table.shape and torch.allclose(table.float(), fixed, atol=1e-5):
         state[key] = sincos_2d(table.shape[-1], new_grid)[None].to(table.dtype)
-        return False
+        return old_grid, False
     state[key] = resample_abs_pos_embed(table, new_size=[new_grid, new_grid], num_prefix_tokens=1)
-    return True
+    return old_grid, True
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
@@ -329,7 +330,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
             del state[key]
         target.reset_head(target.num_classes)
         own = target.state_dict()
-    resampled = _adapt_pos_embed(state, target, "pos_embed")
+    grid, resampled = _adapt_pos_embed(state, target, "pos_embed") or (None, False)
     _adapt_pos_embed(state, target, "decoder_pos_embed")
 
     mismatched = [
@@ -361,4 +362,4 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadResult:
             f"is this checkpoint for another model size, patch size or pooling?"
         )
     target.load_state_dict(state, strict=False)
-    return LoadResult(missing, unexpected, head_reset, resampled)
+    return LoadResult(missing, unexpected, head_reset, resampled, grid)

@@ -66,6 +66,24 @@ def build_state(
             f"keys, unused {len(result.unexpected_keys)}, "
             f"head reset: {result.head_reset}",
         )
+        if result.pos_embed_grid is not None:
+            side = int(model.num_patches**0.5)
+            how = (
+                "resampled bicubically"
+                if result.pos_embed_resampled
+                else "its sin-cos table recomputed"
+            )
+            said = (
+                f"{source}: its position embedding is for a {result.pos_embed_grid}x"
+                f"{result.pos_embed_grid} grid of patches, fitted to this run's {side}x{side} "
+                f"({cfg.img_size} px, patch {cfg.patch_size}; {how})"
+            )
+            # timm's way of fine-tuning at another size; evaluated, these are not the weights'
+            # own numbers
+            if cfg.eval:
+                said = f"warning: {said}: these are the numbers of the weights at a size they were "
+                said += "not trained at"
+            print0(dist_ctx, said)
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
     state.data = data or {}
     if ckpt is not None and not weights:

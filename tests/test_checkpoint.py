@@ -242,7 +242,7 @@ def test_timm_learned_pos_embed_is_resampled(tmp_path):
     torch.save(timm_vit.state_dict(), tmp_path / "timm.pth")
     ours = _tiny("vit_tiny")  # 32 px / 8: a 4x4 grid instead of 8x8
     result = load_pretrained(ours, tmp_path / "timm.pth")
-    assert result.pos_embed_resampled and not result.head_reset
+    assert result.pos_embed_resampled and result.pos_embed_grid == 8 and not result.head_reset
     expected = resample_abs_pos_embed(
         timm_vit.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1
     )
@@ -259,6 +259,7 @@ def test_sincos_pos_embed_of_another_grid_is_regenerated(tmp_path, pos_embed):
     small = _tiny("vit_tiny", pos_embed=pos_embed)
     result = load_pretrained(small, tmp_path / "big.pth")
     assert not result.pos_embed_resampled and "pos_embed" not in result.missing_keys
+    assert result.pos_embed_grid == 8
     assert torch.equal(small.pos_embed.detach(), sincos_2d(192, 4)[None])
     assert small.pos_embed.requires_grad == (pos_embed == "learned")
 

@@ -111,12 +111,19 @@ def test_a_trained_run_goes_out_and_comes_back(digits, tmp_path, capsys):
     capsys.readouterr()
     evaluated = ["--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(out)]
     assert train.main([*common, *evaluated]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
+    printed = capsys.readouterr().out
+    assert "position embedding" not in printed  # the size it was trained at
+    result = json.loads(printed.strip().splitlines()[-1])["eval"]
     assert result["acc1"] == pytest.approx(logged["ema_val_acc1"])
     assert result["loss"] == pytest.approx(logged["ema_val_loss"], rel=1e-5)
     assert (
         json.loads((tmp_path / "eval" / "eval.json").read_text())["val"]["acc1"] == result["acc1"]
     )
+    # at another size, the weights' numbers are not their own: said
+    assert train.main([*common, *evaluated, "--img_size", "32"]) == 0
+    said = f"warning: {out}: its position embedding is for a 4x4 grid of patches, fitted to "
+    said += "this run's 8x8 (32 px, patch 4; its sin-cos table recomputed): these are the "
+    assert said in capsys.readouterr().out
     # fine-tuning from the folder reads the full model (decoder included), from the file the
     # classifier alone
     for source, missing in ((out, 0), (out / "model.safetensors", None)):
