@@ -72,6 +72,7 @@ from ssat.training import (
     use_all_cores,
 )
 from storage.atomic import atomic_path
+from storage.folders import split_folders
 from storage.verify import verify_files
 
 
@@ -83,16 +84,21 @@ def find_dataset(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[Path, Path, P
     test/ class folders the same way. Public datasets (convert/first_use.py) and the bundled
     digits are made on first use."""
     given = Path(cfg.data_path)
-    if given.is_dir() and (given / "train").is_dir() and not any(given.glob("*_train.beton")):
+    # an image folder's split folders, named as the converter names them (Train/, valid/, ...)
+    splits = split_folders(given) if given.is_dir() else {}
+    if "train" in splits and not any(given.glob("*_train.beton")):
+        train = splits.pop("train")
         if cfg.pipeline != "dali":
             raise TrainError(
-                f"{given}: an image folder (train/ holds class folders): read it with "
+                f"{given}: an image folder ({train.name}/ holds class folders): read it with "
                 f"--pipeline dali, or convert it first with convert/imagenet_to_ffcv.py"
             )
-        evals = [given / s for s in ("val", "test") if (given / s).is_dir()]
-        if not evals:
-            raise TrainError(f"{given}: image folder with train/ but neither val/ nor test/")
-        return given / "train", evals[0], evals[1] if len(evals) == 2 else None
+        if not splits:
+            raise TrainError(
+                f"{given}: image folder with {train.name}/ but no val/ or test/ split folder"
+            )
+        evals = list(splits.values())  # val, then test
+        return train, evals[0], evals[1] if len(evals) == 2 else None
     if given.is_dir():
         found = sorted(given.glob("*_train.beton"))
         if len(found) != 1:

@@ -22,6 +22,7 @@ from ssat.config import build_parser as train_parser
 from ssat.config import parse_config as parse_train_config
 from ssat.distributed import DistContext
 from ssat.models import list_models
+from storage.folders import SPLIT_FOLDERS
 from storage.metadata import open_dataset
 from train import find_dataset
 
@@ -265,4 +266,8 @@ def evaluation_split(run: Run) -> str:
     """The split train.py evaluates on each epoch: val, or test where there is no val (the
     dataset is checked here, before any run starts; the bundled digits are converted)."""
     path = find_dataset(run.config, DistContext())[1]
-    return path.stem.rsplit("_", 1)[-1] if path.suffix == ".beton" else path.name
+    return (
+        path.stem.rsplit("_", 1)[-1]
+        if path.suffix == ".beton"
+        else SPLIT_FOLDERS[path.name.lower()]
+    )

@@ -4,10 +4,11 @@
     python convert/imagenet_to_ffcv.py --src /data/flowers_folders --name flowers \\
         --out_dir /data/ffcv
 
-`--src` holds `train/` and `val/` (or `valid/`, or `test/`; in any case: `Train/` too) with one
-folder per class, or is one such split folder itself. Class names and label order come from the
-train split's folder names. A would-be class folder that looks like a split (`training/`,
-`Validation/`, ...) or holds split folders itself is an error, not a class.
+`--src` holds `train/` and `val/` and/or `test/` (also named `training/`, `valid/`,
+`validation/`, `testing/`, in any case) with one folder per class, or is one such split folder
+itself. Class names and label order come from the train split's folder names. Other folders beside
+the split folders are left out, and said; a would-be class folder that looks like a split
+(`eval/`) or holds split folders itself is an error, not a class.
 """
 
 import argparse
@@ -18,12 +19,11 @@ from pathlib import Path
 from convert.cli import converter_parser, run
 from convert.sources import image_folder
 from convert.writer import ConvertError, Source
-from storage.folders import class_folders
+from storage.folders import SPLIT_FOLDERS, class_folders, split_folders
 
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 # Folder names (lower case) that are splits, not classes: a layout this converter does not read.
-SPLIT_LIKE = {*SPLIT_FOLDERS, "training", "validation", "testing", "eval", "evaluation"}
-LAYOUT = "train/ and val/ (or valid/, test/) with one folder per class, or one such split folder"
+SPLIT_LIKE = {*SPLIT_FOLDERS, "eval", "evaluation"}
+LAYOUT = "train/ and val/ or test/ with one folder per class, or one such split folder"
 
 
 def read_source(args) -> Source:
@@ -32,28 +32,20 @@ def read_source(args) -> Source:
         raise ConvertError(
             f"--src {root}: a file, not a folder (unpack it first); expected {LAYOUT}"
         )
-    found = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _split_of(p) is not None):
-        split = _split_of(folder)
-        if split in found:
-            raise ConvertError(
-                f"{root}: both {found[split].name}/ and {folder.name}/ found; keep one"
-            )
-        found[split] = folder
-    if not found:  # the folder is itself one split
+    found = split_folders(root)
+    if found:
+        others = [p.name + "/" for p in class_folders(root) if p not in found.values()]
+        if others:  # a folder of notes, of unlabelled images: not a split
+            print(f"{root}: left out {', '.join(others)}: not split folders ({LAYOUT})")
+    else:  # the folder is itself one split
         _check_classes(root)
-        found = {_split_of(root) or "train": root}
-    order = sorted(found, key=lambda s: s != "train")
+        found = {SPLIT_FOLDERS.get(root.name.lower(), "train"): root}
     classes = None
     splits = []
-    for name in order:
-        split, classes = image_folder(found[name], name, classes)
+    for name, folder in sorted(found.items(), key=lambda item: item[0] != "train"):
+        split, classes = image_folder(folder, name, classes)
         splits.append(split)
     return Source(args.name, classes, splits, str(root), photos=True)
-
-
-def _split_of(folder: Path) -> str | None:
-    return SPLIT_FOLDERS.get(folder.name.lower())
 
 
 def _check_classes(root: Path) -> None:

@@ -19,6 +19,35 @@ from storage import DatasetError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# The split folders of an image dataset, in any case (`Train/`, `VALID/`), and the split each is.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders directly under `root`, split -> folder, train first ({} where it holds
+    none). Two folders of one split (`val/` and `validation/`) are an error."""
+    found: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = SPLIT_FOLDERS.get(folder.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise DatasetError(
+                f"{root}: both {found[split].name}/ and {folder.name}/ are the {split} split; "
+                f"keep one"
+            )
+        found[split] = folder
+    return dict(sorted(found.items(), key=lambda item: ("train", "val", "test").index(item[0])))
+
+
 class FolderListing(NamedTuple):
     files: list[Path]
     labels: np.ndarray  # (N,) int64

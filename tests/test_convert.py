@@ -573,6 +573,34 @@ def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
     assert meta["class_counts"] == [4, 4, 4]
 
 
+def test_split_folders_by_their_common_names(tmp_path, capsys):
+    """Training/, Validation/ and testing/ are the three splits (a validation split was left out
+    silently, and the test split chose the best epoch); another folder beside them is left out
+    and said; train.py's image-folder reading (--pipeline dali) finds the same splits."""
+    import train
+    from ssat.config import parse_config
+    from ssat.distributed import DistContext
+
+    src = tmp_path / "src"
+    fabricate.image_folder(src, {"Training": 2, "Validation": 1, "testing": 1})
+    (src / "unlabelled" / "scans").mkdir(parents=True)
+    assert convert("imagenet", "--src", src, "--out_dir", tmp_path / "out", "--name", "f") == 0
+    assert f"{src}: left out unlabelled/: not split folders" in capsys.readouterr().out
+    counts = {
+        split: json.loads((tmp_path / "out" / f"f_{split}.json").read_text())["num_samples"]
+        for split in ("train", "val", "test")
+    }
+    assert counts == {"train": 6, "val": 3, "test": 3}
+    cfg = parse_config(["--data_path", str(src), "--pipeline", "dali"])
+    found = train.find_dataset(cfg, DistContext())
+    assert found == (src / "Training", src / "Validation", src / "testing")
+    # two folders of one split: which one is meant is asked, not guessed
+    (src / "val" / "class_0").mkdir(parents=True)
+    assert convert("imagenet", "--src", src, "--out_dir", tmp_path / "again") == 1
+    said = f"{src}: both Validation/ and val/ are the val split; keep one"
+    assert said in capsys.readouterr().err
+
+
 def _structural_cases(root: Path):
     """(converter, argv, expected message) for errors that no --on_error mode skips."""
     cases = []
@@ -586,10 +614,11 @@ def _structural_cases(root: Path):
     (root / "empty_class" / "train" / "class_0" / "img_000.JPEG").rename(loose / "a.JPEG")
     cases.append(("imagenet", ["--src", loose], "no class folders"))
     # split folders the converter does not name, or one level too deep: not classes
-    for split in ("Training", "Testing"):
+    for split in ("Eval", "Evaluation"):
         (root / "named" / split / "cat").mkdir(parents=True)
-        (root / "deep" / "dataset" / split.lower()[:-3] / "cat").mkdir(parents=True)
-    named = f"--src {root / 'named'}: its folders Testing, Training look like splits"
+    for split in ("train", "test"):
+        (root / "deep" / "dataset" / split / "cat").mkdir(parents=True)
+    named = f"--src {root / 'named'}: its folders Eval, Evaluation look like splits"
     cases.append(("imagenet", ["--src", root / "named"], named))
     deep = f"--src {root / 'deep'}: dataset/ holds the split folders test, train; give --src"
     cases.append(("imagenet", ["--src", root / "deep"], deep))
