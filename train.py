@@ -370,19 +370,23 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")
-        result = evaluate(state.model, val_loader, cfg, dist_ctx)
+        result, averaged = validate(cfg, state, val_loader, dist_ctx)
         # a training run's folder keeps its own config.json and eval.json (its test results)
         keep = holds_a_training_run(out)
         if not keep:
             record_config(cfg, out, dist_ctx)
-        report(cfg, {"val": result}, val_loader.info.class_names, dist_ctx, write=not keep)
+        results = {"val": result, **({"ema_val": averaged} if averaged else {})}
+        report(cfg, results, val_loader.info.class_names, dist_ctx, write=not keep)
+        if averaged:
+            print0(dist_ctx, f"val, the weights' moving average: {brief(averaged)}")
         if keep:
             print0(
                 dist_ctx,
                 f"{out} holds a training run: its config.json and eval.json are left as they "
                 f"are (give another --output_dir to keep this evaluation's)",
             )
-        print0(dist_ctx, json.dumps({"eval": result}))  # the last line: one JSON object
+        last = {"eval": result, **({"ema_eval": averaged} if averaged else {})}
+        print0(dist_ctx, json.dumps(last))  # the last line: one JSON object
         return 0
     record_config(cfg, out, dist_ctx)
     log = RunLog(out, dist_ctx, resumed_at=state.step or None, board=cfg.log_dir)

@@ -88,6 +88,8 @@ def build_state(
     state.data = data or {}
     if ckpt is not None and not weights:
         resume(cfg, state, dist_ctx, path, ckpt)
+    elif cfg.eval:  # weights alone (an export holds the average as its weights): no average
+        state.ema = None
     elif cfg.start_epoch:  # MAE's --start_epoch: as if that many epochs had run
         state.epoch = cfg.start_epoch
         state.step = cfg.start_epoch * state.updates_per_epoch
@@ -168,7 +170,18 @@ def resume(
             + " ".join(line.strip() for line in lines[:3])
             + more
         ) from None
-    if cfg.eval:
+    if cfg.eval:  # the weights, and with --model_ema the moving average the file holds
+        if state.ema is not None and ckpt.get("model_ema") is None:
+            print0(dist_ctx, f"warning: --model_ema: {path} holds no moving average")
+            state.ema = None
+        elif state.ema is not None:
+            state.ema.module.load_state_dict(ckpt["model_ema"])
+        elif ckpt.get("model_ema") is not None:
+            print0(
+                dist_ctx,
+                f"{path} also holds a moving average of the weights (what export.py exports "
+                f"and predict.py uses): add --model_ema to evaluate it too",
+            )
         return
     if ckpt.get("optimizer") is None:  # with --resume auto: a file written by something else
         raise TrainError(f"{path}: no optimizer state to resume from")

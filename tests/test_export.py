@@ -119,6 +119,19 @@ def test_a_trained_run_goes_out_and_comes_back(digits, tmp_path, capsys):
     assert (
         json.loads((tmp_path / "eval" / "eval.json").read_text())["val"]["acc1"] == result["acc1"]
     )
+    # the run's checkpoint evaluated: its weights, and with --model_ema its average too, as
+    # logged (the average is what the export holds and predict.py uses)
+    checkpoint = ["--eval", "--resume", str(run / "checkpoint-last.pth")]
+    assert train.main([*common, *checkpoint, "--output_dir", str(tmp_path / "e1")]) == 0
+    printed = capsys.readouterr().out
+    assert "also holds a moving average of the weights" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["eval"]["acc1"] == logged["val_acc1"]
+    again = [*common, *checkpoint, "--output_dir", str(tmp_path / "e2"), "--model_ema"]
+    assert train.main(again) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["eval"]["acc1"] == pytest.approx(logged["val_acc1"])
+    assert last["ema_eval"]["acc1"] == pytest.approx(logged["ema_val_acc1"])
+    assert json.loads((tmp_path / "e2" / "eval.json").read_text())["ema_val"] == last["ema_eval"]
     # at another size, the weights' numbers are not their own: said
     assert train.main([*common, *evaluated, "--img_size", "32"]) == 0
     said = f"warning: {out}: its position embedding is for a 4x4 grid of patches, fitted to "
