@@ -259,11 +259,14 @@ def export(source: Path, out: Path, *, data=None, raw=False, with_decoder=False,
     config = ckpt["config"]
     meta = find_metadata(config, Path(data) if data else None)
     epoch = int(ckpt.get("epoch", -1))
+    # a run stopped inside an epoch (SIGTERM, Ctrl-C) saved weights the log never evaluated
+    position = ckpt.get("position") or {}
+    inside = int(position.get("batch") or 0)
     facts = {
         "weights": "the moving average of the weights (EMA)" if ema else "the trained weights",
         "checkpoint": path.name,
-        "epochs": epoch + 1,
-        "metrics": run_metrics(path.parent / "log.jsonl", epoch, ema),
+        "epochs": f"{epoch + 1}" + (f" (and {inside} batches of the next)" if inside else ""),
+        "metrics": {} if inside else run_metrics(path.parent / "log.jsonl", epoch, ema),
     }
     write_export(model, out, config, meta, facts, with_decoder=with_decoder, onnx=onnx)
     return out

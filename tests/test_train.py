@@ -19,6 +19,7 @@ import matplotlib.image
 import pytest
 import torch
 
+import export
 import fabricate
 import ssat.training
 import train
@@ -330,6 +331,11 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert len(lines) == 1, lines
     assert f"after step {ckpt['step']} (epoch 1, batch {position['batch']} of 10)" in lines[0]
     assert "--resume auto" in lines[0] and str(split / "checkpoint-last.pth") in lines[0]
+    # exported as it stands, its card quotes no numbers: the log measured epoch 0's weights
+    assert export.main([str(split), "--out", str(tmp_path / "exported")]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert f"1 (and {position['batch']} batches of the next) of 2 epochs" in card
+    assert "holds no evaluation of these weights" in card and "| val |" not in card
 
     capsys.readouterr()  # the place in the epoch holds only for the same batch size
     recorded = (split / "config.json").read_bytes()
