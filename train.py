@@ -366,7 +366,8 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
     # which data the run trains and evaluates on: checked on resume, saved in checkpoints
     data = {"train": train_loader, "eval": val_loader, "test": test_loader}
     data = {k: (str(d.path), d.info.fingerprint) for k, d in data.items() if d is not None}
-    state = build_state(cfg, dist_ctx, classes, len(train_loader), data)
+    order = "random" if train_loader.in_memory else "pages"
+    state = build_state(cfg, dist_ctx, classes, len(train_loader), data, order)
     if cfg.eval:
         if not cfg.resume:
             raise TrainError("--eval needs --resume PATH (the checkpoint to evaluate)")

@@ -2,9 +2,10 @@
 
 A checkpoint is MAE-compatible (`model`, `optimizer`, `epoch`, `scaler`, `args`) plus our keys:
 `config` (the run's settings as a plain dict), `step` (optimizer steps taken), `best_metric`,
-`rng` (the saving process's random generators), `position` (`{'epoch', 'batch', 'world_size'}`:
-where training continues, batch `batch` of epoch `epoch`; `batch` > 0 for a run stopped inside
-an epoch, whose position also holds `logged`: the loss sums its log had reached in the epoch)
+`rng` (the saving process's random generators), `position` (`{'epoch', 'batch', 'world_size',
+'order'}`: where training continues, batch `batch` of epoch `epoch`, and the train split's
+sample order, `random` or `pages`; `batch` > 0 for a run stopped inside an epoch, whose
+position also holds `logged`: the loss sums its log had reached in the epoch)
 and, for such a stop, `rng_ranks` (every rank's generators, indexed by rank, which a run
 resuming inside the epoch restores), `data_fingerprints` (the content fingerprints of the
 splits it trained and evaluated on, `{'train', 'eval', 'test'}` -> `sha256:<hex>`, where their

@@ -32,10 +32,12 @@ def build_state(
     num_classes: int,
     steps_per_epoch: int,
     data: dict[str, tuple[str, str | None]] | None = None,
+    order: str = "random",
 ) -> TrainState:
     """The run's state, from --finetune, --resume or fresh. `data`: the splits it trains and
     evaluates on, role -> (path, content fingerprint), checked against a resumed checkpoint's
-    and saved in every checkpoint."""
+    and saved in every checkpoint; `order`: the train split's sample order (TrainState.order),
+    saved with a place inside an epoch."""
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(cfg.seed)
@@ -85,7 +87,7 @@ def build_state(
                 said += "not trained at"
             print0(dist_ctx, said)
     state = create_state(cfg, model, dist_ctx, steps_per_epoch)
-    state.data = data or {}
+    state.data, state.order = data or {}, order
     if ckpt is not None and not weights:
         resume(cfg, state, dist_ctx, path, ckpt)
     elif cfg.eval:  # weights alone (an export holds the average as its weights): no average
@@ -131,6 +133,12 @@ _NOT_COMPARED = FREE | {
     "print_config",
     "pictures",
     "version",
+}
+
+
+_ORDERS = {
+    "random": "in a random order through the page cache (--in_memory 1)",
+    "pages": "in whole pages, in the page-aware order (--in_memory 0)",
 }
 
 
@@ -213,6 +221,14 @@ def resume(
                 f"place in the epoch depends on both), not {dist_ctx.world_size} of "
                 f"{cfg.batch_size}"
             )
+        then = position.get("order", state.order)  # a file from before orders were saved
+        if then != state.order:
+            raise TrainError(
+                f"{path} stopped inside epoch {state.epoch} reading the train split "
+                f"{_ORDERS[then]}, and this run reads it {_ORDERS[state.order]}: the rest of "
+                f"the epoch would repeat some samples and leave out others. Continue it with "
+                f"--in_memory {1 if then == 'random' else 0}"
+            )
         state.rng = ckpt["rng_ranks"][dist_ctx.rank]
         state.logged = position.get("logged")
         print0(
@@ -255,6 +271,7 @@ def save(
     if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
         names.append(f"checkpoint-{done}.pth")
     position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
+    position["order"] = state.order
     if state.batch and state.logged:
         position["logged"] = state.logged
     for name in names:

@@ -102,6 +102,9 @@ class TrainState:
     logged: dict[str, Any] | None = None
     # the splits it trains and evaluates on: role (train, eval, test) -> (path, fingerprint)
     data: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # the train split's sample order: "random" (through the page cache, --in_memory 1) or
+    # "pages" (the page-aware order, --in_memory 0); a resume inside an epoch needs the same
+    order: str = "random"
 
     @property
     def updates_per_epoch(self) -> int:

@@ -342,6 +342,11 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert train.main(_args(data, split, *common, "--batch_size", 16, "--resume", "auto")) == 1
     assert "stopped inside epoch 1 with 1 process(es) of batch 32" in capsys.readouterr().err
     assert (split / "config.json").read_bytes() == recorded  # a refused resume changes nothing
+    # and for the same sample order: in pages (a node with less memory) it is another
+    assert train.main(_args(data, split, *common, "--in_memory", 0, "--resume", "auto")) == 1
+    said = "reading the train split in a random order through the page cache (--in_memory 1), "
+    said += "and this run reads it in whole pages, in the page-aware order (--in_memory 0)"
+    assert said in capsys.readouterr().err
     assert train.main(_args(data, split, *common, "--resume", "auto")) == 0
     assert train.main(_args(data, straight, *common)) == 0
     a = load_checkpoint(straight / "checkpoint-last.pth")
