@@ -6,9 +6,10 @@ the disk at random, each fault pulling in the kernel's read-ahead window, so the
 whole `.beton` pages themselves (ffcv's process cache) in the page-aware order of
 `sampling.page_aware_order` (`in_memory=False`).
 
-The memory this process may use is the least of its cgroup's limit (v2 `memory.max`, v1
-`memory.limit_in_bytes`) and the host's MemAvailable. The datasets fit when they take at most
-FITS_SHARE of it after RESERVE for the model, the optimizer and the loaders' buffers.
+The memory this process may use is the least of the limits of its cgroup and those above it
+(v2 `memory.max`, v1 `memory.limit_in_bytes`) and the host's MemAvailable. The datasets fit
+when they take at most FITS_SHARE of it after RESERVE for the model, the optimizer and the
+loaders' buffers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ FITS_SHARE = 0.75  # of the memory left after RESERVE: the rest stays for everyt
 RESERVE = 4 << 30  # bytes kept for the model, its optimizer, activations and the loaders
 UNLIMITED = 1 << 60  # cgroup v1 writes a number near 2**63 for "no limit"
 CGROUP = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")  # this process's cgroups, one line a hierarchy
 
 
 def _read_int(path: Path) -> int | None:
@@ -37,24 +39,33 @@ def _read_int(path: Path) -> int | None:
 
 
 def _cgroup_limit() -> tuple[int, str] | None:
-    """This process's cgroup memory limit in bytes and the file it came from, or None."""
+    """This process's cgroup memory limit in bytes and the file it came from, or None: the
+    least over its cgroup and the cgroups above it (a limit on a parent, such as a batch job's
+    above its step's, bounds the child too), in the unified hierarchy (v2 `memory.max`) or the
+    v1 memory controller's (`memory.limit_in_bytes`). Inside a container the path in
+    /proc/self/cgroup may be the host's, with the container's own cgroup mounted at the
+    hierarchy's root: the root is read too."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
         return None
+    found = []
     for line in lines:
         _, controllers, where = line.split(":", 2)
-        where = where.lstrip("/")
         if controllers == "":  # cgroup v2's unified hierarchy
-            path = CGROUP / where / "memory.max"
+            root, name = CGROUP, "memory.max"
         elif "memory" in controllers.split(","):
-            path = CGROUP / "memory" / where / "memory.limit_in_bytes"
+            root, name = CGROUP / "memory", "memory.limit_in_bytes"
         else:
             continue
-        value = _read_int(path)
-        if value is not None:
-            return value, str(path)
-    return None
+        folder = root / where.strip("/")
+        for path in [folder / name, *(parent / name for parent in folder.parents)]:
+            value = _read_int(path)
+            if value is not None:
+                found.append((value, str(path)))
+            if path.parent == root:
+                break
+    return min(found) if found else None
 
 
 def _mem_available() -> int | None:

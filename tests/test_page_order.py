@@ -138,3 +138,27 @@ def test_memory_limits_read_cgroup_files(tmp_path, monkeypatch):
     (tmp_path / "v1").write_text("9223372036854771712\n")  # cgroup v1: no limit
     assert memory._read_int(tmp_path / "v1") is None
     assert "MemAvailable" in memory.memory_limits()  # this machine's
+
+
+@pytest.mark.parametrize("layout", ["v2, a limit above the leaf", "v1 in a container"])
+def test_the_cgroup_limit_is_found_where_it_is_set(tmp_path, monkeypatch, layout):
+    """A limit on a parent cgroup (a batch job's, above its step's) bounds the process; inside a
+    v1 container, /proc/self/cgroup names the host's path and the container's own cgroup is
+    the hierarchy's root. Both are found (both read as no limit before), and the least wins."""
+    fs, proc = tmp_path / "cgroup", tmp_path / "proc_cgroup"
+    monkeypatch.setattr(memory, "CGROUP", fs)
+    monkeypatch.setattr(memory, "PROC_CGROUP", proc)
+    if layout.startswith("v2"):
+        proc.write_text("0::/job_7/step_0/user\n")
+        for folder, limit in [("job_7", "3221225472"), ("job_7/step_0", "max")]:
+            (fs / folder).mkdir(parents=True)
+            (fs / folder / "memory.max").write_text(limit + "\n")
+        (fs / "job_7" / "step_0" / "user").mkdir()  # no memory.max of its own
+        expected = (3 << 30, str(fs / "job_7" / "memory.max"))
+    else:
+        proc.write_text("12:cpu,cpuacct:/docker/abc\n9:memory:/docker/abc\n")
+        (fs / "memory").mkdir(parents=True)
+        (fs / "memory" / "memory.limit_in_bytes").write_text("2147483648\n")
+        expected = (2 << 30, str(fs / "memory" / "memory.limit_in_bytes"))
+    assert memory._cgroup_limit() == expected
+    assert memory.memory_limits()[f"cgroup limit ({expected[1]})"] == expected[0]
