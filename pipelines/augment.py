@@ -10,13 +10,38 @@ The crops and flips happen earlier, in the engine, where each image is decoded o
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 
-from pipelines.randaugment import RandAugment
+from pipelines.randaugment import RandAugment, RandAugmentConfig
+
+# options with a meaningful range: option, lowest, highest (None: no bound), the ends included
+RANGES = (
+    ("hflip", 0, 1, "[]"),
+    ("reprob", 0, 1, "[]"),
+    ("recount", 1, None, "[)"),
+    ("mixup", 0, None, "[)"),
+    ("cutmix", 0, None, "[)"),
+    ("mixup_prob", 0, 1, "[]"),
+    ("mixup_switch_prob", 0, 1, "[]"),
+    ("smoothing", 0, 1, "[)"),
+    ("crop_pct", 0, 1, "(]"),
+    ("perspective", 0, 1, "[]"),
+)
+# options with a few meanings (as timm's flags), and pairs (low, high) with their valid range
+CHOICES = {"remode": ("pixel", "rand", "const"), "mixup_mode": ("batch", "pair", "elem")}
+PAIRS = {
+    "scale": ("0 < MIN <= MAX <= 1 (fractions of the image's area)", lambda a, b: 0 < a <= b <= 1),
+    "ratio": ("0 < MIN <= MAX (width / height)", lambda a, b: 0 < a <= b),
+    "cutmix_minmax": (
+        "0 <= MIN < MAX <= 1 (fractions of the image's sides)",
+        lambda a, b: 0 <= a < b <= 1,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +60,9 @@ class AugmentConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
-    cutmix_minmax: tuple[float, float] | None = None  # cutmix box area range; overrides alpha
+    # cutmix box side range, as fractions of the image's sides (timm): turns cutmix on, whatever
+    # the cutmix alpha (which it overrides)
+    cutmix_minmax: tuple[float, float] | None = None
     smoothing: float = 0.1  # label smoothing carried by mixup's soft targets
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop img_size
     perspective: float = 0.0  # eval: random perspective distortion scale; 0 disables
@@ -51,9 +78,53 @@ class AugmentConfig:
             )
         return cls(**kwargs)
 
+    def __post_init__(self):
+        """An option outside its range is an error here, naming it, for every engine (which
+        would each fail its own way, some deep in a worker, or not at all)."""
+        for name, low, high, ends in RANGES:
+            value = getattr(self, name)
+            if not _inside(value, low, high, ends):
+                raise ValueError(f"{name}={value!r}: expected {_interval(low, high, ends)}")
+        if not isinstance(self.recount, numbers.Integral):
+            raise ValueError(f"recount={self.recount!r}: expected a whole number of boxes")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}"
+                )
+        for name, (expected, valid) in PAIRS.items():
+            pair = getattr(self, name)
+            if name == "cutmix_minmax" and pair is None:
+                continue
+            if not (_numbers(pair) and len(pair) == 2 and valid(*pair)):
+                raise ValueError(f"{name}={pair!r}: expected two numbers, {expected}")
+        if isinstance(self.aa, str) and self.aa:  # its error names the section it cannot read
+            RandAugmentConfig.parse(self.aa)
+
     @property
     def mixes(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
+        """Mixup or cutmix on: as timm's and MAE's `mixup_active`, a cutmix box range turns
+        cutmix on by itself (timm's `Mixup` then draws cutmix boxes in that range)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, (tuple, list)) and all(_real(v) for v in values)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _inside(value, low, high, ends: str) -> bool:
+    if not _real(value):
+        return False
+    above = value >= low if ends[0] == "[" else value > low
+    return above and (high is None or (value <= high if ends[1] == "]" else value < high))
+
+
+def _interval(low, high, ends: str) -> str:
+    return f"{low} or more" if high is None else f"a number in {ends[0]}{low}, {high}{ends[1]}"
 
 
 class DeviceAugment:

@@ -10,13 +10,18 @@ samples in the same order as an uninterrupted pass. The crops repeat too on two 
 torch engine draws each crop from a seed of (seed, epoch, sample index, crop), and ffcv seeds
 its numba thread's generator for each sample from the batch (its samples in the epoch's order,
 a function of seed and epoch) and the sample's place in it, with any number of threads. DALI
-draws from its pipeline's seed, so after a mid-epoch start its crops are drawn afresh. The
-device-side augmentation draws from the consuming process's generators, which a resuming
-trainer restores.
+draws from its pipeline's generators, seeded from (seed, rank, epoch) only when a pipeline is
+built; a pipeline that finished its pass is kept for the next epoch, its generators going on
+where they stopped. So DALI's crops repeat for the same passes in the same sequence from a
+loader's first, and differ wherever a pipeline is built anew: a fresh loader started at epoch k
+(a restart, at an epoch's start as inside one), a `set_epoch` to other than the next epoch, a
+pass left part way. The device-side augmentation draws from the consuming process's generators,
+which a resuming trainer restores.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Iterator
 
@@ -32,6 +37,23 @@ from storage.metadata import open_dataset
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def _whole(name: str, value, low: int, high: int | None = None, where: str = "") -> int:
+    """`value` as an int, or an error naming the argument: an integer (numpy's too, not a bool)
+    from `low` to `high` (None: no bound), both included."""
+    if high is None:
+        expected = f"an integer, {low} or more"
+    elif high == low:
+        expected = f"{low}"
+    else:
+        expected = f"an integer from {low} to {high}"
+    expected += f" {where}" if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r}: expected {expected}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value}: expected {expected}")
+    return int(value)
 
 
 class CropLoader:
@@ -65,6 +87,19 @@ class CropLoader:
         in_memory: bool | None = None,
         **augmentation,
     ):
+        # the arguments first: a bad one is named here, not met deep inside an engine
+        batch_size, img_size = _whole("batch_size", batch_size, 1), _whole("img_size", img_size, 1)
+        crops = _whole("crops", crops, 1) if train else _whole("crops", crops, 1, 1, "for eval")
+        world_size = _whole("world_size", world_size, 1)
+        rank = _whole("rank", rank, 0, world_size - 1, f"with world_size={world_size}")
+        seed = _whole("seed", seed, 0)
+        if subset_seed is not None:
+            subset_seed = _whole("subset_seed", subset_seed, 0)
+        if num_workers is not None:
+            num_workers = _whole("num_workers", num_workers, 0)
+        self.config = AugmentConfig.from_kwargs(**augmentation)
+        if train and self.config.mixes:
+            self._check_mixing(batch_size, img_size)
         self.source, self.info = self._open(path)
         self.path = self.info.path
         # read through the page cache in a random order, or in whole pages in a page-aware
@@ -75,12 +110,6 @@ class CropLoader:
         else:  # an image folder (DALI): files, not pages
             self.in_memory = True
             self.memory_note = "an image folder: read file by file, in a random order"
-        if crops < 1 or (not train and crops != 1):
-            raise ValueError(f"crops must be >= 1 for training and 1 for eval, got {crops}")
-        if batch_size < 1 or img_size < 1:
-            raise ValueError(
-                f"batch_size and img_size must be positive, got {batch_size}, {img_size}"
-            )
         self.train, self.batch_size, self.img_size, self.crops = train, batch_size, img_size, crops
         self.rank, self.world_size, self.seed = rank, world_size, seed
         # a limited-data run: train on a fixed, class-stratified fraction of the samples, drawn
@@ -92,12 +121,6 @@ class CropLoader:
         self.num_samples = self.info.num_samples if self.subset is None else len(self.subset)
         self.device = torch.device(device)
         self.num_workers = default_workers() if num_workers is None else num_workers
-        self.config = AugmentConfig.from_kwargs(**augmentation)
-        if train and self.config.mixes and batch_size % 2:
-            raise ValueError(
-                f"mixup/cutmix pair each image with another: batch_size must be even, "
-                f"got {batch_size}"
-            )
         self.transform = DeviceAugment(
             self.config,
             train=train,
@@ -112,6 +135,23 @@ class CropLoader:
         self._pages = None  # each sample's page, read when the page-aware order needs it
         if train:  # a shard too small for one batch is an error now, not at the first epoch
             self.order(0)
+
+    def _check_mixing(self, batch_size: int, img_size: int) -> None:
+        """What timm's `Mixup` needs of the batches it mixes, checked before the first one."""
+        if batch_size % 2:
+            raise ValueError(
+                f"mixup/cutmix pair each image with another: batch_size must be even, "
+                f"got {batch_size}"
+            )
+        if self.config.cutmix_minmax is not None:
+            # timm draws each box side in [int(MIN * side), int(MAX * side)) pixels
+            low, high = (int(img_size * f) for f in self.config.cutmix_minmax)
+            if low >= high:
+                raise ValueError(
+                    f"cutmix_minmax={self.config.cutmix_minmax!r} at img_size={img_size}: no box "
+                    f"side from {low} up to {high} pixels (excluded); expected MIN and MAX "
+                    f"further apart"
+                )
 
     def _open(self, path):
         """The engine's view of the dataset at `path`, and its `DatasetInfo`."""

@@ -62,31 +62,47 @@ class RandAugmentConfig:
 
     @classmethod
     def parse(cls, config: str) -> "RandAugmentConfig":
-        """timm's config string, e.g. 'rand-m9-mstd0.5-inc1' (only the increasing op set)."""
+        """timm's config string, e.g. 'rand-m9-mstd0.5-inc1' (only the increasing op set):
+        'rand', then sections of a key and its number, joined by '-'."""
         parts = config.split("-")
         if parts[0] != "rand":
             raise ValueError(f"RandAugment config must start with 'rand-', got {config!r}")
         values: dict = {}
-        increasing = False
         for part in parts[1:]:
-            key, value = re.fullmatch(r"([a-z]+)(.*)", part).groups()
-            if key == "m":
-                values["magnitude"] = float(value)
-            elif key == "n":
-                values["num_layers"] = int(value)
-            elif key == "p":
-                values["prob"] = float(value)
-            elif key == "mstd":
-                values["magnitude_std"] = float("inf") if float(value) > 100 else float(value)
-            elif key == "mmax":
-                values["magnitude_max"] = float(value)
-            elif key == "inc":
-                increasing = bool(int(value))
-            else:
+            section = re.fullmatch(r"([a-z]+)(.*)", part)
+            if section is None:
+                what = f"section {part!r}" if part else "an empty section"
+                raise ValueError(
+                    f"RandAugment config {config!r}: {what} is not a key and a number; "
+                    f"expected timm's form, e.g. 'rand-m9-mstd0.5-inc1'"
+                )
+            key, value = section.groups()
+            if key not in _SECTIONS:
                 raise ValueError(f"unsupported RandAugment config section {part!r} in {config!r}")
-        if not increasing:
+            name, kind = _SECTIONS[key]
+            if not re.fullmatch(r"\d+" if kind is int else r"\d+(\.\d*)?", value):
+                number = "a whole number" if kind is int else "a number"
+                raise ValueError(
+                    f"RandAugment config {config!r}: section {part!r} needs {number} after "
+                    f"{key!r}; expected timm's form, e.g. 'rand-m9-mstd0.5-inc1'"
+                )
+            values[name] = kind(value)
+        if "magnitude_std" in values and values["magnitude_std"] > 100:
+            values["magnitude_std"] = float("inf")  # timm: a magnitude uniform in [0, m]
+        if not values.pop("increasing", False):
             raise ValueError(f"only the increasing op set (inc1) is implemented, got {config!r}")
         return cls(**values)
+
+
+# timm's config sections: key -> (field, type of its number)
+_SECTIONS = {
+    "m": ("magnitude", float),
+    "n": ("num_layers", int),
+    "p": ("prob", float),
+    "mstd": ("magnitude_std", float),
+    "mmax": ("magnitude_max", float),
+    "inc": ("increasing", int),
+}
 
 
 # ----------------------------------------------------------------------------- point ops

@@ -142,7 +142,7 @@ class TrainConfig:
     mixup: float | None = _flag("mixup alpha (default: 0.8 for scratch, else 0)")
     cutmix: float | None = _flag("cutmix alpha (default: 1.0 for scratch, else 0)")
     min_scale: float = _flag(
-        "smallest crop area of RandomResizedCrop (fraction of the image)", 0.08
+        "smallest crop area of RandomResizedCrop (a fraction of the image, in (0, 1])", 0.08
     )
     hflip: float = _flag(
         "probability of flipping a train crop left-right (timm's flag; 0 for images whose "
@@ -158,7 +158,9 @@ class TrainConfig:
     )
     recount: int = _flag("random erasing: most boxes per image (timm)", 1)
     cutmix_minmax: list[float] | None = _flag(
-        "cutmix box area range MIN MAX (fractions); overrides the cutmix alpha (timm)", nargs=2
+        "cutmix box side range MIN MAX (fractions of the image's sides): turns cutmix on, "
+        "whatever --cutmix, and overrides its alpha (timm)",
+        nargs=2,
     )
     mixup_prob: float = _flag("probability of mixing a batch (mixup or cutmix)", 1.0)
     mixup_switch_prob: float = _flag("probability of cutmix instead of mixup, both on", 0.5)
@@ -480,34 +482,52 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-# settings whose meaning has a range: name, lowest, highest (excluded; None: no bound), meaning
+# settings whose meaning has a range: name, lowest, highest (None: no bound), which ends are
+# included ("[)": from lowest on, below highest), meaning
 RANGES = (
-    ("epochs", 1, None, "the epochs to train"),
-    ("seed", 0, None, "the random seed"),
-    ("batch_size", 1, None, "images per device per step"),
-    ("accum_iter", 1, None, "micro-batches per optimizer step"),
-    ("img_size", 1, None, "the input resolution in pixels"),
-    ("patch_size", 1, None, "the patch size in pixels"),
-    ("eval_interval", 1, None, "the epochs between validations"),
-    ("blr", 0, None, "the base learning rate"),
-    ("lr", 0, None, "the learning rate"),
-    ("min_lr", 0, None, "the schedule's last learning rate"),
-    ("warmup_epochs", 0, None, "the epochs of warmup"),
-    ("weight_decay", 0, None, "the weight decay"),
-    ("drop_path", 0, 1, "a probability"),
-    ("smoothing", 0, 1, "the label smoothing, a probability"),
+    ("epochs", 1, None, "[)", "the epochs to train"),
+    ("seed", 0, None, "[)", "the random seed"),
+    ("batch_size", 1, None, "[)", "images per device per step"),
+    ("accum_iter", 1, None, "[)", "micro-batches per optimizer step"),
+    ("img_size", 1, None, "[)", "the input resolution in pixels"),
+    ("patch_size", 1, None, "[)", "the patch size in pixels"),
+    ("eval_interval", 1, None, "[)", "the epochs between validations"),
+    ("blr", 0, None, "[)", "the base learning rate"),
+    ("lr", 0, None, "[)", "the learning rate"),
+    ("min_lr", 0, None, "[)", "the schedule's last learning rate"),
+    ("warmup_epochs", 0, None, "[)", "the epochs of warmup"),
+    ("weight_decay", 0, None, "[)", "the weight decay"),
+    ("drop_path", 0, 1, "[)", "a probability"),
+    ("smoothing", 0, 1, "[)", "the label smoothing, a probability"),
+    ("min_scale", 0, 1, "(]", "the smallest crop area, a fraction of the image"),
+    ("hflip", 0, 1, "[]", "a probability"),
+    ("reprob", 0, 1, "[]", "a probability"),
+    ("recount", 1, None, "[)", "the most boxes erased per image"),
+    ("mixup", 0, None, "[)", "the mixup alpha"),
+    ("cutmix", 0, None, "[)", "the cutmix alpha"),
+    ("mixup_prob", 0, 1, "[]", "a probability"),
+    ("mixup_switch_prob", 0, 1, "[]", "a probability"),
 )
 
 
 def check_ranges(cfg: TrainConfig) -> None:
     """A clear error for a setting outside its meaningful range, before anything is built."""
-    for name, low, high, meaning in RANGES:
+    for name, low, high, ends, meaning in RANGES:
         value = getattr(cfg, name)
         if value is None:  # not given, and filled in later (--lr from --blr)
             continue
-        if value < low or (high is not None and value >= high):
-            bound = f"{low} or more" if high is None else f"in [{low}, {high})"
+        above = value >= low if ends[0] == "[" else value > low
+        below = high is None or (value <= high if ends[1] == "]" else value < high)
+        if not (above and below):
+            bound = f"{low} or more" if high is None else f"in {ends[0]}{low}, {high}{ends[1]}"
             raise ValueError(f"{flag_names(name)[0]} {value}: {meaning}, {bound}")
+    if cfg.cutmix_minmax is not None:
+        low, high = cfg.cutmix_minmax
+        if not 0 <= low < high <= 1:
+            raise ValueError(
+                f"--cutmix_minmax {low} {high}: the cutmix box's shortest and longest side, "
+                f"fractions of the image's, 0 <= MIN < MAX <= 1"
+            )
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:

@@ -4,6 +4,7 @@ import gc
 import importlib.util
 import json
 import multiprocessing as mp
+import re
 import shutil
 import threading
 import time
@@ -383,6 +384,36 @@ def test_crops_repeat_from_any_start(data, engine, workers):
     assert len(same) > 40 and not any(same)  # another epoch cuts other crops of the same images
 
 
+def test_dali_crops_repeat_for_the_same_passes_only(data):
+    """DALI seeds a pipeline from (seed, rank, epoch) only when it builds one, and keeps it for
+    the next epoch: two loaders that run the same epochs cut the same crops, but one started at
+    epoch 1 (a restart at an epoch's start) cuts other crops there than one that ran epoch 0
+    first (docs/loading.md)."""
+
+    def crops(epochs):
+        loader = create_loader(
+            "dali", data["photos"], train=True, batch_size=8, img_size=16, num_workers=1, **NO_AUG
+        )
+        by_epoch = []
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            by_epoch.append(
+                {
+                    int(i): c
+                    for b in _epoch(loader)
+                    for i, c in zip(b["indices"], b["crops"].transpose(0, 1), strict=True)
+                }
+            )
+        return by_epoch
+
+    def same(a, b):
+        return [torch.equal(a[i], b[i]) for i in a]
+
+    first, again, restarted = crops([0, 1]), crops([0, 1]), crops([1])
+    assert all(same(first[0], again[0])) and all(same(first[1], again[1]))
+    assert len(restarted[0]) == 56 and not any(same(restarted[0], first[1]))
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_epochs_after_the_first_have_every_batch(data, engine):
     """Two epochs in a row, train and eval, each with its full batch count and a new order."""
@@ -581,6 +612,45 @@ def test_mixup_mixes_all_crops_of_an_image_alike():
     torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_cutmix_box_range_alone_cuts_boxes_within_it():
+    """timm's and MAE's rule: a cutmix box range turns cutmix on by itself (the alphas left at
+    0), and each box's sides lie in [int(MIN * side), int(MAX * side)) pixels, one box for all
+    crops of an image; its targets are the shares of each image's pixels."""
+    assert AugmentConfig(cutmix_minmax=(0.25, 0.5)).mixes and not AugmentConfig().mixes
+    raw, labels = _raw(b=8, v=2, size=16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    clean, _ = _augment()(raw, labels)
+    cut = _augment(cutmix_minmax=(0.25, 0.5), mixup_mode="elem", smoothing=0.0)
+    mixed, targets = cut(raw, labels)
+    assert targets is not None and targets.shape == (8, 4)
+    pasted = (mixed != clean).any(dim=2)  # (V, B, H, W): where the partner's pixels went
+    assert torch.equal(pasted[0], pasted[1])
+    for i, box in enumerate(pasted[0]):  # image i gets a box of image 7 - i (timm's elem mode)
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 4 <= height < 8 and 4 <= width < 8 and box.sum() == height * width
+        share = height * width / 256
+        assert targets[i, labels[7 - i]].item() == pytest.approx(share)
+        assert targets[i, labels[i]].item() == pytest.approx(1 - share)
+
+
+def test_a_cutmix_box_range_alone_gives_batches_soft_targets(data):
+    loader = create_loader(
+        "torch",
+        data["digits"],
+        train=True,
+        batch_size=16,
+        img_size=8,
+        num_workers=0,
+        cutmix_minmax=(0.25, 0.75),
+        smoothing=0.0,
+        **NO_AUG,
+    )
+    targets = next(iter(loader))["targets"]  # (B, 10): each image's and its partner's share
+    assert targets.shape == (16, 10) and ((targets > 0).sum(1) <= 2).all()
+    torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    assert (targets.max(1).values < 1).any()
+
+
 def test_randaugment_changes_images_per_image():
     raw, labels = _raw(b=16, v=1, size=24), torch.arange(16) % 4
     torch.manual_seed(0)
@@ -631,6 +701,55 @@ def test_bad_files_are_clear_errors(tmp_path, data, engine, how, message):
     with pytest.raises(DatasetError, match=message) as err:
         create_loader(engine, path, train=False, batch_size=8, img_size=32, num_workers=1)
     assert path.stem in str(err.value)
+
+
+BAD_ARGUMENTS = [
+    (dict(scale=(1.5, 1.0)), "scale=(1.5, 1.0): expected two numbers, 0 < MIN <= MAX <= 1"),
+    (dict(scale=(1.0, 0.08)), "scale=(1.0, 0.08): expected two numbers, 0 < MIN <= MAX <= 1"),
+    (dict(scale=(-0.5, 1.0)), "scale=(-0.5, 1.0): expected two numbers, 0 < MIN <= MAX <= 1"),
+    (dict(hflip=2.0), "hflip=2.0: expected a number in [0, 1]"),
+    (dict(reprob=1.5), "reprob=1.5: expected a number in [0, 1]"),
+    (dict(mixup_prob=1.5), "mixup_prob=1.5: expected a number in [0, 1]"),
+    (dict(cutmix_minmax=(0.5, 0.55)), "cutmix_minmax=(0.5, 0.55) at img_size=16: no box side"),
+    (dict(aa="rand-9-inc1"), "'rand-9-inc1': section '9' is not a key and a number"),
+    (dict(train=False, crop_pct=0), "crop_pct=0: expected a number in (0, 1]"),
+    (dict(train=False, crop_pct=1.5), "crop_pct=1.5: expected a number in (0, 1]"),
+    (dict(batch_size=64.0), "batch_size=64.0: expected an integer, 1 or more"),
+    (dict(batch_size=True), "batch_size=True: expected an integer, 1 or more"),
+    (dict(img_size=16.5), "img_size=16.5: expected an integer, 1 or more"),
+    (dict(crops=2.0), "crops=2.0: expected an integer, 1 or more"),
+    (dict(train=False, crops=2), "crops=2: expected 1 for eval"),
+    (dict(train=False, world_size=0), "world_size=0: expected an integer, 1 or more"),
+    (dict(rank=2, world_size=2), "rank=2: expected an integer from 0 to 1 with world_size=2"),
+    (dict(seed=-1), "seed=-1: expected an integer, 0 or more"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_ARGUMENTS)
+def test_bad_arguments_are_named_alike_by_every_engine(data, arguments, message):
+    """A value outside an argument's range is a ValueError naming it when the loader is made,
+    whichever the engine (each would otherwise fail its own way, some in a worker, or train
+    silently on it)."""
+    given = dict(train=True, batch_size=16, img_size=16, num_workers=1, **NO_AUG)
+    given.update(arguments)
+    for engine in ENGINES:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            create_loader(engine, data["digits"], **given)
+
+
+def test_numpy_integers_are_integers(data):
+    loader = create_loader(
+        "torch",
+        data["digits"],
+        train=True,
+        batch_size=np.int64(16),
+        img_size=np.int32(8),
+        crops=np.int64(2),
+        num_workers=0,
+        **NO_AUG,
+    )
+    assert type(loader.batch_size) is type(loader.img_size) is type(loader.crops) is int
+    assert next(iter(loader))["crops"].shape == (2, 16, 3, 8, 8)
 
 
 def _iterate_with_deadline(loader, seconds=120):

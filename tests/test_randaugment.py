@@ -100,6 +100,22 @@ def test_config_parsing_and_draws():
     assert magnitude.max() <= 10 and abs((sign < 0).float().mean() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("rand-9-inc1", "section '9' is not a key and a number"),
+        ("rand-m9-mstd0.5-inc1-", "an empty section is not a key and a number"),
+        ("rand-m-inc1", "section 'm' needs a number after 'm'"),
+        ("rand-n2.5-inc1", "section 'n2.5' needs a whole number after 'n'"),
+    ],
+)
+def test_a_malformed_config_names_its_section(config, message):
+    with pytest.raises(ValueError, match=message) as err:
+        RandAugmentConfig.parse(config)
+    assert f"RandAugment config {config!r}" in str(err.value)
+    assert "expected timm's form, e.g. 'rand-m9-mstd0.5-inc1'" in str(err.value)
+
+
 def timm_ops() -> set:
     return {op.name for op in rand_augment_transform("rand-m9-mstd0.5-inc1", {}).ops}
 

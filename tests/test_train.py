@@ -871,3 +871,25 @@ def test_resume_names_the_settings_that_changed():
     assert changed_settings(trained, parse_config(flags.split()).resolve(cuda=False)) == []
     fgcr = parse_config(f"{base} --views 3".split()).resolve(cuda=False)
     assert changed_settings(trained, fgcr) == ["method 'ssat', now 'fgcr'", "mask_views 1, now 3"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--aa", "rand-9-inc1"], "RandAugment config 'rand-9-inc1': section '9' is not a key"),
+        (["--aa", "rand-m9-mstd0.5-inc1-"], "an empty section is not a key and a number"),
+        (["--min_scale", "1.5"], "--min_scale 1.5: the smallest crop area, a fraction of the"),
+        (["--hflip", "2"], "--hflip 2.0: a probability, in [0, 1]"),
+        (["--reprob", "1.5"], "--reprob 1.5: a probability, in [0, 1]"),
+        (["--mixup_prob", "1.5"], "--mixup_prob 1.5: a probability, in [0, 1]"),
+        (["--mixup_switch_prob", "-1"], "--mixup_switch_prob -1.0: a probability, in [0, 1]"),
+        (["--cutmix_minmax", "0.8", "0.2"], "--cutmix_minmax 0.8 0.2: the cutmix box's shortest"),
+    ],
+)
+def test_augmentation_settings_out_of_range_are_one_line(tmp_path, data, capsys, extra, message):
+    """Refused before a batch is made, whichever the pipeline: one line, no traceback."""
+    argv = _args(data, tmp_path / "run", "--pipeline", "torch", "--epochs", 1) + extra
+    assert train.main(argv) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "run" / "config.json").exists()
