@@ -464,7 +464,9 @@ def fit(
             f"data wait {train['data_wait']:.0%})"
             + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
         )
-        signum = stop.requested() if state.epoch < last else 0  # came during eval or saving
+        # came during the validation or the save (of the last epoch too: the test split and
+        # the report are then left to the same command with --resume auto)
+        signum = stop.requested()
         if signum:
             return stop_here(cfg, state, signum, dist_ctx)
     if unreported:
@@ -485,6 +487,15 @@ def fit(
         import visualize  # matplotlib: imported only by runs that draw
 
         visualize.draw_run(Path(cfg.output_dir), state.model.has_decoder, val_loader.path)
+    signum = stop.requested()  # came during the test split, the report or the pictures
+    if signum:
+        status = exit_status(signum)
+        print0(
+            dist_ctx,
+            f"{StopSignals.name(signum)} came while the run wrote its report, which it "
+            f"finished: nothing is left to continue (exit status {status})",
+        )
+        return status
     return 0
 
 

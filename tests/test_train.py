@@ -188,6 +188,33 @@ def test_a_run_stopped_before_its_report_writes_it_when_resumed(tmp_path, data, 
     assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"val", "test"}
 
 
+@pytest.mark.parametrize("during", ["validate", "test_once"])
+def test_a_stop_during_the_final_evaluation_is_answered(
+    tmp_path, data, capsys, monkeypatch, during
+):
+    """SIGTERM while the last epoch is validated stops the run at that epoch's end, the test
+    split and the report left to --resume auto; one while the test split is read lets the
+    report finish, and says so. Both exit 128 + 15 (both went unanswered, with status 0)."""
+    args = _args(data, tmp_path, "--pipeline torch --model vit_micro --epochs 1")
+    evaluation = getattr(train, during)
+
+    def signalled(*a, **k):  # the signal arrives as the evaluation starts
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluation(*a, **k)
+
+    monkeypatch.setattr(train, during, signalled)
+    assert train.main(args) == 128 + signal.SIGTERM
+    printed = capsys.readouterr().out
+    if during == "validate":
+        assert "stopped by SIGTERM after step 10 (the end of epoch 0)" in printed
+        assert not (tmp_path / "eval.json").exists()
+        monkeypatch.setattr(train, during, evaluation)
+        assert train.main([*args, "--resume", "auto"]) == 0
+    else:
+        assert "SIGTERM came while the run wrote its report, which it finished" in printed
+    assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"val", "test"}
+
+
 def test_embedded_default_learns_the_digits(tmp_path, capsys):
     """`python train.py`'s recipe on all the digits, its schedule shortened to 6 epochs: well
     above chance (10%) on the validation split, and its pictures (the curves, the validation
