@@ -531,15 +531,16 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Command line (and --config file) -> TrainConfig; no arguments at all -> the embedded
-    default. A setting comes from the command line, else the --config file, else the dataset's
-    recipe (RECIPES), else the published default."""
+    """Command line (and --config file) -> TrainConfig; no arguments at all (or `--resume auto`
+    alone, which continues it) -> the embedded default. A setting comes from the command line,
+    else the --config file, else the dataset's recipe (RECIPES), else the published default."""
     parser = build_parser()
     first = parser.parse_args(argv)
     from_file = load_file(first.config) if first.config else {}
     parser.set_defaults(**from_file)
     data_path = parser.parse_args(argv).data_path
-    if argv is not None and len(argv) == 0:
+    if argv is not None and argv in ([], ["--resume", "auto"], ["--resume=auto"]):
+        # the embedded default, and the command its stop message gives to continue it
         parser.set_defaults(**EMBEDDED_DEFAULT)
     elif data_path in RECIPES:  # what is not given comes from the dataset's recipe
         parser.set_defaults(**{**RECIPES[data_path], **from_file})

@@ -691,6 +691,11 @@ def test_config_file_and_flags(tmp_path, data):
     )
     assert parsed.img_size == 16 and parsed.batch_size == 16
     assert default.pictures and not one.pictures and one.output_dir == "output"
+    # and what its stop message says to run, `--resume auto` alone, continues it
+    for again in (["--resume", "auto"], ["--resume=auto"]):
+        resumed = parse_config(again)
+        assert dataclasses.replace(resumed, resume=default.resume) == default
+        assert resumed.resume == "auto"
     c10 = parse_config(["--data_path", "c10", "--epochs", "1"])
     assert (c10.model, c10.img_size, c10.batch_size, c10.aa) == (
         "mae_vit_tiny",
