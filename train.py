@@ -435,7 +435,9 @@ def fit(
             better = improved(result, state.best, cfg.best_metric)  # selects checkpoint-best.pth
             state.best = result[cfg.best_metric] if better else state.best
         state.epoch, state.batch = epoch + 1, 0
-        save(cfg, state, dist_ctx, better)
+        # the epoch's record before its checkpoint: a run stopped or killed before the
+        # checkpoint is written drops the record on resuming (RunLog: beyond the checkpoint's
+        # step) and writes it again, so each epoch is logged once
         log.write(
             {
                 "type": "epoch",
@@ -464,6 +466,7 @@ def fit(
             f"data wait {train['data_wait']:.0%})"
             + (f"  EMA val acc1 {averaged['acc1']:.2f}%" if averaged else ""),
         )
+        save(cfg, state, dist_ctx, better)
         # came during the validation or the save (of the last epoch too: the test split and
         # the report are then left to the same command with --resume auto)
         signum = stop.requested()

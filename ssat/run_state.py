@@ -265,11 +265,12 @@ def save(
     if not dist_ctx.main:
         return
     out, done = Path(cfg.output_dir), state.epoch - 1  # the last epoch completed
-    names = ["checkpoint-last.pth"]
-    if improved:
-        names.append("checkpoint-best.pth")
+    # checkpoint-last.pth last: a run stopped or killed before it is written resumes from the
+    # one before, and trains this epoch again, its best checkpoint and log record included
+    names = ["checkpoint-best.pth"] if improved else []
     if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
         names.append(f"checkpoint-{done}.pth")
+    names.append("checkpoint-last.pth")
     position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
     position["order"] = state.order
     if state.batch and state.logged:

@@ -21,6 +21,7 @@ import torch
 
 import export
 import fabricate
+import ssat.run_state
 import ssat.training
 import train
 from processes import torchrun_workers
@@ -213,6 +214,26 @@ def test_a_stop_during_the_final_evaluation_is_answered(
     else:
         assert "SIGTERM came while the run wrote its report, which it finished" in printed
     assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"val", "test"}
+
+
+def test_a_stop_while_the_best_checkpoint_is_written_loses_nothing(tmp_path, data, monkeypatch):
+    """A second Ctrl-C while an epoch's checkpoint-best.pth is written (the first save of the
+    epoch) leaves the checkpoint before: the resumed run trains that epoch again and logs it
+    once, and its best checkpoint exists (the epoch's record and best were lost for good)."""
+    args = _args(data, tmp_path, "--pipeline torch --model vit_micro --epochs 2")
+    save_checkpoint = ssat.run_state.save_checkpoint
+
+    def interrupted(path, **kwargs):
+        if Path(path).name == "checkpoint-best.pth" and kwargs["epoch"] == 0:
+            raise KeyboardInterrupt("SIGINT after SIGINT")
+        return save_checkpoint(path, **kwargs)
+
+    monkeypatch.setattr(ssat.run_state, "save_checkpoint", interrupted)
+    assert train.main(args) == 130
+    monkeypatch.setattr(ssat.run_state, "save_checkpoint", save_checkpoint)
+    assert train.main([*args, "--resume", "auto"]) == 0
+    assert [r["epoch"] for r in _log(tmp_path) if r["type"] == "epoch"] == [0, 1]
+    assert load_checkpoint(tmp_path / "checkpoint-best.pth")["epoch"] in (0, 1)
 
 
 def test_embedded_default_learns_the_digits(tmp_path, capsys):
@@ -430,7 +451,8 @@ def test_full_disk_at_save_stops_with_one_clear_error(data, small_disk, capsys):
         == 1
     )
     err = capsys.readouterr().err
-    assert f"error: cannot save {out / 'checkpoint-last.pth'}: it needs about" in err
+    # the epoch's first save, checkpoint-best.pth (checkpoint-last.pth comes last)
+    assert f"error: cannot save {out / 'checkpoint-best.pth'}: it needs about" in err
     assert "MiB available" in err and "Traceback" not in err
     assert not [name for name in os.listdir(out) if name.endswith((".pth", ".tmp"))]
 
