@@ -529,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training began
-        print(f"interrupted{f' ({err})' if str(err) else ''}: stopped at once", file=sys.stderr)
+        print(
+            f"interrupted{f' ({err})' if str(err) else ''}: stopped at once; to continue from "
+            f"the last checkpoint saved, if any, run the same command with --resume auto",
+            file=sys.stderr,
+        )
         return exit_status(signal.SIGINT)
     finally:
         if dist_ctx is not None:

@@ -77,7 +77,9 @@ class Reconstructions:
 def reconstruct(
     checkpoint: Path, data: Path, *, mask_views: int | None = None, num_images: int, seed: int
 ) -> Reconstructions:
-    """The first `num_images` of `data` (eval crops) through the checkpoint's model."""
+    """The first `num_images` of `data` (eval crops) through the model of `checkpoint` (a
+    checkpoint, or a run folder: its checkpoint-last.pth)."""
+    checkpoint = export.find_checkpoint(checkpoint)
     ckpt = export.read_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}
     missing = [k for k in ("model", "img_size", "patch_size") if k not in cfg]
@@ -89,9 +91,10 @@ def reconstruct(
     loader = create_loader(
         "torch", data, train=False, batch_size=num_images, img_size=cfg["img_size"], num_workers=0
     )
+    head = ckpt["model"].get("head.weight")  # its own classes, whatever the data's
     model = create_model(
         cfg["model"],
-        num_classes=loader.info.num_classes,
+        num_classes=loader.info.num_classes if head is None else head.shape[0],
         img_size=cfg["img_size"],
         patch_size=cfg["patch_size"],
         mask_ratio=cfg.get("mask_ratio", 0.75),

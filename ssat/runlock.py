@@ -91,16 +91,18 @@ def _record() -> dict:
 
 
 def _read(path: Path) -> dict | None:
+    """The lock file's record; None where it holds none (not written yet, or not a record)."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _alive_here(record: dict) -> bool:
     """Whether the record's process still runs on this host."""
-    pid = int(record.get("pid", 0))
-    if pid <= 0:
+    pid = record.get("pid", 0)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # not a PID: none runs
         return False
     try:
         os.kill(pid, 0)

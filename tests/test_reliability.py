@@ -161,6 +161,13 @@ def test_record_lock_where_file_locks_do_not_work(tmp_path):
     old = time.time() - STALE_S - 60
     os.utime(folder / LOCK_NAME, (old, old))
     RunLock(folder, os_lock=False).acquire().release()
+    # a record naming no process here, and a file holding no record, once old: taken over
+    # (they raised ValueError and AttributeError)
+    (folder / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": "abc"}))
+    RunLock(folder, os_lock=False).acquire().release()
+    (folder / LOCK_NAME).write_text('"x"')
+    os.utime(folder / LOCK_NAME, (old, old))
+    RunLock(folder, os_lock=False).acquire().release()
 
 
 # ------------------------------------------------------------------------------- Ctrl-C

@@ -216,7 +216,9 @@ def test_a_stop_during_the_final_evaluation_is_answered(
     assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"val", "test"}
 
 
-def test_a_stop_while_the_best_checkpoint_is_written_loses_nothing(tmp_path, data, monkeypatch):
+def test_a_stop_while_the_best_checkpoint_is_written_loses_nothing(
+    tmp_path, data, monkeypatch, capsys
+):
     """A second Ctrl-C while an epoch's checkpoint-best.pth is written (the first save of the
     epoch) leaves the checkpoint before: the resumed run trains that epoch again and logs it
     once, and its best checkpoint exists (the epoch's record and best were lost for good)."""
@@ -230,6 +232,10 @@ def test_a_stop_while_the_best_checkpoint_is_written_loses_nothing(tmp_path, dat
 
     monkeypatch.setattr(ssat.run_state, "save_checkpoint", interrupted)
     assert train.main(args) == 130
+    said = "interrupted (SIGINT after SIGINT): stopped at once; to continue from the last "
+    assert said + "checkpoint saved, if any, run the same command with --resume auto" in (
+        capsys.readouterr().err
+    )
     monkeypatch.setattr(ssat.run_state, "save_checkpoint", save_checkpoint)
     assert train.main([*args, "--resume", "auto"]) == 0
     assert [r["epoch"] for r in _log(tmp_path) if r["type"] == "epoch"] == [0, 1]

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import export
+import fabricate
 import predict
 import train
+from convert.imagenet_to_ffcv import main as convert_folders
 from ssat.models import create_model
 from visualize import _attention_probs, attention_rollout, rollout_matrix
 from visualize import main as visualize
@@ -201,6 +203,13 @@ def test_recon_errors_and_default_grid_name(run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _recon(run, "--data", run["data"], "--num_images", 1, "--grid") == 0
     assert _picture(tmp_path / "recon.png").std() > 0.05
+    # a run folder stands for its checkpoint-last.pth, and images of another dataset (two
+    # classes; reconstructions need no head) are reconstructed as well
+    fabricate.image_folder(tmp_path / "two", {"val": 2}, classes=2)
+    assert convert_folders(["--src", str(tmp_path / "two" / "val"), "--out_dir", "two"]) == 0
+    argv = ["recon", "--checkpoint", str(run["run"]), "--data", "two/imagenet_val.beton"]
+    assert visualize([*argv, "--num_images", "2", "--grid", "--out", "two.png"]) == 0
+    assert _picture(tmp_path / "two.png").std() > 0.05
 
 
 def test_attention_with_unusable_weights_or_metadata(run, tmp_path, capsys):
