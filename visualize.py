@@ -5,14 +5,16 @@
     python visualize.py recon --grid ... --out runs/c10/reconstructions.png
     python visualize.py curves runs/c10/log.jsonl [--out runs/c10/curves.png]
     python visualize.py confusion runs/c10/eval.json [--split test] [--out runs/c10/conf.png]
+    python visualize.py reliability runs/c10/eval.json [--split test] [--out runs/c10/rel.png]
     python visualize.py attention runs/c10 photos/ [--num_images 8] --out runs/c10/attention.png
 
 `recon` writes one PNG per image: the input, then for each of the r disjoint mask views (the
 FGCR views side by side) the visible patches, the reconstruction, and the reconstruction with the
 visible patches pasted back; with `--grid`, one PNG of them all, a row per image. `curves` draws
 the loss parts, the learning rate, validation accuracy and training images/s from a `log.jsonl`
-written by train.py; `confusion`, an `eval.json`'s confusion matrix normalised by row
-(`train.py --pictures` draws all three at the end of a run). `attention` draws, a row per image,
+written by train.py; `confusion`, an `eval.json`'s confusion matrix normalised by row;
+`reliability`, its reliability diagram (`train.py --pictures` draws them all at the end of a
+run). `attention` draws, a row per image,
 the classifier's attention rollout over the patches beside the input and over it, titled with the
 predicted class; its model and images are predict.py's (a run, a checkpoint or an export; image
 files, folders, .beton files or lists).
@@ -458,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("results", type=Path, help="eval.json (train.py writes it)")
     con.add_argument("--split", default="val", help="val, test, ... (a key of the file)")
     con.add_argument("--out", type=Path, default=None, help="default: confusion.png beside it")
+    rel = sub.add_parser(
+        "reliability", help="the reliability diagram of an eval.json: confidence vs accuracy"
+    )
+    rel.add_argument("results", type=Path, help="eval.json (train.py writes it)")
+    rel.add_argument("--split", default="val", help="val, test, ... (a key of the file)")
+    rel.add_argument("--out", type=Path, default=None, help="default: reliability.png beside it")
     att = sub.add_parser(
         "attention", help="the classifier's attention rollout over the patches, a row per image"
     )
@@ -502,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "confusion":
             out = args.out or args.results.with_name("confusion.png")
             print(f"wrote {confusion(args.results, out, args.split)}")
+        elif args.command == "reliability":
+            out = args.out or args.results.with_name("reliability.png")
+            print(f"wrote {reliability_diagram(args.results, out, args.split)}")
         else:
             path = curves(args.log, args.out or args.log.with_name("curves.png"))
             print(f"wrote {path}")

@@ -155,6 +155,7 @@ def test_a_two_class_run_reports_auc_and_no_top5(tmp_path, capsys):
     checkpoint; the end of the run prints the block and writes eval.json; --pictures draws the
     confusion matrix."""
     import train
+    import visualize
 
     fabricate.medmnist(tmp_path / "npz", "pneumoniamnist", 28, False, 2)
     args = ["--name", "pmnist", "--src", tmp_path / "npz", "--out_dir", tmp_path / "data"]
@@ -192,6 +193,12 @@ def test_a_two_class_run_reports_auc_and_no_top5(tmp_path, capsys):
     assert {"val_ece", "val_nll"} <= set(epochs[-1]) and {"test_ece", "test_nll"} <= set(test)
     assert "ECE" in block and "NLL" in block
     assert (out / "reliability.png").stat().st_size > 0
+    # and afterwards, of any split of the file
+    drawn = tmp_path / "test_reliability.png"
+    argv = ["reliability", str(out / "eval.json"), "--split", "test", "--out", str(drawn)]
+    assert visualize.main(argv) == 0 and drawn.stat().st_size > 0
+    assert visualize.main([*argv[:2], "--split", "train"]) == 1
+    assert "no train reliability bins" in capsys.readouterr().err
     print(block)
 
 
