@@ -376,8 +376,8 @@ def run(cfg: TrainConfig, dist_ctx: DistContext) -> int:
         keep = holds_a_training_run(out)
         if not keep:
             record_config(cfg, out, dist_ctx)
-        results = {"val": result, **({"ema_val": averaged} if averaged else {})}
-        report(cfg, results, val_loader.info.class_names, dist_ctx, write=not keep)
+        names = val_loader.info.class_names
+        report(cfg, val_results(result, averaged), names, dist_ctx, write=not keep)
         if averaged:
             print0(dist_ctx, f"val, the weights' moving average: {brief(averaged)}")
         if keep:
@@ -482,7 +482,7 @@ def fit(
             f"in {minutes:.1f} min; final val acc1 {result['acc1']:.2f}%, "
             f"best {cfg.best_metric} {shown(state.best, '.4g')}",
         )
-        results = {"val": result, **({"ema_val": averaged} if averaged else {})}
+        results = val_results(result, averaged)
         if state.epoch == cfg.epochs and test_loader is not None:
             results.update(test_once(cfg, state, test_loader, log, dist_ctx))
         report(cfg, results, val_loader.info.class_names, dist_ctx)
@@ -510,6 +510,12 @@ def validate(cfg: TrainConfig, state: TrainState, val_loader, dist_ctx: DistCont
     if state.ema is not None:
         averaged = evaluate(state.ema.module, val_loader, cfg, dist_ctx)
     return result, averaged
+
+
+def val_results(result: dict, averaged: dict) -> dict:
+    """The validation results by weights, as eval.json holds them: `val`, and `ema_val` where
+    the run keeps a moving average."""
+    return {"val": result, **({"ema_val": averaged} if averaged else {})}
 
 
 # what ends a run with its one-line message (exit 1) rather than a traceback

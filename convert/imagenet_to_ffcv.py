@@ -42,7 +42,7 @@ def read_source(args) -> Source:
         found = {SPLIT_FOLDERS.get(root.name.lower(), "train"): root}
     classes = None
     splits = []
-    for name, folder in sorted(found.items(), key=lambda item: item[0] != "train"):
+    for name, folder in found.items():  # train first: its folders name the classes
         split, classes = image_folder(folder, name, classes)
         splits.append(split)
     return Source(args.name, classes, splits, str(root), photos=True)

@@ -59,12 +59,13 @@ def _cgroup_limit() -> tuple[int, str] | None:
         else:
             continue
         folder = root / where.strip("/")
-        for path in [folder / name, *(parent / name for parent in folder.parents)]:
-            value = _read_int(path)
+        while True:  # up to the hierarchy's root
+            value = _read_int(folder / name)
             if value is not None:
-                found.append((value, str(path)))
-            if path.parent == root:
+                found.append((value, str(folder / name)))
+            if folder == root:
                 break
+            folder = folder.parent
     return min(found) if found else None
 
 

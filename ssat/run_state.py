@@ -271,8 +271,12 @@ def save(
     if state.batch == 0 and cfg.save_every and (done + 1) % cfg.save_every == 0:
         names.append(f"checkpoint-{done}.pth")
     names.append("checkpoint-last.pth")
-    position = {"epoch": state.epoch, "batch": state.batch, "world_size": dist_ctx.world_size}
-    position["order"] = state.order
+    position = {
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "world_size": dist_ctx.world_size,
+        "order": state.order,
+    }
     if state.batch and state.logged:
         position["logged"] = state.logged
     for name in names:
